@@ -1,0 +1,33 @@
+"""lookfast: kernels for sparse token compute in efficient vision models.
+
+Public ops (each validates its inputs and dispatches to the C++ CPU, CUDA, Triton or reference implementation):
+see `lookfast.ops` and the README. Models live in `lookfast.models`.
+"""
+from __future__ import annotations
+
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+
+def _alias_source_kernels() -> None:
+    # An installed wheel maps kernels/ to lookfast.kernels (setup.py). A source checkout keeps them in ../kernels;
+    # alias them so `import lookfast.kernels` works the same in both.
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    if _os.path.isdir(_os.path.join(here, "kernels")) or "lookfast.kernels" in _sys.modules:
+        return
+    src = _os.path.join(here, _os.pardir, "kernels")
+    init = _os.path.join(src, "__init__.py")
+    if _os.path.isfile(init):
+        spec = _ilu.spec_from_file_location("lookfast.kernels", init, submodule_search_locations=[src])
+        module = _ilu.module_from_spec(spec)
+        _sys.modules["lookfast.kernels"] = module
+        spec.loader.exec_module(module)
+
+
+_alias_source_kernels()
+
+from . import _ext  # noqa: E402  (loads the compiled library before the ops register fake kernels and autograd)
+
+__version__ = "0.1.0"
+__all__: list[str] = []

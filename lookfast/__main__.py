@@ -1,0 +1,42 @@
+"""Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]`
+and `python -m lookfast info` (which backends and kernels this install has)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info() -> int:
+    import torch
+
+    from . import _dispatch, _ext
+
+    print(f"lookfast {__import__('lookfast').__version__}, torch {torch.__version__}")
+    print(f"compiled library: {_ext.library_path if _ext.loaded else 'not loaded: ' + str(_ext.load_error)}")
+    print(f"triton available: {_dispatch.triton_available()}")
+    for op in _ext.registered_ops():
+        keys = [k for k in ("CPU", "CUDA") if _ext.has_kernel(op, k)]
+        print(f"  lookfast::{op}: {', '.join(keys) or 'no device kernels'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lookfast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="run the benchmark suite and print one table")
+    bench.add_argument("--quick", action="store_true", help="the short suite (under two minutes on 2 cores)")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--only", nargs="+", metavar="ID", help="run only these case ids (G1, A3, ...) or op names")
+    bench.add_argument("--threads", nargs="+", type=int, help="intra-op thread counts (default: 1; full run: 1 2)")
+    bench.add_argument("--plot", metavar="PNG", help="write a speedup plot (needs matplotlib)")
+    sub.add_parser("info", help="show the compiled backends and registered kernels")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return _info()
+    from .benchmarks.run import main as run_bench
+
+    return run_bench(args.quick, args.json, args.only, args.threads, args.plot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

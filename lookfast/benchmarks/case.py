@@ -1,0 +1,34 @@
+"""What a benchmark case is: one shape of one op, the implementations timed side by side on it, and its cost."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Case:
+    """One row group of the report.
+
+    id:      the BENCH.md row id ("G1", "A3", ...), plus a suffix for variants ("A4-bwd").
+    op:      the op or model measured.
+    shape:   human-readable shape.
+    setup:   builds the inputs (lazily, only when the case runs) and returns {implementation name: zero-arg callable}.
+             The first entry is lookfast's implementation; the rest are peers. Each callable must block until done.
+    bytes:   bytes the lookfast implementation must move at least (for GB/s; 0 when not meaningful).
+    flops:   floating-point operations of the computation (for GFLOP/s; 0 when not meaningful).
+    bars:    {peer name: minimum speedup of lookfast over it} from BENCH.md, reported as met / not met.
+    quick:   part of `--quick`.
+    multi_thread: also measured with 2 intra-op threads in the full run.
+    summarize: optional callable({impl: seconds}) -> list of note strings (e.g. time ratio vs MACs ratio for M1).
+    """
+
+    id: str
+    op: str
+    shape: str
+    setup: Callable[[], dict[str, Callable[[], Any]]]
+    bytes: int = 0
+    flops: int = 0
+    bars: dict[str, float] = field(default_factory=dict)
+    quick: bool = True
+    multi_thread: bool = True
+    summarize: Callable[[dict[str, float]], list[str]] | None = None

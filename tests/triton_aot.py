@@ -1,0 +1,82 @@
+"""Ahead-of-time compilation of Triton kernels for real GPUs (sm_80, sm_90) on a machine without one.
+
+The interpreter forgives what a GPU does not (dot shapes under 16, layouts, shared-memory overflow); compiling to
+PTX and running Triton's bundled ptxas catches those and reports registers and spills. Import this module only in a
+process where TRITON_INTERPRET is unset (the tests run it in a subprocess for that reason).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+_SCRIPT = r"""
+import importlib, json, sys
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+module_name, kernel_name, signature, constexprs, arch, num_warps, num_stages = json.loads(sys.argv[1])
+kernel = getattr(importlib.import_module(module_name), kernel_name)
+src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+print(json.dumps({"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared}))
+"""
+
+
+def _ptxas(ptx_text: str) -> str:
+    # Triton bundles two assemblers; the newer one (ptxas-blackwell) accepts the newer PTX ISA versions Triton emits
+    # for some targets. Pick the one whose version covers the PTX's `.version`.
+    import triton
+
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    m = re.search(r"^\.version (\d+)\.(\d+)", ptx_text, re.M)
+    wanted = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    for name in ("ptxas", "ptxas-blackwell"):
+        path = os.path.join(bindir, name)
+        if not os.path.exists(path):
+            continue
+        version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+        v = re.search(r"release (\d+)\.(\d+)", version)
+        # CUDA 12.x ptxas reads PTX ISA 8.x; CUDA 13.x reads 9.x
+        if v and wanted <= (int(v.group(1)) - 4, 9):
+            return path
+    return os.path.join(bindir, "ptxas-blackwell")
+
+
+def compile_report(module: str, kernel: str, signature: dict, constexprs: dict, arch: int,
+                   num_warps: int = 4, num_stages: int = 2) -> dict:
+    """Compile `module.kernel` for sm_<arch> and return {"registers", "spill_stores", "spill_loads", "stack", "shared"}.
+
+    signature: {argument name: Triton type string such as "*fp32", "i32", "constexpr"}; constexprs: {name: value}.
+    Raises RuntimeError with the compiler's message when compilation fails.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = json.dumps([module, kernel, signature, constexprs, arch, num_warps, num_stages])
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Triton AOT compile of {module}.{kernel} for sm_{arch} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as fh:
+            fh.write(result["ptx"])
+        sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        out = subprocess.run([_ptxas(result["ptx"]), "-v", f"-arch={sm}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {module}.{kernel} sm_{arch}:\n{out.stderr[-4000:]}")
+    text = out.stderr + out.stdout
+    def grab(pattern: str) -> int:
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else 0
+    return {
+        "registers": grab(r"Used (\d+) registers"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+        "stack": grab(r"(\d+) bytes stack frame"),
+        "shared": result["shared"],
+        "ptxas": text,
+    }

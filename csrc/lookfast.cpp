@@ -5,7 +5,19 @@
 
 TORCH_LIBRARY(lookfast, m) {
   // ---------------------------------------------------------------- topk_patch_gather (lookfast/ops/topk_patch_gather.py)
-  // (schemas of the top-k patch gather op family go here)
+  // Selection: the k best patch indices per row of scores (B, N), best first; ties to the lower index, NaN last.
+  m.def("topk_indices(Tensor scores, int k) -> Tensor");
+  // Gather (+ embed): packed rows r = 0..total-1 of `indices` (total,) int64 name a patch of image b, where
+  // cu_seqlens[b] <= r < cu_seqlens[b + 1] (cu_seqlens (B + 1,) int32). Returns (total, C*p*p) raw (C, p, p) patches
+  // when weight is None, else (total, D) = patches @ weight.view(D, -1).T + bias + pos_embed[indices] (pos_embed (G, D)).
+  m.def(
+      "patch_gather_embed(Tensor images, Tensor indices, Tensor cu_seqlens, int patch_size, Tensor? weight, "
+      "Tensor? bias, Tensor? pos_embed) -> Tensor");
+  // Gradients of patch_gather_embed for (images, weight, bias, pos_embed); output_mask says which to compute; an
+  // unrequested one (or one whose input was None) comes back as an empty (0,) tensor.
+  m.def(
+      "patch_gather_embed_backward(Tensor grad_tokens, Tensor images, Tensor indices, Tensor cu_seqlens, "
+      "int patch_size, Tensor? weight, Tensor? pos_embed, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---------------------------------------------------------------- varlen_attention (lookfast/ops/varlen_attention.py)
   // (schemas of the variable-length attention op family go here)

@@ -28,6 +28,7 @@ def _alias_source_kernels() -> None:
 _alias_source_kernels()
 
 from . import _ext  # noqa: E402  (loads the compiled library before the ops register fake kernels and autograd)
+from .ops.topk_patch_gather import topk_indices, topk_patch_gather  # noqa: E402
 
 __version__ = "0.1.0"
-__all__: list[str] = []
+__all__: list[str] = ["topk_indices", "topk_patch_gather"]

@@ -153,6 +153,24 @@ def test_cpp_gather_embed_ragged(seed, dtype):
     assert torch.equal(raw, patch_gather_embed_reference(pb["images"], want_idx, want_cu, pb["p"]))
 
 
+def test_empty_batches_and_zero_counts():
+    w = torch.randn(5, 3, 4, 4)
+    idx, tokens, cu = lookfast.topk_patch_gather(torch.randn(2, 3, 8, 8), torch.randn(2, 4), torch.tensor([0, 0]), 4, w)
+    assert idx.shape == (0,) and tokens.shape == (0, 5) and cu.tolist() == [0, 0, 0]
+    idx, tokens = lookfast.topk_patch_gather(torch.randn(0, 3, 8, 8), torch.randn(0, 4), 2, 4, w)
+    assert idx.shape == (0, 2) and tokens.shape == (0, 2, 5)
+    idx, tokens, cu = lookfast.topk_patch_gather(torch.randn(0, 3, 8, 8), torch.randn(0, 4), torch.zeros(0, dtype=torch.long), 4)
+    assert idx.shape == (0,) and tokens.shape == (0, 48) and cu.tolist() == [0]
+
+
+def test_scores_get_no_gradient():
+    scores = torch.randn(2, 4, requires_grad=True)
+    weight = torch.randn(5, 3, 4, 4, requires_grad=True)
+    _, tokens = lookfast.topk_patch_gather(torch.randn(2, 3, 8, 8), scores, 3, 4, weight)
+    tokens.sum().backward()
+    assert scores.grad is None and weight.grad is not None
+
+
 def test_cpp_op_rejects_bad_indices_and_offsets():
     images = torch.randn(2, 3, 8, 8)
     cu = torch.tensor([0, 1, 2], dtype=torch.int32)

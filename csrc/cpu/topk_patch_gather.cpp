@@ -35,7 +35,7 @@ using at::Tensor;
 
 // Work (in elements touched) below which a parallel region costs more than it saves; on a loaded machine an
 // OpenMP region over a few microseconds of work can stall for milliseconds.
-constexpr int64_t kParallelGrainElements = 1 << 15;
+constexpr int64_t kParallelGrainElements = 1 << 17;
 
 int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, elements_per_item));

@@ -42,14 +42,21 @@ def _load() -> None:
     loaded, library_path = True, path
 
 
+_kernel_cache: dict[tuple[str, str], bool] = {}
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when the compiled library registered a kernel for `lookfast::<op>` under `dispatch_key` ("CPU", "CUDA")."""
     if not loaded:
         return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"lookfast::{op}", dispatch_key)
-    except RuntimeError:  # no such op
-        return False
+    # Cached: the dispatcher query costs ~25 us and every op call asks; the library's kernels never change once loaded.
+    key = (op, dispatch_key)
+    if key not in _kernel_cache:
+        try:
+            _kernel_cache[key] = torch._C._dispatch_has_kernel_for_dispatch_key(f"lookfast::{op}", dispatch_key)
+        except RuntimeError:  # no such op
+            _kernel_cache[key] = False
+    return _kernel_cache[key]
 
 
 def registered_ops() -> list[str]:

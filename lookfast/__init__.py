@@ -28,6 +28,8 @@ def _alias_source_kernels() -> None:
 _alias_source_kernels()
 
 from . import _ext  # noqa: E402  (loads the compiled library before the ops register fake kernels and autograd)
+from .early_exit import EarlyExitRunner, budget_proportions, calibrate_thresholds, exit_compact, exit_scatter, expected_cost  # noqa: E402,E501
 
 __version__ = "0.1.0"
 __all__: list[str] = []
+__all__ += ["exit_compact", "exit_scatter", "EarlyExitRunner", "calibrate_thresholds", "budget_proportions", "expected_cost"]

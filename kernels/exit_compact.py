@@ -87,9 +87,10 @@ def copy_rows_kernel(src_ptr, dst_ptr, index_ptr, src_row_stride, dst_row_stride
     An index outside [0, index_bound) is skipped, never followed (the Python side reports it)."""
     r = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < row_elems
     target = tl.load(index_ptr + r)
-    inside = inside & (target >= 0) & (target < index_bound)
+    valid = (target >= 0) & (target < index_bound)
+    target = tl.where(valid, target, 0)
+    inside = offs < tl.where(valid, row_elems, 0)
     if SCATTER:
         src_row = r
         dst_row = target

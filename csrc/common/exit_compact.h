@@ -53,12 +53,11 @@ struct RowStats {
     } else if (x > m2) {
       m2 = x;
     }
+    if (x == -INFINITY) return;  // a class of probability 0 adds nothing (and -inf - m1 may be NaN)
     const acc_t d = x - m1;
-    const acc_t e = std::exp(d);  // NaN for a NaN x or x == m1 == +inf: poisons s, as softmax would
-    if (e > 0 || e != e) {        // skip exact zeros (x = -inf): 0 * -inf must not poison t
-      s += e;
-      t += e * d;
-    }
+    const acc_t e = std::exp(d);  // NaN for a NaN x, or for x == m1 == +inf: poisons s, as softmax would
+    s += e;
+    t += e * d;
   }
 
   // Combine with the summary of another part of the same row (the CUDA kernels reduce per-thread parts).

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -20,6 +21,7 @@
 
 #include "common/exit_compact.h"
 #include "common/exit_checks.h"
+#include "cpu/row_buffer_pool.h"
 
 namespace lookfast {
 namespace {
@@ -38,6 +40,20 @@ struct RowCopy {
   static RowCopy gather(const at::Tensor& state, const at::Tensor& out) { return between(state, out); }
   static RowCopy scatter(const at::Tensor& values, const at::Tensor& out) { return between(values, out); }
 };
+
+// An uninitialised contiguous output; large ones come from RowBufferPool (see there: page faults would otherwise
+// cost more than the copy).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * opts.dtype().itemsize();
+  RowBufferPool& pool = RowBufferPool::instance();
+  if (!pool.enabled() || bytes < RowBufferPool::kMinPooledBytes) return at::empty(sizes, opts);
+  size_t capacity = 0;
+  void* p = pool.acquire(bytes, &capacity);
+  if (p == nullptr) return at::empty(sizes, opts);
+  return at::from_blob(p, sizes, [capacity](void* q) { RowBufferPool::instance().release(q, capacity); }, opts);
+}
 
 // Row i of the work: copy source row idx[i] to destination row i (a gather), or source row i to destination row
 // idx[i] (a scatter). All states' copies of a row happen in the same task, so one parallel region serves them all.
@@ -101,7 +117,7 @@ std::vector<at::Tensor> compact_rows_cpu(at::TensorList states, const at::Tensor
   for (const at::Tensor& s : states) {
     auto sizes = s.sizes().vec();
     sizes[0] = m;
-    at::Tensor out = at::empty(sizes, s.options());
+    at::Tensor out = empty_output(sizes, s.options());
     if (m > 0) {
       if (rows_are_contiguous(s)) {
         fast.push_back(RowCopy::gather(s, out));

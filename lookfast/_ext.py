@@ -42,6 +42,7 @@ def _load() -> None:
     loaded, library_path = True, path
 
 
+@torch.compiler.assume_constant_result  # a constant for the process: lets torch.compile trace through the dispatch
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when the compiled library registered a kernel for `lookfast::<op>` under `dispatch_key` ("CPU", "CUDA")."""
     if not loaded:

@@ -28,6 +28,7 @@ def _alias_source_kernels() -> None:
 _alias_source_kernels()
 
 from . import _ext  # noqa: E402  (loads the compiled library before the ops register fake kernels and autograd)
+from .ops.varlen_attention import cross_attention, varlen_attention  # noqa: E402
 
 __version__ = "0.1.0"
-__all__: list[str] = []
+__all__: list[str] = ["varlen_attention", "cross_attention"]

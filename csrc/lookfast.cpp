@@ -20,7 +20,17 @@ TORCH_LIBRARY(lookfast, m) {
       "int patch_size, Tensor? weight, Tensor? pos_embed, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---------------------------------------------------------------- varlen_attention (lookfast/ops/varlen_attention.py)
-  // (schemas of the variable-length attention op family go here)
+  // Packed variable-length attention (FlashAttention's varlen layout). q (total_q, H, Dh), k (total_k, Hk, Dh),
+  // v (total_k, Hk, Dv), H % Hk == 0, cu_seqlens int32 (B+1,). Returns out (total_q, H, Dv) in q's dtype and
+  // lse (H, total_q) float32 (natural log; -inf for queries that see no key). Causal is bottom-right aligned.
+  m.def(
+      "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+  // Gradients dq, dk, dv (shapes and dtypes of q, k, v), recomputing probabilities from lse.
+  m.def(
+      "varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // ---------------------------------------------------------------- exit_compact (lookfast/ops/exit.py)
   // Confidence of each row of logits (criterion 0 max softmax, 1 entropy, 2 margin) tested against a 0-d threshold;

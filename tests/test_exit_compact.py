@@ -146,6 +146,22 @@ def test_cpp_matches_reference(criterion, seed, monkeypatch):
 
 
 @needs_cpp
+def test_pooled_outputs_are_fully_written(seed):
+    """Large outputs come from a cache of freed buffers: poison it with NaN first, then check every element."""
+    x = torch.randn(11, 7)
+    thr = threshold_between(ex.exit_confidence_reference(x, "max_softmax"), random.Random(seed))
+    m = int((~ex.exit_mask_reference(x, thr)).sum())
+    poison = [torch.full((m, 64, 1024), float("nan")), torch.full((m, 300, 1000), float("nan"))]
+    outs = lookfast.exit_compact(torch.zeros(m, 7), 2.0, *poison)  # nobody exits: (m, ...) NaN outputs
+    assert m == 0 or outs[2].isnan().all()
+    del outs  # their buffers go back to the cache, NaN inside
+    real = [torch.randn(11, 64, 1024), torch.randn(11, 300, 1000)]
+    got = lookfast.exit_compact(x, thr, *real)
+    want = ex.exit_compact_reference(x, thr, *real)
+    assert_compact_equal(got, want)
+
+
+@needs_cpp
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_all_and_none_exit(criterion):
     x = random_logits(13, 11, nan_rows=0)

@@ -229,6 +229,8 @@ def compact_rows(states, keep: torch.Tensor) -> list[torch.Tensor]:
     if not states:
         return []
     _check_states(states, states[0].shape[0] if states[0].dim() else -1, keep.device, what="states[0]")
+    if keep.device.type != "cpu" and keep.numel():  # the CPU kernel checks on the host; GPUs assert without a sync
+        torch._assert_async(((keep >= 0) & (keep < states[0].shape[0])).all(), "compact_rows: keep out of range")
     backend = _dispatch.backend_for("compact_rows", keep.device)
     if backend == _dispatch.REFERENCE:
         return [s.index_select(0, keep) for s in states]

@@ -234,6 +234,29 @@ def test_triton_scatter(seed, monkeypatch):
         assert torch.equal(out.nan_to_num(7), want.nan_to_num(7))
 
 
+def test_triton_custom_ops(seed):
+    """The GPU entry points (custom ops around the Triton launchers: fake kernels, autograd, mutation) on CPU
+    tensors under the interpreter."""
+    pytest.importorskip("lookfast.kernels.exit_compact")
+    mask_op, compact_op, scatter_op = ex._triton_ops()
+    x = torch.randn(6, 5)
+    thr = torch.tensor(threshold_between(ex.exit_confidence_reference(x, "margin"), random.Random(seed)),
+                       dtype=torch.float64)
+    keep, exited = mask_op(x, thr, ex.CRITERIA["margin"])
+    want = ex.exit_compact_reference(x, thr, criterion="margin")
+    assert keep.tolist() == want[0].tolist() and exited.tolist() == want[1].tolist()
+    torch.library.opcheck(mask_op, (x, thr, 2), test_utils=("test_schema", "test_faketensor"))
+    a = torch.randn(6, 3, requires_grad=True)
+    torch.library.opcheck(compact_op, ([a, torch.randint(0, 5, (6, 2))], torch.tensor([1, 4])))
+    (c,) = compact_op([a], torch.tensor([1, 4]))
+    c.sum().backward()
+    assert a.grad[:, 0].tolist() == [0, 1, 0, 0, 1, 0]
+    out = torch.zeros(6, 3)
+    torch.library.opcheck(scatter_op, (out, torch.tensor([5, 0]), torch.ones(2, 3)))
+    scatter_op(out, torch.tensor([5, 0]), torch.ones(2, 3))
+    assert out.sum(1).tolist() == [3, 0, 0, 0, 0, 3]
+
+
 # ------------------------------------------------------------------------------- autograd, opcheck, torch.compile
 @needs_cpp
 def test_gradients_flow_to_kept_rows(seed):

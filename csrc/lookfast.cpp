@@ -20,10 +20,28 @@ TORCH_LIBRARY(lookfast, m) {
       "int patch_size, Tensor? weight, Tensor? pos_embed, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---------------------------------------------------------------- varlen_attention (lookfast/ops/varlen_attention.py)
-  // (schemas of the variable-length attention op family go here)
+  // Packed variable-length attention (FlashAttention's varlen layout). q (total_q, H, Dh), k (total_k, Hk, Dh),
+  // v (total_k, Hk, Dv), H % Hk == 0, cu_seqlens int32 (B+1,). Returns out (total_q, H, Dv) in q's dtype and
+  // lse (H, total_q) float32 (natural log; -inf for queries that see no key). Causal is bottom-right aligned.
+  m.def(
+      "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+  // Gradients dq, dk, dv (shapes and dtypes of q, k, v), recomputing probabilities from lse.
+  m.def(
+      "varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // ---------------------------------------------------------------- exit_compact (lookfast/ops/exit.py)
-  // (schemas of the exit-masked execution op family go here)
+  // Confidence of each row of logits (criterion 0 max softmax, 1 entropy, 2 margin) tested against a 0-d threshold;
+  // keep / exited are the row positions that stay / leave, each in increasing order (sizes depend on the data).
+  m.def("exit_confidence_mask(Tensor logits, Tensor threshold, int criterion) -> (Tensor keep, Tensor exited)");
+  // Every state's rows gathered in `keep` order, all states in one pass: out[i][j] = states[i][keep[j]].
+  m.def("compact_rows(Tensor[] states, Tensor keep) -> Tensor[]");
+  // Adjoint of compact_rows: each grad (m, ...) added into zeros (rows, ...) at the rows `keep` names.
+  m.def("compact_rows_backward(Tensor[] grads, Tensor keep, SymInt rows) -> Tensor[]");
+  // In place: out[batch_index[j]] = values[j].
+  m.def("exit_scatter(Tensor(a!) out, Tensor batch_index, Tensor values) -> ()");
 
   // ---------------------------------------------------------------- end of schemas
 }

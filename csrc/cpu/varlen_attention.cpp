@@ -64,6 +64,28 @@ template <typename T>
 LF_INLINE void vstore(T* p, typename Vec<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
+// Half-vector load (upper lanes zero) and store, for head dims of VL / 2 (width 8 in float).
+template <typename T>
+LF_INLINE typename Vec<T>::type vload_half(const T* p) {
+  typedef T H __attribute__((vector_size(32)));
+  H h;
+  std::memcpy(&h, p, sizeof(h));
+  const H z = {};
+  if constexpr (Vec<T>::size == 16)
+    return __builtin_shufflevector(h, z, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  else
+    return __builtin_shufflevector(h, z, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+template <typename T>
+LF_INLINE void vstore_half(T* p, typename Vec<T>::type v) {
+  typedef T H __attribute__((vector_size(32)));
+  H h;
+  if constexpr (Vec<T>::size == 16)
+    h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  else
+    h = __builtin_shufflevector(v, v, 0, 1, 2, 3);
+  std::memcpy(p, &h, sizeof(h));
+}
 template <typename T>
 LF_INLINE typename Vec<T>::type vbroadcast(T x) {
   typename Vec<T>::type v = {};
@@ -381,14 +403,10 @@ LF_INLINE void pack_transposed(const scalar_t* src, int64_t src_stride, int64_t 
       const bool half = cols < VL;
       for (int64_t c0 = 0; c0 < cols; c0 += VL) {
         const int64_t c = half ? 0 : std::min<int64_t>(c0, cols - VL);
+#pragma GCC unroll 16
         for (int lane = 0; lane < VL; ++lane) {
           V x = {};
-          if (lane < n) {
-            if (half)
-              std::memcpy(&x, src + lane * src_stride, sizeof(V) / 2);
-            else
-              x = vload(src + lane * src_stride + c);
-          }
+          if (lane < n) x = half ? vload_half(src + lane * src_stride) : vload(src + lane * src_stride + c);
           r[lane] = x * scale;
         }
         transpose_block<acc_t>(r);
@@ -419,11 +437,14 @@ LF_INLINE void store_transposed(const acc_t* src, int64_t n, int64_t cols, acc_t
       const bool half = cols < VL;
       for (int64_t c0 = 0; c0 < cols; c0 += VL) {
         const int64_t c = half ? 0 : std::min<int64_t>(c0, cols - VL);
+#pragma GCC unroll 16
         for (int t = 0; t < VL; ++t) r[t] = vload(src + (c + t) * VL) * mul;
         transpose_block<acc_t>(r);
-        for (int lane = 0; lane < n; ++lane) {
+#pragma GCC unroll 16
+        for (int lane = 0; lane < VL; ++lane) {
+          if (lane >= n) break;
           if (half)
-            std::memcpy(dst + lane * stride, &r[lane], sizeof(V) / 2);
+            vstore_half(dst + lane * stride, r[lane]);
           else
             vstore(dst + lane * stride + c, r[lane]);
         }
@@ -595,8 +616,7 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
 
   AlignedBuffer<acc_t> kbuf(len_k * ldh), vbuf(len_k * ldv), dkacc(len_k * ldh), dvacc(len_k * ldv);
   AlignedBuffer<acc_t> qt(Dh * VL), qrows(VL * ldh), dot(Dv * VL), dorows(VL * ldv), pt(kKeyBlock * VL),
-      dst(kKeyBlock * VL), dqt(std::max<int64_t>(ldh, VL) * VL);
-  std::fill(dqt.data, dqt.data + std::max<int64_t>(ldh, VL) * VL, acc_t(0));
+      dst(kKeyBlock * VL), dqt(std::max<int64_t>(ldh, ldv) * VL);
   pack_rows(k + k0 * Hk * Dh + kvh * Dh, Hk * Dh, len_k, Dh, ldh, kbuf.data);
   pack_rows(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, ldv, vbuf.data);
   std::fill(dkacc.data, dkacc.data + len_k * ldh, acc_t(0));
@@ -617,26 +637,25 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
       std::fill(dorows.data + n * ldv, dorows.data + VL * ldv, acc_t(0));
       int key_end[VL];
       int k_lo = static_cast<int>(len_k), k_hi = 0;
-      acc_t delta_l[VL], shift_l[VL];
+      acc_t shift_l[VL];
       for (int lane = 0; lane < VL; ++lane) {
         if (lane < n) {
           const int e = varlen::causal_key_end(i0 + lane, len_q, len_k, pb.causal);
           key_end[lane] = e;
           k_lo = std::min(k_lo, e);
           k_hi = std::max(k_hi, e);
-          acc_t d = 0;
-          const scalar_t* o = orow + lane * H * Dv;
-          for (int64_t c = 0; c < Dv; ++c) d += dot.data[c * VL + lane] * static_cast<acc_t>(o[c]);
-          delta_l[lane] = d;
           const float lv = lse[h * total_q + q0 + i0 + lane];
           shift_l[lane] = lv == -INFINITY ? std::numeric_limits<acc_t>::infinity() : static_cast<acc_t>(lv) * log2e;
         } else {
           key_end[lane] = 0;
-          delta_l[lane] = 0;
           shift_l[lane] = std::numeric_limits<acc_t>::infinity();
         }
       }
-      const V delta = vload(delta_l), shift = vload(shift_l);
+      // delta = rowsum(dO * O), lane-wise over the transposed tiles (O^T reuses the dQ^T buffer before it is zeroed).
+      pack_transposed(orow, H * Dv, n, Dv, acc_t(1), dqt.data);
+      V delta = {};
+      for (int64_t c = 0; c < Dv; ++c) delta += vload(dot.data + c * VL) * vload(dqt.data + c * VL);
+      const V shift = vload(shift_l);
       for (int64_t c = 0; c < ldh; ++c) vstore(dqt.data + c * VL, V{});
       for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
         const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0);

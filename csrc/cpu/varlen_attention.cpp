@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/varlen_attention.h"
@@ -61,6 +63,28 @@ LF_INLINE typename Vec<T>::type vload(const T* p) {
 template <typename T>
 LF_INLINE void vstore(T* p, typename Vec<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
+}
+// Half-vector load (upper lanes zero) and store, for head dims of VL / 2 (width 8 in float).
+template <typename T>
+LF_INLINE typename Vec<T>::type vload_half(const T* p) {
+  typedef T H __attribute__((vector_size(32)));
+  H h;
+  std::memcpy(&h, p, sizeof(h));
+  const H z = {};
+  if constexpr (Vec<T>::size == 16)
+    return __builtin_shufflevector(h, z, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  else
+    return __builtin_shufflevector(h, z, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+template <typename T>
+LF_INLINE void vstore_half(T* p, typename Vec<T>::type v) {
+  typedef T H __attribute__((vector_size(32)));
+  H h;
+  if constexpr (Vec<T>::size == 16)
+    h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  else
+    h = __builtin_shufflevector(v, v, 0, 1, 2, 3);
+  std::memcpy(p, &h, sizeof(h));
 }
 template <typename T>
 LF_INLINE typename Vec<T>::type vbroadcast(T x) {
@@ -266,39 +290,55 @@ LF_INLINE typename Vec<acc_t>::type softmax_pv(acc_t* st, typename Vec<acc_t>::t
   return sum;
 }
 
+// R[j][c..c+NV*VL) += sum_lane W^T[j][lane] * X[lane][c..] for NJ keys j: NJ x NV accumulators stay in registers.
+template <typename acc_t, int NJ, int NV>
+LF_INLINE void rows_kernel(const acc_t* wt, const acc_t* x, int64_t ldx, acc_t* r, int64_t ldr) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  V a[NJ][NV];
+#pragma GCC unroll 4
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 4
+    for (int t = 0; t < NV; ++t) a[jj][t] = vload(r + jj * ldr + t * VL);
+  for (int lane = 0; lane < VL; ++lane) {
+    V xv[NV];
+#pragma GCC unroll 4
+    for (int t = 0; t < NV; ++t) xv[t] = vload(x + lane * ldx + t * VL);
+#pragma GCC unroll 4
+    for (int jj = 0; jj < NJ; ++jj) {
+      const acc_t w = wt[jj * VL + lane];
+#pragma GCC unroll 4
+      for (int t = 0; t < NV; ++t) a[jj][t] += xv[t] * w;
+    }
+  }
+#pragma GCC unroll 4
+  for (int jj = 0; jj < NJ; ++jj)
+#pragma GCC unroll 4
+    for (int t = 0; t < NV; ++t) vstore(r + jj * ldr + t * VL, a[jj][t]);
+}
+
+template <typename acc_t, int NJ>
+LF_INLINE void rows_group(const acc_t* wt, const acc_t* x, int64_t ldx, int64_t cols, acc_t* r, int64_t ldr) {
+  constexpr int VL = Vec<acc_t>::size;
+  int64_t c = 0;
+  for (; c + 4 * VL <= cols; c += 4 * VL) rows_kernel<acc_t, NJ, 4>(wt, x + c, ldx, r + c, ldr);
+  switch ((cols - c) / VL) {
+    case 3: rows_kernel<acc_t, NJ, 3>(wt, x + c, ldx, r + c, ldr); break;
+    case 2: rows_kernel<acc_t, NJ, 2>(wt, x + c, ldx, r + c, ldr); break;
+    case 1: rows_kernel<acc_t, NJ, 1>(wt, x + c, ldx, r + c, ldr); break;
+    default: break;
+  }
+}
+
 // Rows R[j][:] (cols, a multiple of VL) += sum_lane W^T[j][lane] * X[lane][:] for j in [0, n): the rank-VL update
 // behind dV += P^T dO and dK += dS^T Q.
 template <typename acc_t>
 LF_INLINE void accumulate_rows(const acc_t* wt, const acc_t* x, int64_t ldx, int64_t cols, int64_t n, acc_t* r,
                                int64_t ldr) {
-  typedef typename Vec<acc_t>::type V;
   constexpr int VL = Vec<acc_t>::size;
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    for (int64_t c = 0; c < cols; c += VL) {
-      V r0 = vload(r + (j + 0) * ldr + c), r1 = vload(r + (j + 1) * ldr + c), r2 = vload(r + (j + 2) * ldr + c),
-        r3 = vload(r + (j + 3) * ldr + c);
-      const acc_t* w = wt + j * VL;
-      for (int lane = 0; lane < VL; ++lane) {
-        const V xv = vload(x + lane * ldx + c);
-        r0 += xv * w[lane];
-        r1 += xv * w[VL + lane];
-        r2 += xv * w[2 * VL + lane];
-        r3 += xv * w[3 * VL + lane];
-      }
-      vstore(r + (j + 0) * ldr + c, r0);
-      vstore(r + (j + 1) * ldr + c, r1);
-      vstore(r + (j + 2) * ldr + c, r2);
-      vstore(r + (j + 3) * ldr + c, r3);
-    }
-  }
-  for (; j < n; ++j) {
-    for (int64_t c = 0; c < cols; c += VL) {
-      V r0 = vload(r + j * ldr + c);
-      for (int lane = 0; lane < VL; ++lane) r0 += vload(x + lane * ldx + c) * wt[j * VL + lane];
-      vstore(r + j * ldr + c, r0);
-    }
-  }
+  for (; j + 4 <= n; j += 4) rows_group<acc_t, 4>(wt + j * VL, x, ldx, cols, r + j * ldr, ldr);
+  for (; j < n; ++j) rows_group<acc_t, 1>(wt + j * VL, x, ldx, cols, r + j * ldr, ldr);
 }
 
 // Lanes whose query sees fewer than j+1 keys get -inf at key j (causal masking of one score block).
@@ -321,10 +361,61 @@ void pack_rows(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t co
   }
 }
 
-// Qt[d][lane] = scale * src[lane][d] for the first `n` lanes, 0 for the rest.
-template <typename scalar_t, typename acc_t>
-void pack_transposed(const scalar_t* src, int64_t src_stride, int64_t n, int64_t cols, acc_t scale, acc_t* dst) {
+// In-register transpose of a VL x VL block (log2(VL) butterfly stages of two-source shuffles).
+template <typename V, int S, int L, int... K>
+LF_INLINE V shuffle_lo(V a, V b, std::integer_sequence<int, K...>) {
+  return __builtin_shufflevector(a, b, ((K & S) ? L + K - S : K)...);
+}
+template <typename V, int S, int L, int... K>
+LF_INLINE V shuffle_hi(V a, V b, std::integer_sequence<int, K...>) {
+  return __builtin_shufflevector(a, b, ((K & S) ? L + K : K + S)...);
+}
+template <typename acc_t, int S>
+LF_INLINE void transpose_stage(typename Vec<acc_t>::type* r) {
+  typedef typename Vec<acc_t>::type V;
   constexpr int VL = Vec<acc_t>::size;
+#pragma GCC unroll 16
+  for (int i = 0; i < VL; ++i) {
+    if (i & S) continue;
+    const V a = r[i], b = r[i + S];
+    r[i] = shuffle_lo<V, S, VL>(a, b, std::make_integer_sequence<int, VL>{});
+    r[i + S] = shuffle_hi<V, S, VL>(a, b, std::make_integer_sequence<int, VL>{});
+  }
+}
+template <typename acc_t>
+LF_INLINE void transpose_block(typename Vec<acc_t>::type* r) {
+  transpose_stage<acc_t, 1>(r);
+  transpose_stage<acc_t, 2>(r);
+  transpose_stage<acc_t, 4>(r);
+  if constexpr (Vec<acc_t>::size == 16) transpose_stage<acc_t, 8>(r);
+}
+
+// dst[c * VL + lane] = scale * src[lane * stride + c] for lane < n (0 for the other lanes), c < cols.
+template <typename scalar_t, typename acc_t>
+LF_INLINE void pack_transposed(const scalar_t* src, int64_t src_stride, int64_t n, int64_t cols, acc_t scale,
+                               acc_t* dst) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    if (cols >= VL || cols == VL / 2) {
+      // Blocks of VL columns; a ragged last block overlaps the previous one (same values written twice).
+      V r[VL];
+      const bool half = cols < VL;
+      for (int64_t c0 = 0; c0 < cols; c0 += VL) {
+        const int64_t c = half ? 0 : std::min<int64_t>(c0, cols - VL);
+#pragma GCC unroll 16
+        for (int lane = 0; lane < VL; ++lane) {
+          V x = {};
+          if (lane < n) x = half ? vload_half(src + lane * src_stride) : vload(src + lane * src_stride + c);
+          r[lane] = x * scale;
+        }
+        transpose_block<acc_t>(r);
+        const int width = half ? VL / 2 : VL;
+        for (int t = 0; t < width; ++t) vstore(dst + (c + t) * VL, r[t]);
+      }
+      return;
+    }
+  }
   for (int lane = 0; lane < VL; ++lane) {
     if (lane < n) {
       const scalar_t* s = src + lane * src_stride;
@@ -333,6 +424,36 @@ void pack_transposed(const scalar_t* src, int64_t src_stride, int64_t n, int64_t
       for (int64_t c = 0; c < cols; ++c) dst[c * VL + lane] = acc_t(0);
     }
   }
+}
+
+// dst[lane * stride + c] = mul * src[c * VL + lane] for lane < n, c < cols. src must hold max(cols, VL) rows.
+template <typename scalar_t, typename acc_t>
+LF_INLINE void store_transposed(const acc_t* src, int64_t n, int64_t cols, acc_t mul, scalar_t* dst, int64_t stride) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    if (cols >= VL || cols == VL / 2) {
+      V r[VL];
+      const bool half = cols < VL;
+      for (int64_t c0 = 0; c0 < cols; c0 += VL) {
+        const int64_t c = half ? 0 : std::min<int64_t>(c0, cols - VL);
+#pragma GCC unroll 16
+        for (int t = 0; t < VL; ++t) r[t] = vload(src + (c + t) * VL) * mul;
+        transpose_block<acc_t>(r);
+#pragma GCC unroll 16
+        for (int lane = 0; lane < VL; ++lane) {
+          if (lane >= n) break;
+          if (half)
+            vstore_half(dst + lane * stride, r[lane]);
+          else
+            vstore(dst + lane * stride + c, r[lane]);
+        }
+      }
+      return;
+    }
+  }
+  for (int64_t lane = 0; lane < n; ++lane)
+    for (int64_t c = 0; c < cols; ++c) dst[lane * stride + c] = static_cast<scalar_t>(src[c * VL + lane] * mul);
 }
 
 template <typename T>
@@ -403,7 +524,9 @@ LF_INLINE void forward_items_impl(const Problem& pb, const FwdItem* items, int64
   for (int64_t i = 0; i < count; ++i)
     max_lk = std::max<int64_t>(max_lk, pb.cu_k[items[i].b + 1] - pb.cu_k[items[i].b]);
   typedef typename Vec<acc_t>::type V;
-  AlignedBuffer<acc_t> kbuf(max_lk * ldk), vbuf(max_lk * ldv), qt(Dh * VL), st(kKeyBlock * VL), acc(ldv * VL);
+  AlignedBuffer<acc_t> kbuf(max_lk * ldk), vbuf(max_lk * ldv), qt(Dh * VL), st(kKeyBlock * VL),
+      acc(std::max<int64_t>(ldv, VL) * VL);
+  std::fill(acc.data, acc.data + std::max<int64_t>(ldv, VL) * VL, acc_t(0));
   int64_t packed_b = -1, packed_kvh = -1;
   const acc_t qscale = static_cast<acc_t>(pb.scale) * static_cast<acc_t>(1.4426950408889634);
   for (int64_t it = 0; it < count; ++it) {
@@ -441,9 +564,7 @@ LF_INLINE void forward_items_impl(const Problem& pb, const FwdItem* items, int64
       const V lse_v = l > acc_t(0) ? m * static_cast<acc_t>(varlen::kLn2) + vlog(l)
                                    : vbroadcast(-std::numeric_limits<acc_t>::infinity());
       for (int64_t c = 0; c < Dv; ++c) vstore(acc.data + c * VL, vload(acc.data + c * VL) * inv);
-      scalar_t* o = out + ((q0 + i0) * H + w.h) * Dv;
-      for (int64_t lane = 0; lane < n; ++lane, o += H * Dv)
-        for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<scalar_t>(acc.data[c * VL + lane]);
+      store_transposed(acc.data, n, Dv, acc_t(1), out + ((q0 + i0) * H + w.h) * Dv, H * Dv);
       float* lse_row = lse + w.h * total_q + q0 + i0;
       for (int64_t lane = 0; lane < n; ++lane) lse_row[lane] = static_cast<float>(lse_v[lane]);
     }
@@ -495,7 +616,7 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
 
   AlignedBuffer<acc_t> kbuf(len_k * ldh), vbuf(len_k * ldv), dkacc(len_k * ldh), dvacc(len_k * ldv);
   AlignedBuffer<acc_t> qt(Dh * VL), qrows(VL * ldh), dot(Dv * VL), dorows(VL * ldv), pt(kKeyBlock * VL),
-      dst(kKeyBlock * VL), dqt(ldh * VL);
+      dst(kKeyBlock * VL), dqt(std::max<int64_t>(ldh, ldv) * VL);
   pack_rows(k + k0 * Hk * Dh + kvh * Dh, Hk * Dh, len_k, Dh, ldh, kbuf.data);
   pack_rows(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, ldv, vbuf.data);
   std::fill(dkacc.data, dkacc.data + len_k * ldh, acc_t(0));
@@ -516,26 +637,25 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
       std::fill(dorows.data + n * ldv, dorows.data + VL * ldv, acc_t(0));
       int key_end[VL];
       int k_lo = static_cast<int>(len_k), k_hi = 0;
-      acc_t delta_l[VL], shift_l[VL];
+      acc_t shift_l[VL];
       for (int lane = 0; lane < VL; ++lane) {
         if (lane < n) {
           const int e = varlen::causal_key_end(i0 + lane, len_q, len_k, pb.causal);
           key_end[lane] = e;
           k_lo = std::min(k_lo, e);
           k_hi = std::max(k_hi, e);
-          acc_t d = 0;
-          const scalar_t* o = orow + lane * H * Dv;
-          for (int64_t c = 0; c < Dv; ++c) d += dot.data[c * VL + lane] * static_cast<acc_t>(o[c]);
-          delta_l[lane] = d;
           const float lv = lse[h * total_q + q0 + i0 + lane];
           shift_l[lane] = lv == -INFINITY ? std::numeric_limits<acc_t>::infinity() : static_cast<acc_t>(lv) * log2e;
         } else {
           key_end[lane] = 0;
-          delta_l[lane] = 0;
           shift_l[lane] = std::numeric_limits<acc_t>::infinity();
         }
       }
-      const V delta = vload(delta_l), shift = vload(shift_l);
+      // delta = rowsum(dO * O), lane-wise over the transposed tiles (O^T reuses the dQ^T buffer before it is zeroed).
+      pack_transposed(orow, H * Dv, n, Dv, acc_t(1), dqt.data);
+      V delta = {};
+      for (int64_t c = 0; c < Dv; ++c) delta += vload(dot.data + c * VL) * vload(dqt.data + c * VL);
+      const V shift = vload(shift_l);
       for (int64_t c = 0; c < ldh; ++c) vstore(dqt.data + c * VL, V{});
       for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
         const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0);
@@ -549,10 +669,7 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
         accumulate_rows(dst.data, qrows.data, ldh, ldh, nb, dkacc.data + j0 * ldh, ldh);   // dK += dS^T Q
         accumulate_pv(dst.data, kbuf.data + j0 * ldh, ldh, ldh, nb, dqt.data);             // dQ^T += K^T dS^T
       }
-      for (int64_t lane = 0; lane < n; ++lane) {
-        scalar_t* g = dq + ((q0 + i0 + lane) * H + h) * Dh;
-        for (int64_t d = 0; d < Dh; ++d) g[d] = static_cast<scalar_t>(dqt.data[d * VL + lane] * scale);
-      }
+      store_transposed(dqt.data, n, Dh, scale, dq + ((q0 + i0) * H + h) * Dh, H * Dh);
     }
   }
   for (int64_t j = 0; j < len_k; ++j) {

@@ -68,7 +68,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_forward_and_backward(case, dtype, seed):
     lens_q, lens_k, heads, kv_heads, dk, dv, causal = CASES[case]
@@ -116,6 +116,61 @@ def test_head_dim_limit():
     q, k, v, cu_q, cu_k = make_case([2], [2], 1, 1, 300, 8, torch.float32, 0)
     with pytest.raises(ValueError, match="head dims"):
         vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, 2, 2, 0.5, False)
+
+
+# ---------------------------------------------------------------- the CUDA kernel's shared softmax math, on the host
+
+_HEADER_CHECK = r"""
+#include <cstdio>
+#include "common/online_softmax.h"
+namespace osm = lookfast::online_softmax;
+int main() {
+  // one query, scores in blocks of 3 (the first block fully masked), values v_j = j; causal bound 7 of 9 keys
+  const double s[9] = {-1e300, -1e300, -1e300, 0.5, 2.0, -1.0, 3.0, 0.25, 9.0};
+  const long lk = 9, lq = 4, i = 1;
+  const long visible = osm::visible_keys(i, lq, lk, true);  // i + lk - lq + 1 = 7
+  double m = osm::neg_inf<double>(), l = 0, acc = 0;
+  for (int j0 = 0; j0 < 9; j0 += 3) {
+    double sc[3], cmax = osm::neg_inf<double>();
+    for (int c = 0; c < 3; ++c) {
+      const int j = j0 + c;
+      sc[c] = (j >= 3 && j < visible) ? s[j] : osm::neg_inf<double>();
+      cmax = cmax > sc[c] ? cmax : sc[c];
+    }
+    const double m_new = m > cmax ? m : cmax;
+    if (m_new == osm::neg_inf<double>()) continue;
+    const double alpha = osm::rescale(m, m_new);
+    l *= alpha; acc *= alpha;
+    for (int c = 0; c < 3; ++c) { const double p = osm::weight(sc[c], m_new); l += p; acc += p * (j0 + c); }
+    m = m_new;
+  }
+  std::printf("%ld %.17g %.17g %.17g %.17g %ld %ld\n", visible, acc * osm::inv_sum(l), osm::log_sum_exp(m, l),
+              osm::log_sum_exp(osm::neg_inf<double>(), 0.0), osm::inv_sum(0.0),
+              osm::visible_keys(0, 9, 3, true), osm::visible_keys(5, 2, 3, false));
+}
+"""
+
+
+def test_online_softmax_header_on_host(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    src, exe = tmp_path / "check.cpp", tmp_path / "check"
+    src.write_text(_HEADER_CHECK)
+    subprocess.run([compiler, "-std=c++17", "-O1", f"-I{csrc}", str(src), "-o", str(exe)], check=True)
+    fields = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
+    scores = torch.tensor([0.5, 2.0, -1.0, 3.0], dtype=torch.float64)  # keys 3..6
+    p = torch.softmax(scores, 0)
+    assert int(fields[0]) == 7
+    assert float(fields[1]) == pytest.approx((p * torch.arange(3, 7, dtype=torch.float64)).sum().item(), rel=1e-14)
+    assert float(fields[2]) == pytest.approx(torch.logsumexp(scores, 0).item(), rel=1e-14)
+    assert fields[3] == "-inf" and float(fields[4]) == 0.0
+    assert int(fields[5]) == 0 and int(fields[6]) == 3
 
 
 # ---------------------------------------------------------------- ahead-of-time compilation for real GPUs

@@ -295,7 +295,7 @@ def fwd_config(dk: int, dv: int, dtype: torch.dtype) -> dict:
     if d <= 64:
         return dict(BLOCK_M=32 if wide else 64, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2)
     if d <= 128:
-        return dict(BLOCK_M=16 if wide else 64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=16 if wide else 32, BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=16 if wide else 32, num_warps=4, num_stages=1)
 
 
@@ -308,7 +308,7 @@ def bwd_config(dk: int, dv: int, dtype: torch.dtype) -> dict:
     if d <= 64:
         return dict(BLOCK_M=16 if wide else 32, BLOCK_N=16 if wide else 64, num_warps=4, num_stages=1)
     if d <= 128:
-        return dict(BLOCK_M=16 if wide else 32, BLOCK_N=16 if wide else 32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=16 if wide else 32, num_warps=8 if wide else 4, num_stages=1)
     return dict(BLOCK_M=16, BLOCK_N=16 if wide else 32, num_warps=8, num_stages=1)
 
 

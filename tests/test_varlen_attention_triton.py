@@ -281,27 +281,50 @@ def test_aot_compiles_without_spills(aot_reports, name, arch):
 
 # ---------------------------------------------------------------- real GPU
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("causal", [False, True])
-def test_triton_and_cuda_ops_on_gpu(dtype, causal, seed):
-    lens_q, lens_k = [5, 0, 1, 300, 129], [170, 3, 0, 300, 64]
-    q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, 4, 2, 64, 64, dtype, seed)
-    scale = 0.125
-    ref_out, ref_lse = reference(q, k, v, cu_q, cu_k, scale, causal)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+def _gpu_case(width, dtype, causal, seed):
+    # ragged with 0 and 1, GQA, Lq > Lk and Lq < Lk, multi-tile sequences; width 8 is the Dyn-Perceiver z->x path
+    lens_q, lens_k = [5, 0, 1, 300, 129, 3136], [170, 3, 0, 300, 64, 64]
+    q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, 4, 2, width, width, dtype, seed)
+    scale = 1.0 / math.sqrt(width)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = reference(qr, kr, vr, cu_q, cu_k, scale, causal)
+    dout = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    grads = torch.autograd.grad(ref_out, (qr, kr, vr), dout.double())
     dev = [t.cuda() for t in (q, k, v, cu_q, cu_k)]
-    out, lse = vk.varlen_attention_fwd_triton(*dev, 300, 300, scale, causal)
+    return dev, dout.cuda(), (max(lens_q), max(lens_k), scale, causal), ref_out.detach(), ref_lse, grads
+
+
+GPU_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [64, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_on_gpu(width, dtype, causal, seed):
+    dev, dout, args, ref_out, ref_lse, grads = _gpu_case(width, dtype, causal, seed)
+    tol = GPU_TOL[dtype]
+    out, lse = vk.varlen_attention_fwd_triton(*dev, *args)
     assert rel_err(out.cpu(), ref_out) <= tol and rel_err(lse.cpu(), ref_lse) <= tol
+    got = vk.varlen_attention_bwd_triton(dout, *dev[:3], out, lse, *dev[3:], *args)
+    for g, w in zip(got, grads):
+        assert rel_err(g.cpu(), w) <= 2 * tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [64, 8, 98])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp64", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_op_on_gpu(width, dtype, causal, seed):
     import lookfast  # noqa: F401  (loads the extension and its schemas)
-    if hasattr(torch.ops.lookfast, "varlen_attention_fwd"):
-        out_c, lse_c = torch.ops.lookfast.varlen_attention_fwd(*dev, 300, 300, scale, causal)
-        assert rel_err(out_c.cpu(), ref_out) <= tol and rel_err(lse_c.cpu(), ref_lse) <= tol
-        qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-        r_out, _ = reference(qr, kr, vr, cu_q, cu_k, scale, causal)
-        dout = torch.randn_like(out)
-        grads = torch.autograd.grad(r_out, (qr, kr, vr), dout.cpu().double())
-        for impl in (vk.varlen_attention_bwd_triton, torch.ops.lookfast.varlen_attention_bwd):
-            got = impl(dout, dev[0], dev[1], dev[2], out_c, lse_c, dev[3], dev[4], 300, 300, scale, causal)
-            for g, w in zip(got, grads):
-                assert rel_err(g.cpu(), w) <= 2 * tol
+
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("lookfast::varlen_attention_fwd", "CUDA"):
+        pytest.fail("the CUDA kernels of varlen_attention are not built into this lookfast")
+    dev, dout, args, ref_out, ref_lse, grads = _gpu_case(width, dtype, causal, seed)
+    tol = GPU_TOL[dtype]
+    out, lse = torch.ops.lookfast.varlen_attention_fwd(*dev, *args)
+    assert rel_err(out.cpu(), ref_out) <= tol and rel_err(lse.cpu(), ref_lse) <= 1e-5
+    got = torch.ops.lookfast.varlen_attention_bwd(dout, *dev[:3], out, lse, *dev[3:], *args)
+    for g, w in zip(got, grads):
+        assert g.dtype == dtype and rel_err(g.cpu(), w) <= 2 * tol

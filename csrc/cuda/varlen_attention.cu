@@ -93,7 +93,7 @@ __device__ __forceinline__ acc_t dot_smem(const acc_t (&x)[DPT], const acc_t* ro
 
 // ------------------------------------------------------------------------------------------------------ forward
 template <typename scalar_t, typename acc_t, int DPT, int TPQ>
-__global__ void __launch_bounds__(kThreads) varlen_fwd_kernel(
+__global__ void __launch_bounds__(kThreads, 1) varlen_fwd_kernel(
     const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
     scalar_t* __restrict__ out, float* __restrict__ lse, const int* __restrict__ cu_q, const int* __restrict__ cu_k,
     int64_t sq_t, int64_t sq_h, int64_t sk_t, int64_t sk_h, int64_t sv_t, int64_t sv_h, int64_t so_t, int64_t so_h,
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) varlen_fwd_kernel(
 // ------------------------------------------------------------------------------------------------------ backward
 // dq (and delta) per query: dq = scale * sum_j p_ij (dp_ij - delta_i) k_j, p_ij = exp(scale q_i.k_j - lse_i)
 template <typename scalar_t, typename acc_t, int DPT, int TPQ>
-__global__ void __launch_bounds__(kThreads) varlen_bwd_dq_kernel(
+__global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
     const scalar_t* __restrict__ dout, const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
     const scalar_t* __restrict__ v, const scalar_t* __restrict__ out, const float* __restrict__ lse,
     scalar_t* __restrict__ dq, acc_t* __restrict__ delta_out, const int* __restrict__ cu_q,
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) varlen_bwd_dq_kernel(
 
 // dk, dv per key, over the grouped query heads: dv_j = sum_i p_ij do_i, dk_j = scale * sum_i p_ij (dp_ij - delta_i) q_i
 template <typename scalar_t, typename acc_t, int DPT, int TPQ>
-__global__ void __launch_bounds__(kThreads) varlen_bwd_dkdv_kernel(
+__global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dkdv_kernel(
     const scalar_t* __restrict__ dout, const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
     const scalar_t* __restrict__ v, const float* __restrict__ lse, const acc_t* __restrict__ delta,
     scalar_t* __restrict__ dk_out, scalar_t* __restrict__ dv_out, const int* __restrict__ cu_q,

@@ -18,6 +18,9 @@ Backward: delta = rowsum(dout * out) (one preprocessing kernel), then dk/dv per 
 over the H/Hk grouped query heads and the query blocks, and dq per (query block, sample, head) looping over key
 blocks. No atomics: every output element has exactly one writer, so the result is deterministic.
 
+The launchers take torch tensors and launch through torch.library.wrap_triton, so a torch.library.triton_op wrapping
+them traces under torch.compile; under TRITON_INTERPRET=1 they run on CPU tensors.
+
 Robustness: every program reads its sample's bounds from cu_seqlens, and query blocks are visited with a grid-stride
 loop, so a too-small max_seqlen_q costs speed, never correctness; key loops run to the sample's own length.
 Grid dimensions 1 and 2 (samples, heads) are limited to 65535 by CUDA.
@@ -281,6 +284,11 @@ def _varlen_bwd_dq_kernel(
                  + offs_dk[None, :], dq.to(dQ.dtype.element_ty), m_valid, offs_dk, DK, BLOCK_DK)
 
 
+def _launch(kernel):
+    # wrap_triton lets torch.compile trace the launch inside a torch.library.triton_op; in eager it just launches
+    return torch.library.wrap_triton(kernel)
+
+
 def _pad_dim(d: int) -> int:
     # tl.dot needs every dimension >= 16; narrower heads are zero-padded through masked loads
     return max(16, triton.next_power_of_2(d))
@@ -347,7 +355,7 @@ def varlen_attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         return out, lse
     cfg = dict(_config or fwd_config(dk, dv, q.dtype))
     grid = (_grid_rows(max_seqlen_q, cfg["BLOCK_M"]), batch, heads)
-    _varlen_fwd_kernel[grid](
+    _launch(_varlen_fwd_kernel)[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         total_q, heads // k.shape[1], float(softmax_scale) * _LOG2E, dk, dv,
@@ -382,12 +390,12 @@ def varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlen
     ieee = q.dtype == torch.float32
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     delta_block = 64
-    _varlen_bwd_delta_kernel[(triton.cdiv(total_q, delta_block), heads)](
+    _launch(_varlen_bwd_delta_kernel)[(triton.cdiv(total_q, delta_block), heads)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total_q, heads, dv_dim,
         BLOCK_M=delta_block, BLOCK_DV=bdv, num_warps=4,
     )
     if total_k > 0:
-        _varlen_bwd_dkdv_kernel[(_grid_rows(max_seqlen_k, cfg["BLOCK_N"]), batch, kv_heads)](
+        _launch(_varlen_bwd_dkdv_kernel)[(_grid_rows(max_seqlen_k, cfg["BLOCK_N"]), batch, kv_heads)](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
             dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -396,7 +404,7 @@ def varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlen
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DK=bdk, BLOCK_DV=bdv,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    _varlen_bwd_dq_kernel[(_grid_rows(max_seqlen_q, cfg["BLOCK_M"]), batch, heads)](
+    _launch(_varlen_bwd_dq_kernel)[(_grid_rows(max_seqlen_q, cfg["BLOCK_M"]), batch, heads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
         dq.stride(0), dq.stride(1),

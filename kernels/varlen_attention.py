@@ -6,13 +6,15 @@ keys j <= i + (Lk - Lq). A query that sees no key gets out = 0 and lse = -inf.
 
 Roofline (per sample and head, Lq queries, Lk keys; fwd FLOPs 2*Lq*Lk*(Dh+Dv), bwd about 2.5x that):
   bytes fwd = (Lq*Dh + Lq*Dv) * e + ceil(Lq/BLOCK_M) * Lk*(Dh+Dv) * e + 4*Lq   (e = element size; K/V re-read per
-  query block, mostly from L2). On an H100 SXM (3.35 TB/s HBM, ~990 TFLOP/s fp16 dense tensor cores, ~495 TF/s tf32):
-  - A3 LookWhere extractor (B 16, 5+k_i ~ 165 tokens, 12 heads, Dh 64, fp16): 2.1 GFLOP fwd, 8 MB moved
-    -> ~2 us at the tensor-core peak vs ~2.5 us of HBM time: balanced, so in practice latency/occupancy bound
-    (192 programs of 64 queries for ~132 SMs); expect ~10 us forward, ~25 us backward.
-  - A2 Dyn-Perceiver z->x (B 16, 3136 queries x 64 keys, width 8, fp32): 0.05 GFLOP (0.1 with the width padded to
-    16 for tl.dot), 3.3 MB moved (q and out dominate) -> HBM bound, ~1 us at peak; launch-latency bound in practice.
-  fp32 inputs use IEEE dot products (the 1e-5 contract of OPS.md); tf32 would be ~8x faster on A3-sized shapes.
+  query block, mostly from L2). H100 SXM: 3.35 TB/s HBM, ~990 TFLOP/s fp16/bf16 tensor cores, ~67 TFLOP/s fp32 FMA.
+  - A3 LookWhere extractor (B 16, 5+k_i ~ 165 tokens, sum L^2 ~ 5.1e5, 12 heads, Dh 64): 1.58 GFLOP forward.
+    fp16: 16.2 MB of q/k/v/out -> 4.8 us of HBM vs 1.6 us of tensor-core time: memory bound, ~5 us at the roofline
+    (960 programs of 64 queries, many exit at once on short samples; expect ~10 us). fp32 (IEEE dot on FMA units, the
+    1e-5 contract of OPS.md): 32 MB -> 10 us vs 24 us of FMA: compute bound, ~25-35 us. A4 backward: ~3.9 GFLOP and
+    ~32 MB (fp16): ~10-20 us fp16, ~60 us fp32.
+  - A2 Dyn-Perceiver z->x (B 16, 3136 queries x 64 keys, width 8, fp32): 0.10 GFLOP (0.21 with the width padded to 16
+    for tl.dot), 3.4 MB (q and out dominate) -> 1.0 us of HBM vs ~3 us of FMA: compute bound at ~3 us, launch-latency
+    bound in practice (the CUDA C++ kernel, no padding, is the better fit here).
 
 Backward: delta = rowsum(dout * out) (one preprocessing kernel), then dk/dv per (key block, sample, kv head) looping
 over the H/Hk grouped query heads and the query blocks, and dq per (query block, sample, head) looping over key

@@ -12,13 +12,15 @@
 // loops over the H/Hk query heads that share its kv head and over the query tiles that can see it. Every output
 // element has exactly one writer. Probabilities are recomputed from the saved log-sum-exp.
 //
-// Roofline on an H100 SXM (3.35 TB/s HBM; ~60 TFLOP/s fp32 FMA, which these kernels use: no tensor cores):
-//   fwd FLOPs = 2 * sum_b Lq_b * Lk_b * (Dh + Dv) * H; bytes ~ (q + out) + K/V once per block of 128/TPQ queries.
-//   A2 (B 16, 3136 queries x 64 keys, width 8, fp32): 0.10 GFLOP, 3.3 MB (q/out) -> 1.0 us of HBM, 1.7 us of FMA:
-//      compute (FMA + exp: 3.2M exps) bound at ~3 us; K/V (4 KB per sample) stay in shared memory.
-//   A3 (B 16, ~165 tokens, 12 heads, Dh 64, fp16): 2.1 GFLOP, 8 MB -> ~35 us FMA bound (the Triton kernel, on tensor
-//      cores, is the faster GPU path for wide heads; this kernel is for the narrow cross-attention shapes).
-//   Backward does ~2.5x the forward FLOPs.
+// Roofline on an H100 SXM (3.35 TB/s HBM; ~67 TFLOP/s fp32 FMA, which these kernels use: no tensor cores):
+//   fwd FLOPs = 2 * sum_b Lq_b * Lk_b * (Dh + Dv) * H; bytes ~ q + out + lse, plus K/V once per block.
+//   A2 (B 16, 3136 queries x 64 keys, width 8, fp32): 0.10 GFLOP + 3.2M exps, 3.4 MB (q/out) -> 1.0 us of HBM,
+//      1.5 us of FMA, 0.8 us of MUFU exp: compute bound at ~2-3 us; K/V (4 KB per sample) stay in shared memory.
+//   A1 (B 64, 128 queries x 49 keys, width 32, fp32): 0.05 GFLOP, 2.8 MB -> ~0.8 us each way: launch bound.
+//   A3 (B 16, ~165 tokens, 12 heads, Dh 64): 1.58 GFLOP -> ~24 us FMA bound in any dtype (16-32 MB -> 5-10 us of
+//      HBM). The Triton kernel, on tensor cores, is the faster GPU path for wide fp16/bf16 heads; this kernel is
+//      for the narrow cross-attention shapes and fp32/fp64.
+//   Backward does ~2.5x the forward FLOPs and moves ~2x the bytes.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -108,6 +110,10 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_fwd_kernel(
   const Bounds s = sample_bounds(cu_q, cu_k, blockIdx.y);
   const int lane = threadIdx.x % TPQ;
   const int slot = threadIdx.x / TPQ;
+  // All of this sample's K/V fit in one tile (Dyn-Perceiver z->x: 16..256 latents): stage them once and stream every
+  // query tile of this block past them. Block-uniform, like `staged`.
+  const bool resident = s.lk <= tile_n;
+  bool staged = false;
 
   // block-uniform loop (grid-stride over query tiles: a too-small max_seqlen_q only costs speed)
   for (int64_t m0 = int64_t(blockIdx.x) * QPB; m0 < s.lq; m0 += int64_t(gridDim.x) * QPB) {
@@ -127,10 +133,14 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_fwd_kernel(
 
     for (int64_t n0 = 0; n0 < n_end; n0 += tile_n) {
       const int cnt = static_cast<int>(n_end - n0 < tile_n ? n_end - n0 : tile_n);
-      __syncthreads();  // the previous tile is no longer read
-      stage_rows<DP>(ks, k, s.k0 + n0, cnt, sk_t, kvh * sk_h, dk);
-      stage_rows<DP>(vs, v, s.k0 + n0, cnt, sv_t, kvh * sv_h, dv);
-      __syncthreads();
+      if (!(resident && staged)) {
+        const int rows = resident ? static_cast<int>(s.lk) : cnt;
+        __syncthreads();  // the previous tile is no longer read
+        stage_rows<DP>(ks, k, s.k0 + n0, rows, sk_t, kvh * sk_h, dk);
+        stage_rows<DP>(vs, v, s.k0 + n0, rows, sv_t, kvh * sv_h, dv);
+        __syncthreads();
+        staged = resident;
+      }
       for (int j0 = 0; j0 < cnt; j0 += kChunk) {
         acc_t sc[kChunk];
         acc_t cmax = osm::neg_inf<acc_t>();
@@ -196,6 +206,10 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
   const Bounds s = sample_bounds(cu_q, cu_k, blockIdx.y);
   const int lane = threadIdx.x % TPQ;
   const int slot = threadIdx.x / TPQ;
+  // All of this sample's K/V fit in one tile (Dyn-Perceiver z->x: 16..256 latents): stage them once and stream every
+  // query tile of this block past them. Block-uniform, like `staged`.
+  const bool resident = s.lk <= tile_n;
+  bool staged = false;
 
   for (int64_t m0 = int64_t(blockIdx.x) * QPB; m0 < s.lq; m0 += int64_t(gridDim.x) * QPB) {
     const int64_t i = m0 + slot;
@@ -219,10 +233,14 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
       const int64_t n_end = osm::visible_keys(last_q, s.lq, s.lk, causal);
       for (int64_t n0 = 0; n0 < n_end; n0 += tile_n) {
         const int cnt = static_cast<int>(n_end - n0 < tile_n ? n_end - n0 : tile_n);
-        __syncthreads();
-        stage_rows<DP>(ks, k, s.k0 + n0, cnt, sk_t, kvh * sk_h, dk);
-        stage_rows<DP>(vs, v, s.k0 + n0, cnt, sv_t, kvh * sv_h, dv);
-        __syncthreads();
+        if (!(resident && staged)) {
+          const int rows = resident ? static_cast<int>(s.lk) : cnt;
+          __syncthreads();
+          stage_rows<DP>(ks, k, s.k0 + n0, rows, sk_t, kvh * sk_h, dk);
+          stage_rows<DP>(vs, v, s.k0 + n0, rows, sv_t, kvh * sv_h, dv);
+          __syncthreads();
+          staged = resident;
+        }
         for (int j = 0; j < cnt; ++j) {
           const acc_t sc = dot_smem<DPT, TPQ>(qr, ks + j * DP, lane) * scale;
           const acc_t dp = dot_smem<DPT, TPQ>(dor, vs + j * DP, lane);
@@ -369,6 +387,17 @@ int64_t grid_x(int64_t max_rows, int rows_per_block) {
   return blocks < 1 ? 1 : (blocks > 65535 * 32 ? 65535 * 32 : blocks);
 }
 
+// Query blocks per (sample, head) when K/V stay resident: enough blocks for ~8 per SM, each streaming the rest of the
+// query tiles (grid-stride) past K/V staged once, instead of one block per tile re-staging the same K/V.
+int64_t grid_x_resident(int64_t max_rows, int rows_per_block, int64_t planes) {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t full = grid_x(max_rows, rows_per_block);
+  const int64_t wanted = (int64_t(8) * sms + planes - 1) / (planes > 0 ? planes : 1);
+  return wanted < 1 ? 1 : (wanted < full ? wanted : full);
+}
+
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                              const at::Tensor& v_in, const at::Tensor& cu_q_in,
                                                              const at::Tensor& cu_k_in, int64_t max_seqlen_q,
@@ -392,7 +421,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(const at::Tensor& q
       constexpr int DP = DPT * TPQ;
       const int tile_n = tile_rows(max_seqlen_k, 2 * DP * sizeof(acc_t));
       const size_t smem = size_t(2) * tile_n * DP * sizeof(acc_t);
-      const dim3 grid(grid_x(max_seqlen_q, kThreads / TPQ), batch, heads);
+      const int64_t gx = max_seqlen_k <= tile_n ? grid_x_resident(max_seqlen_q, kThreads / TPQ, batch * heads)
+                                                : grid_x(max_seqlen_q, kThreads / TPQ);
+      const dim3 grid(gx, batch, heads);
       varlen_fwd_kernel<scalar_t, acc_t, DPT, TPQ><<<grid, kThreads, smem, stream>>>(
           q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>(), cu_q.const_data_ptr<int>(),
@@ -442,7 +473,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
       {
         const int tile_n = tile_rows(max_seqlen_k, 2 * DP * sizeof(acc_t));
         const size_t smem = size_t(2) * tile_n * DP * sizeof(acc_t);
-        const dim3 grid(grid_x(max_seqlen_q, kThreads / TPQ), batch, heads);
+        const int64_t gx = max_seqlen_k <= tile_n ? grid_x_resident(max_seqlen_q, kThreads / TPQ, batch * heads)
+                                                  : grid_x(max_seqlen_q, kThreads / TPQ);
+        const dim3 grid(gx, batch, heads);
         varlen_bwd_dq_kernel<scalar_t, acc_t, DPT, TPQ><<<grid, kThreads, smem, stream>>>(
             dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
             v.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(),

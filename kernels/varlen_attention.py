@@ -6,17 +6,22 @@ keys j <= i + (Lk - Lq). A query that sees no key gets out = 0 and lse = -inf.
 
 Roofline (per sample and head, Lq queries, Lk keys; fwd FLOPs 2*Lq*Lk*(Dh+Dv), bwd about 2.5x that):
   bytes fwd = (Lq*Dh + Lq*Dv) * e + ceil(Lq/BLOCK_M) * Lk*(Dh+Dv) * e + 4*Lq   (e = element size; K/V re-read per
-  query block, mostly from L2). On an H100 SXM (3.35 TB/s HBM, ~990 TFLOP/s fp16 dense tensor cores, ~495 TF/s tf32):
-  - A3 LookWhere extractor (B 16, 5+k_i ~ 165 tokens, 12 heads, Dh 64, fp16): 2.1 GFLOP fwd, 8 MB moved
-    -> ~2 us at the tensor-core peak vs ~2.5 us of HBM time: balanced, so in practice latency/occupancy bound
-    (192 programs of 64 queries for ~132 SMs); expect ~10 us forward, ~25 us backward.
-  - A2 Dyn-Perceiver z->x (B 16, 3136 queries x 64 keys, width 8, fp32): 0.05 GFLOP (0.1 with the width padded to
-    16 for tl.dot), 3.3 MB moved (q and out dominate) -> HBM bound, ~1 us at peak; launch-latency bound in practice.
-  fp32 inputs use IEEE dot products (the 1e-5 contract of OPS.md); tf32 would be ~8x faster on A3-sized shapes.
+  query block, mostly from L2). H100 SXM: 3.35 TB/s HBM, ~990 TFLOP/s fp16/bf16 tensor cores, ~67 TFLOP/s fp32 FMA.
+  - A3 LookWhere extractor (B 16, 5+k_i ~ 165 tokens, sum L^2 ~ 5.1e5, 12 heads, Dh 64): 1.58 GFLOP forward.
+    fp16: 16.2 MB of q/k/v/out -> 4.8 us of HBM vs 1.6 us of tensor-core time: memory bound, ~5 us at the roofline
+    (960 programs of 64 queries, many exit at once on short samples; expect ~10 us). fp32 (IEEE dot on FMA units, the
+    1e-5 contract of OPS.md): 32 MB -> 10 us vs 24 us of FMA: compute bound, ~25-35 us. A4 backward: ~3.9 GFLOP and
+    ~32 MB (fp16): ~10-20 us fp16, ~60 us fp32.
+  - A2 Dyn-Perceiver z->x (B 16, 3136 queries x 64 keys, width 8, fp32): 0.10 GFLOP (0.21 with the width padded to 16
+    for tl.dot), 3.4 MB (q and out dominate) -> 1.0 us of HBM vs ~3 us of FMA: compute bound at ~3 us, launch-latency
+    bound in practice (the CUDA C++ kernel, no padding, is the better fit here).
 
 Backward: delta = rowsum(dout * out) (one preprocessing kernel), then dk/dv per (key block, sample, kv head) looping
 over the H/Hk grouped query heads and the query blocks, and dq per (query block, sample, head) looping over key
 blocks. No atomics: every output element has exactly one writer, so the result is deterministic.
+
+The launchers take torch tensors and launch through torch.library.wrap_triton, so a torch.library.triton_op wrapping
+them traces under torch.compile; under TRITON_INTERPRET=1 they run on CPU tensors.
 
 Robustness: every program reads its sample's bounds from cu_seqlens, and query blocks are visited with a grid-stride
 loop, so a too-small max_seqlen_q costs speed, never correctness; key loops run to the sample's own length.
@@ -281,6 +286,11 @@ def _varlen_bwd_dq_kernel(
                  + offs_dk[None, :], dq.to(dQ.dtype.element_ty), m_valid, offs_dk, DK, BLOCK_DK)
 
 
+def _launch(kernel):
+    # wrap_triton lets torch.compile trace the launch inside a torch.library.triton_op; in eager it just launches
+    return torch.library.wrap_triton(kernel)
+
+
 def _pad_dim(d: int) -> int:
     # tl.dot needs every dimension >= 16; narrower heads are zero-padded through masked loads
     return max(16, triton.next_power_of_2(d))
@@ -295,7 +305,7 @@ def fwd_config(dk: int, dv: int, dtype: torch.dtype) -> dict:
     if d <= 64:
         return dict(BLOCK_M=32 if wide else 64, BLOCK_N=32 if wide else 64, num_warps=4, num_stages=2)
     if d <= 128:
-        return dict(BLOCK_M=16 if wide else 64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=16 if wide else 32, BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=32, BLOCK_N=16 if wide else 32, num_warps=4, num_stages=1)
 
 
@@ -308,7 +318,7 @@ def bwd_config(dk: int, dv: int, dtype: torch.dtype) -> dict:
     if d <= 64:
         return dict(BLOCK_M=16 if wide else 32, BLOCK_N=16 if wide else 64, num_warps=4, num_stages=1)
     if d <= 128:
-        return dict(BLOCK_M=16 if wide else 32, BLOCK_N=16 if wide else 32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=16 if wide else 32, num_warps=8 if wide else 4, num_stages=1)
     return dict(BLOCK_M=16, BLOCK_N=16 if wide else 32, num_warps=8, num_stages=1)
 
 
@@ -347,7 +357,7 @@ def varlen_attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         return out, lse
     cfg = dict(_config or fwd_config(dk, dv, q.dtype))
     grid = (_grid_rows(max_seqlen_q, cfg["BLOCK_M"]), batch, heads)
-    _varlen_fwd_kernel[grid](
+    _launch(_varlen_fwd_kernel)[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         total_q, heads // k.shape[1], float(softmax_scale) * _LOG2E, dk, dv,
@@ -382,12 +392,12 @@ def varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlen
     ieee = q.dtype == torch.float32
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     delta_block = 64
-    _varlen_bwd_delta_kernel[(triton.cdiv(total_q, delta_block), heads)](
+    _launch(_varlen_bwd_delta_kernel)[(triton.cdiv(total_q, delta_block), heads)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total_q, heads, dv_dim,
         BLOCK_M=delta_block, BLOCK_DV=bdv, num_warps=4,
     )
     if total_k > 0:
-        _varlen_bwd_dkdv_kernel[(_grid_rows(max_seqlen_k, cfg["BLOCK_N"]), batch, kv_heads)](
+        _launch(_varlen_bwd_dkdv_kernel)[(_grid_rows(max_seqlen_k, cfg["BLOCK_N"]), batch, kv_heads)](
             q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
             dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -396,7 +406,7 @@ def varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlen
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DK=bdk, BLOCK_DV=bdv,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    _varlen_bwd_dq_kernel[(_grid_rows(max_seqlen_q, cfg["BLOCK_M"]), batch, heads)](
+    _launch(_varlen_bwd_dq_kernel)[(_grid_rows(max_seqlen_q, cfg["BLOCK_M"]), batch, heads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
         dq.stride(0), dq.stride(1),

@@ -68,7 +68,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_forward_and_backward(case, dtype, seed):
     lens_q, lens_k, heads, kv_heads, dk, dv, causal = CASES[case]
@@ -104,6 +104,24 @@ def test_default_config_and_max_seqlen_too_small(seed):
     assert rel_err(out, ref_out) <= 1e-5 and rel_err(lse, ref_lse) <= 1e-5
 
 
+def test_strided_views_of_packed_qkv(seed):
+    # q, k, v as views of one (tokens, 3, H, D) tensor: token strides 3*H*D, not contiguous; launchers use the strides
+    lens = [9, 0, 21]
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(sum(lens), 3, 2, 24, generator=gen)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    assert not q.is_contiguous()
+    cu = torch.tensor([0, 9, 9, 30], dtype=torch.int32)
+    out, lse = vk.varlen_attention_fwd_triton(q, k, v, cu, cu, 21, 21, 0.2, True, _config=SMALL)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = reference(qr, kr, vr, cu, cu, 0.2, True)
+    assert rel_err(out, ref_out) <= 1e-5 and rel_err(lse, ref_lse) <= 1e-5
+    dout = torch.randn(30, 4, 24, generator=gen)[:, ::2]  # non-contiguous gradient too
+    got = vk.varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu, cu, 21, 21, 0.2, True, _config=SMALL)
+    for g, w in zip(got, torch.autograd.grad(ref_out, (qr, kr, vr), dout.double())):
+        assert rel_err(g, w) <= 2e-5
+
+
 def test_empty_inputs():
     q, k, v, cu_q, cu_k = make_case([0, 0], [3, 0], 2, 1, 8, 8, torch.float32, 0)
     out, lse = vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, 0, 3, 0.5, False)
@@ -116,6 +134,61 @@ def test_head_dim_limit():
     q, k, v, cu_q, cu_k = make_case([2], [2], 1, 1, 300, 8, torch.float32, 0)
     with pytest.raises(ValueError, match="head dims"):
         vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, 2, 2, 0.5, False)
+
+
+# ---------------------------------------------------------------- the CUDA kernel's shared softmax math, on the host
+
+_HEADER_CHECK = r"""
+#include <cstdio>
+#include "common/online_softmax.h"
+namespace osm = lookfast::online_softmax;
+int main() {
+  // one query, scores in blocks of 3 (the first block fully masked), values v_j = j; causal bound 7 of 9 keys
+  const double s[9] = {-1e300, -1e300, -1e300, 0.5, 2.0, -1.0, 3.0, 0.25, 9.0};
+  const long lk = 9, lq = 4, i = 1;
+  const long visible = osm::visible_keys(i, lq, lk, true);  // i + lk - lq + 1 = 7
+  double m = osm::neg_inf<double>(), l = 0, acc = 0;
+  for (int j0 = 0; j0 < 9; j0 += 3) {
+    double sc[3], cmax = osm::neg_inf<double>();
+    for (int c = 0; c < 3; ++c) {
+      const int j = j0 + c;
+      sc[c] = (j >= 3 && j < visible) ? s[j] : osm::neg_inf<double>();
+      cmax = cmax > sc[c] ? cmax : sc[c];
+    }
+    const double m_new = m > cmax ? m : cmax;
+    if (m_new == osm::neg_inf<double>()) continue;
+    const double alpha = osm::rescale(m, m_new);
+    l *= alpha; acc *= alpha;
+    for (int c = 0; c < 3; ++c) { const double p = osm::weight(sc[c], m_new); l += p; acc += p * (j0 + c); }
+    m = m_new;
+  }
+  std::printf("%ld %.17g %.17g %.17g %.17g %ld %ld\n", visible, acc * osm::inv_sum(l), osm::log_sum_exp(m, l),
+              osm::log_sum_exp(osm::neg_inf<double>(), 0.0), osm::inv_sum(0.0),
+              osm::visible_keys(0, 9, 3, true), osm::visible_keys(5, 2, 3, false));
+}
+"""
+
+
+def test_online_softmax_header_on_host(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    src, exe = tmp_path / "check.cpp", tmp_path / "check"
+    src.write_text(_HEADER_CHECK)
+    subprocess.run([compiler, "-std=c++17", "-O1", f"-I{csrc}", str(src), "-o", str(exe)], check=True)
+    fields = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
+    scores = torch.tensor([0.5, 2.0, -1.0, 3.0], dtype=torch.float64)  # keys 3..6
+    p = torch.softmax(scores, 0)
+    assert int(fields[0]) == 7
+    assert float(fields[1]) == pytest.approx((p * torch.arange(3, 7, dtype=torch.float64)).sum().item(), rel=1e-14)
+    assert float(fields[2]) == pytest.approx(torch.logsumexp(scores, 0).item(), rel=1e-14)
+    assert fields[3] == "-inf" and float(fields[4]) == 0.0
+    assert int(fields[5]) == 0 and int(fields[6]) == 3
 
 
 # ---------------------------------------------------------------- ahead-of-time compilation for real GPUs
@@ -226,27 +299,50 @@ def test_aot_compiles_without_spills(aot_reports, name, arch):
 
 # ---------------------------------------------------------------- real GPU
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("causal", [False, True])
-def test_triton_and_cuda_ops_on_gpu(dtype, causal, seed):
-    lens_q, lens_k = [5, 0, 1, 300, 129], [170, 3, 0, 300, 64]
-    q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, 4, 2, 64, 64, dtype, seed)
-    scale = 0.125
-    ref_out, ref_lse = reference(q, k, v, cu_q, cu_k, scale, causal)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
+def _gpu_case(width, dtype, causal, seed):
+    # ragged with 0 and 1, GQA, Lq > Lk and Lq < Lk, multi-tile sequences; width 8 is the Dyn-Perceiver z->x path
+    lens_q, lens_k = [5, 0, 1, 300, 129, 3136], [170, 3, 0, 300, 64, 64]
+    q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, 4, 2, width, width, dtype, seed)
+    scale = 1.0 / math.sqrt(width)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = reference(qr, kr, vr, cu_q, cu_k, scale, causal)
+    dout = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    grads = torch.autograd.grad(ref_out, (qr, kr, vr), dout.double())
     dev = [t.cuda() for t in (q, k, v, cu_q, cu_k)]
-    out, lse = vk.varlen_attention_fwd_triton(*dev, 300, 300, scale, causal)
+    return dev, dout.cuda(), (max(lens_q), max(lens_k), scale, causal), ref_out.detach(), ref_lse, grads
+
+
+GPU_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [64, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_on_gpu(width, dtype, causal, seed):
+    dev, dout, args, ref_out, ref_lse, grads = _gpu_case(width, dtype, causal, seed)
+    tol = GPU_TOL[dtype]
+    out, lse = vk.varlen_attention_fwd_triton(*dev, *args)
     assert rel_err(out.cpu(), ref_out) <= tol and rel_err(lse.cpu(), ref_lse) <= tol
+    got = vk.varlen_attention_bwd_triton(dout, *dev[:3], out, lse, *dev[3:], *args)
+    for g, w in zip(got, grads):
+        assert rel_err(g.cpu(), w) <= 2 * tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [64, 8, 98])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp64", "fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_op_on_gpu(width, dtype, causal, seed):
     import lookfast  # noqa: F401  (loads the extension and its schemas)
-    if hasattr(torch.ops.lookfast, "varlen_attention_fwd"):
-        out_c, lse_c = torch.ops.lookfast.varlen_attention_fwd(*dev, 300, 300, scale, causal)
-        assert rel_err(out_c.cpu(), ref_out) <= tol and rel_err(lse_c.cpu(), ref_lse) <= tol
-        qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-        r_out, _ = reference(qr, kr, vr, cu_q, cu_k, scale, causal)
-        dout = torch.randn_like(out)
-        grads = torch.autograd.grad(r_out, (qr, kr, vr), dout.cpu().double())
-        for impl in (vk.varlen_attention_bwd_triton, torch.ops.lookfast.varlen_attention_bwd):
-            got = impl(dout, dev[0], dev[1], dev[2], out_c, lse_c, dev[3], dev[4], 300, 300, scale, causal)
-            for g, w in zip(got, grads):
-                assert rel_err(g.cpu(), w) <= 2 * tol
+
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("lookfast::varlen_attention_fwd", "CUDA"):
+        pytest.fail("the CUDA kernels of varlen_attention are not built into this lookfast")
+    dev, dout, args, ref_out, ref_lse, grads = _gpu_case(width, dtype, causal, seed)
+    tol = GPU_TOL[dtype]
+    out, lse = torch.ops.lookfast.varlen_attention_fwd(*dev, *args)
+    assert rel_err(out.cpu(), ref_out) <= tol and rel_err(lse.cpu(), ref_lse) <= 1e-5
+    got = torch.ops.lookfast.varlen_attention_bwd(dout, *dev[:3], out, lse, *dev[3:], *args)
+    for g, w in zip(got, grads):
+        assert g.dtype == dtype and rel_err(g.cpu(), w) <= 2 * tol

@@ -1,0 +1,59 @@
+#pragma once
+// Online-softmax math shared by the CPU and CUDA varlen attention kernels (host and device).
+//
+// A query keeps a running maximum m and a running sum l of exp(s - m) over the keys seen so far. When a new block of
+// scores raises the maximum to m_new, the old sum and the output accumulator are multiplied by rescale(m, m_new).
+// A query that has seen no key keeps m = -inf and l = 0: its output is 0 and its log-sum-exp -inf, never NaN.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/macros.h"
+
+namespace lookfast {
+namespace online_softmax {
+
+template <typename T>
+LOOKFAST_HOST_DEVICE T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+LOOKFAST_HOST_DEVICE float exp_(float x) { return ::expf(x); }
+LOOKFAST_HOST_DEVICE double exp_(double x) { return ::exp(x); }
+LOOKFAST_HOST_DEVICE float log_(float x) { return ::logf(x); }
+LOOKFAST_HOST_DEVICE double log_(double x) { return ::log(x); }
+
+// Number of keys query i (0-based within its sample of lq queries and lk keys) may attend to: keys 0 .. count-1.
+// Causal masking is bottom-right aligned (FlashAttention): key j is visible when j <= i + (lk - lq).
+LOOKFAST_HOST_DEVICE int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal) {
+  if (!causal) return lk;
+  const int64_t n = i + (lk - lq) + 1;
+  return n < 0 ? 0 : (n > lk ? lk : n);
+}
+
+// Factor that moves a sum taken relative to m_old onto m_new >= m_old; 0 when nothing was accumulated yet.
+template <typename T>
+LOOKFAST_HOST_DEVICE T rescale(T m_old, T m_new) {
+  return m_old == neg_inf<T>() ? T(0) : exp_(m_old - m_new);
+}
+
+// Unnormalised probability of score s under running max m (masked scores are -inf and weigh 0).
+template <typename T>
+LOOKFAST_HOST_DEVICE T weight(T s, T m) {
+  return s == neg_inf<T>() ? T(0) : exp_(s - m);
+}
+
+// Final normalisation: multiply the accumulator by this (0 for a query that saw no key, so its output is 0).
+template <typename T>
+LOOKFAST_HOST_DEVICE T inv_sum(T l) {
+  return l > T(0) ? T(1) / l : T(0);
+}
+
+// Natural log-sum-exp of the scores from the running max and sum; -inf for a query that saw no key.
+template <typename T>
+LOOKFAST_HOST_DEVICE T log_sum_exp(T m, T l) {
+  return l > T(0) ? m + log_(l) : neg_inf<T>();
+}
+
+}  // namespace online_softmax
+}  // namespace lookfast

@@ -38,7 +38,6 @@ from .ops.exit import compact_rows, criterion_code, exit_compact, exit_scatter
 __all__ = ["EarlyExitRunner", "exit_compact", "exit_scatter", "calibrate_thresholds", "budget_proportions",
            "expected_cost"]
 
-State = tuple
 
 
 def _as_state(value: Any, what: str) -> tuple:

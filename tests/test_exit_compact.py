@@ -296,7 +296,7 @@ def test_torch_compile_fullgraph():
         return keep, exited, ca * 2, cb
 
     x, a, b = torch.randn(10, 7), torch.randn(10, 3), torch.randint(0, 9, (10, 2))
-    with dcfg.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
+    with dcfg.patch(capture_dynamic_output_shape_ops=True):
         compiled = torch.compile(step, fullgraph=True, backend="inductor")
         for thr in (0.2, 0.5):
             got, want = compiled(x, a, b, torch.tensor(thr)), step(x, a, b, torch.tensor(thr))

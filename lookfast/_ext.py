@@ -57,7 +57,9 @@ def registered_ops() -> list[str]:
     """Names of every op the compiled library defines in the `lookfast` namespace (without the namespace)."""
     if not loaded:
         return []
-    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lookfast::")]
+    # Ops named *_triton are Python `torch.library.triton_op` wrappers of the Triton launchers, not part of the
+    # compiled library (they carry a CompositeExplicitAutograd kernel, not CPU/CUDA ones).
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lookfast::") and "_triton" not in n]
     return sorted(n.split("::", 1)[1] for n in names)
 
 

@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-CRITERIA = {"max_softmax": 0, "entropy": 1, "margin": 2}
 
 
 @triton.jit

@@ -24,6 +24,17 @@ The result is what running each sample alone through the stages and heads, stopp
 gives (to float tolerance: batched kernels may round differently from one-sample ones). When every sample has left,
 the remaining stages do not run. Callables must treat samples independently (no batch statistics: eval-mode
 BatchNorm is fine). Each exit costs one host synchronisation on a GPU (the survivor count sizes the next stage).
+The returned logits take the dtype of heads[0]'s logits (later heads' logits are cast to it).
+
+Example, a Dyn-Perceiver-like model (CNN features x, latent z; the last exit also reads exit 3's logits)::
+
+    def stage1(s):  return cnn1(s[0]), z0.expand(s[0].shape[0], -1, -1)   # inputs (images,) -> (x, z)
+    def stage2(s):  x = cnn2(s[0]); return x, x2z(x, s[1])
+    def head_z(s):  return classifier_z(s[1])                              # logits; the state is unchanged
+    def head3(s):   y = classifier_z(s[1]); return y, s + (y,)             # (logits, state + exit 3's logits)
+    def head4(s):   return merge(cnn_head(s[0]), s[2])                     # s[2]: exit 3's logits, compacted
+    runner = EarlyExitRunner([stage1, stage2, stage3, stage4], [head_z, head_z, head3, head4])
+    logits, exit_index = runner((images,), thresholds)
 """
 from __future__ import annotations
 
@@ -38,7 +49,6 @@ from .ops.exit import compact_rows, criterion_code, exit_compact, exit_scatter
 __all__ = ["EarlyExitRunner", "exit_compact", "exit_scatter", "calibrate_thresholds", "budget_proportions",
            "expected_cost"]
 
-State = tuple
 
 
 def _as_state(value: Any, what: str) -> tuple:

@@ -296,7 +296,7 @@ def test_torch_compile_fullgraph():
         return keep, exited, ca * 2, cb
 
     x, a, b = torch.randn(10, 7), torch.randn(10, 3), torch.randint(0, 9, (10, 2))
-    with dcfg.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
+    with dcfg.patch(capture_dynamic_output_shape_ops=True):
         compiled = torch.compile(step, fullgraph=True, backend="inductor")
         for thr in (0.2, 0.5):
             got, want = compiled(x, a, b, torch.tensor(thr)), step(x, a, b, torch.tensor(thr))
@@ -545,3 +545,30 @@ def test_triton_kernels_compile_for_gpus_without_spills(arch):
                                 jobs))
     for (kernel, *_), report in zip(jobs, reports):
         assert report["spill_stores"] == 0 and report["spill_loads"] == 0, (kernel, report["ptxas"][-500:])
+
+
+# ------------------------------------------------------------------------------------------------- GPU (skipped here)
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_gpu_backends_match_reference(backend, criterion, seed, monkeypatch):
+    from lookfast import _dispatch
+
+    monkeypatch.setenv("LOOKFAST_GPU_BACKEND", backend)
+    monkeypatch.delenv("LOOKFAST_BACKEND", raising=False)
+    if _dispatch.backend_for("exit_confidence_mask", torch.device("cuda")) != backend:
+        pytest.skip(f"no {backend} kernels in this install")
+    rng = random.Random(seed)
+    for n, classes, dtype in [(257, 1000, torch.float32), (33, 37, torch.float16), (1, 5, torch.float64),
+                              (0, 3, torch.float32), (70000, 3, torch.float32)]:  # > 65535 rows: grid.y loops
+        x = random_logits(n, classes, dtype, nan_rows=min(n, 2))
+        states = odd_states(n)
+        conf = confidence64(x.double(), criterion) if n < 1000 else ex.exit_confidence_reference(x, criterion).double()
+        thr = threshold_between(conf, rng, 1e-2 if dtype == torch.float16 else 1e-5)
+        want = ex.exit_compact_reference(x, thr, *states, criterion=criterion)
+        got = lookfast.exit_compact(x.cuda(), thr, *(s.cuda() for s in states), criterion=criterion)
+        assert_compact_equal([g.cpu() for g in got], list(want))
+        out = torch.full((n + 3, 3, 5), float("nan"), device="cuda")
+        idx = torch.randperm(n + 3)[:n].cuda()
+        lookfast.exit_scatter(out, idx, states[0].cuda())
+        assert torch.equal(out[idx].cpu(), states[0])

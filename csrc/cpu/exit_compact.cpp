@@ -76,6 +76,7 @@ void copy_rows_parallel(const std::vector<RowCopy>& copies, const int64_t* idx, 
 std::tuple<at::Tensor, at::Tensor> exit_confidence_mask_cpu(const at::Tensor& logits, const at::Tensor& threshold,
                                                             int64_t criterion) {
   check_confidence_args(logits, threshold, criterion);
+  TORCH_CHECK(logits.is_cpu() && threshold.is_cpu(), "exit_confidence_mask: logits and threshold must be on the CPU");
   const int64_t n = logits.size(0), classes = logits.size(1);
   const double thr = threshold.item<double>();
   std::vector<uint8_t> passes(static_cast<size_t>(n));

@@ -124,6 +124,9 @@ void launch_copy_rows(const at::Tensor& from, const at::Tensor& to, const at::Te
 std::tuple<at::Tensor, at::Tensor> exit_confidence_mask_cuda(const at::Tensor& logits, const at::Tensor& threshold,
                                                              int64_t criterion) {
   check_confidence_args(logits, threshold, criterion);
+  TORCH_CHECK(logits.is_cuda(), "exit_confidence_mask: logits must be on a CUDA device here, got ", logits.device());
+  TORCH_CHECK(threshold.is_cpu() || threshold.device() == logits.device(),
+              "exit_confidence_mask: threshold must be on the CPU or on logits' device, got ", threshold.device());
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t n = logits.size(0), classes = logits.size(1);
   auto long_opts = logits.options().dtype(at::kLong);

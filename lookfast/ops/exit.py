@@ -119,11 +119,10 @@ torch.library.register_autograd("lookfast::compact_rows", _compact_backward, set
 def _triton_ops():
     """Custom ops around the Triton launchers, defined on first GPU use (importing triton is not free).
 
-    The mask op is a plain custom op (opaque to torch.compile) because its output sizes are read from the device;
-    the copies are `triton_op`s, which torch.compile can trace into.
+    They are opaque `custom_op`s rather than `triton_op`s: the mask's output sizes are read from the device (one
+    sync), which a traced `triton_op` body cannot do, and the copies are pure bandwidth with nothing for Inductor
+    to fuse; each has a fake kernel (unbacked sizes for the mask), and the gather has the same autograd as the C++ op.
     """
-    from torch.library import triton_op, wrap_triton  # noqa: F401
-
     from ..kernels import exit_compact as k
 
     @torch.library.custom_op("lookfast::exit_confidence_mask_triton", mutates_args=())

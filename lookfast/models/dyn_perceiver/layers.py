@@ -1,0 +1,53 @@
+"""Small CNN building blocks shared by the backbones (torchvision-style module layouts, so state-dict keys match)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def make_divisible(value: float, divisor: int, min_value: int | None = None) -> int:
+    """Round `value` to a multiple of `divisor`, never going more than 10% below it (MobileNet/RegNet width rule)."""
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+def conv_bn_act(
+    c_in: int,
+    c_out: int,
+    kernel: int = 1,
+    stride: int = 1,
+    groups: int = 1,
+    act: Callable[..., nn.Module] | None = nn.ReLU,
+    bn_eps: float = 1e-5,
+) -> nn.Sequential:
+    """Conv (no bias, 'same' padding) + BatchNorm + optional activation, keyed 0/1/2 like torchvision's
+    ConvNormActivation."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out, eps=bn_eps),
+    ]
+    if act is not None:
+        layers.append(act(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class SqueezeExcitation(nn.Module):
+    """x * gate(fc2(act(fc1(avgpool(x))))), with 1x1 convs fc1/fc2 (torchvision.ops.SqueezeExcitation keys)."""
+
+    def __init__(self, channels: int, squeeze: int, act: Callable[..., nn.Module] = nn.ReLU,
+                 gate: Callable[..., nn.Module] = nn.Sigmoid):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.activation = act()
+        self.scale_activation = gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.mean((2, 3), keepdim=True)
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(scale))))
+        return x * scale

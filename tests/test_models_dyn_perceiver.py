@@ -1,0 +1,138 @@
+"""Dyn-Perceiver: official key layout, compatibility vectors, checkpoint loading, all configs, MACs, early exit,
+fused ops. Full-size (224 px) forwards only for the stored vectors (batch 2); small inputs elsewhere."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lookfast.models import dyn_perceiver as dp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from compat_weights import fill_state_dict  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+TOL = 1e-3  # MODELS.md: max |diff| / max |ref|
+
+
+def official_keys(name: str) -> list[tuple[str, tuple[int, ...]]]:
+    rows = []
+    with open(os.path.join(DATA, f"dp_{name}.txt")) as f:
+        for line in f.read().splitlines():
+            key, shape = line.split(" ", 1)
+            rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
+    return rows
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+_models: dict[str, torch.nn.Module] = {}
+
+
+def vector_model(name: str) -> torch.nn.Module:
+    """The released config with the vectors' weights (salt 0), built once per test session."""
+    if name not in _models:
+        m = dp.build(name)
+        m.load_state_dict(fill_state_dict(m.state_dict(), 0), strict=True)
+        _models[name] = m
+    return _models[name]
+
+
+def small_model(name: str = "reg800m_perceiver_t128", ops: str = "reference", seed: int = 0, **kw):
+    """A model with rule-filled weights (salt `seed`), for tests at small input sizes."""
+    m = dp.build(name, ops=ops, **kw)
+    m.load_state_dict(fill_state_dict(m.state_dict(), seed), strict=True)
+    return m
+
+
+@pytest.mark.parametrize("name", dp.RELEASED)
+def test_state_dict_keys_and_shapes_match_official(name):
+    sd = dp.build(name).state_dict()
+    assert [(k, tuple(v.shape)) for k, v in sd.items()] == official_keys(name)
+
+
+@pytest.mark.parametrize("name", dp.RELEASED)
+def test_compat_vectors_reference(name):
+    data = np.load(os.path.join(DATA, f"dp_{name}.npz"))
+    assert f"model={name}" in str(data["meta"])
+    m = vector_model(name)
+    with torch.no_grad():
+        ys = m(torch.from_numpy(data["x"]))
+    for i, y in enumerate(ys):
+        assert rel_err(y, torch.from_numpy(data[f"exit{i + 1}"])) <= TOL, f"exit {i + 1}"
+
+
+@pytest.mark.parametrize("fmt", ["model", "model_ema", "bare", "ddp"])
+def test_from_official_checkpoint_round_trip(tmp_path, fmt):
+    name = "mobilenetV3_0x75_perceiver_t128"
+    src = small_model(name, seed=3)
+    sd = src.state_dict()
+    obj = {"model": sd, "epoch": 3}
+    if fmt == "model_ema":
+        obj = {"model": fill_state_dict(sd, 99), "model_ema": sd}  # EMA weights win, as the README evaluates them
+    elif fmt == "bare":
+        obj = sd
+    elif fmt == "ddp":
+        obj = {"model": {"module." + k: v for k, v in sd.items()}}
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    m = dp.from_official_checkpoint(path, name)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(m(x), src(x)):
+            assert torch.equal(a, b)
+
+
+def test_bad_checkpoint_names_keys(tmp_path):
+    name = "resnet50_0375_perceiver_t128"
+    sd = dp.build(name).state_dict()
+    sd.pop("cross_att2_z2x.cross_attn.attention.q_proj.weight")
+    sd["not_a_module.weight"] = torch.zeros(3)
+    sd["early_classifier3.bias"] = torch.zeros(7)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": sd}, path)
+    with pytest.raises(ValueError) as info:
+        dp.from_official_checkpoint(path, name)
+    msg = str(info.value)
+    assert "cross_att2_z2x.cross_attn.attention.q_proj.weight" in msg
+    assert "not_a_module.weight" in msg
+    assert "early_classifier3.bias" in msg and "(7,)" in msg
+    torch.save({"optimizer": {}}, path)
+    with pytest.raises(ValueError, match="missing keys"):
+        dp.from_official_checkpoint(path, name)
+
+
+def test_unknown_config_and_ops_rejected():
+    with pytest.raises(ValueError, match="unknown Dyn-Perceiver config"):
+        dp.build("reg900m_perceiver_t128")
+    with pytest.raises(ValueError, match="ops"):
+        dp.build("reg800m_perceiver_t128", ops="triton")
+
+
+@pytest.mark.parametrize("name", sorted(dp.CONFIGS))
+def test_every_config_builds_and_runs(name):
+    torch.manual_seed(0)
+    m = dp.build(name, num_classes=10)
+    with torch.no_grad():
+        ys = m(torch.randn(1, 3, 32, 32))
+    assert len(ys) == 4 and all(y.shape == (1, 10) and torch.isfinite(y).all() for y in ys)
+
+
+def test_decomposition_equals_forward():
+    m = small_model(seed=1)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        full = m(x)
+        h, z, y1 = m.forward_exit1(x)
+        h, z, y2 = m.forward_exit2(h, z, y1)
+        h, y3 = m.forward_exit3(h)
+        y4 = m.forward_exit4(h, z, y2)
+    for a, b in zip(full, (y1, y2, y3, y4)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -221,3 +221,10 @@ class DynPerceiver(nn.Module):
         x, z, y2 = self.forward_exit2(x, z, y1)
         x, y3 = self.forward_exit3(x)
         return y1, y2, y3, self.forward_exit4(x, z, y2)
+
+    def exit_macs(self, input_size: int | None = None) -> list[int]:
+        """Cumulative multiply-accumulates per image at exits 1..4 (counted with hooks at `input_size`, default the
+        model's input_size, 224)."""
+        from .macs import exit_macs
+
+        return exit_macs(self, input_size)

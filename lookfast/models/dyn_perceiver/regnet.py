@@ -22,7 +22,8 @@ REGNET_Y = {
 def stage_params(arch: str) -> list[tuple[int, int, int]]:
     """Per stage (width, depth, group_width) from the quantised linear width rule (widths multiples of 8)."""
     depth, w_0, w_a, w_m, group_width = REGNET_Y[arch]
-    widths_cont = torch.arange(depth) * w_a + w_0
+    # Plain CPU math even when modules are built under torch.device("meta").
+    widths_cont = torch.arange(depth, device="cpu", dtype=torch.float32) * w_a + w_0
     capacity = torch.round(torch.log(widths_cont / w_0) / math.log(w_m))
     block_widths = (torch.round(torch.divide(w_0 * torch.pow(w_m, capacity), 8)) * 8).int().tolist()
     stages: list[list[int]] = []  # [width, depth]

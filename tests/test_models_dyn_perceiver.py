@@ -167,3 +167,55 @@ def test_exit_macs_scale_with_input_size():
     small, full = m.exit_macs(112), m.exit_macs()
     # CNN work scales with pixels (4x); the latent branch does not, so the ratio stays below 4.
     assert 2.0 < full[-1] / small[-1] < 4.0
+
+
+def _full_logits(m, x):
+    with torch.no_grad():
+        return torch.stack(m(x))  # (4, B, classes)
+
+
+def _confidence(logits):
+    return logits.softmax(-1).amax(-1)
+
+
+@pytest.fixture(scope="module")
+def ee_setup():
+    m = small_model("reg800m_perceiver_t128", seed=5)
+    torch.manual_seed(11)
+    x = torch.randn(7, 3, 48, 48)
+    return m, x, _full_logits(m, x)
+
+
+def test_early_exit_all_at_first(ee_setup):
+    m, x, full = ee_setup
+    logits, idx = m.forward_early_exit(x, [0.0, 1.0, 1.0, 1.0])
+    assert idx.dtype == torch.int64 and torch.equal(idx, torch.zeros(7, dtype=torch.int64))
+    torch.testing.assert_close(logits, full[0], rtol=1e-4, atol=1e-5)
+
+
+def test_early_exit_none_before_last(ee_setup):
+    m, x, full = ee_setup
+    logits, idx = m.forward_early_exit(x, [float("inf")] * 3 + [0.0])
+    assert torch.equal(idx, torch.full((7,), 3, dtype=torch.int64))
+    torch.testing.assert_close(logits, full[3], rtol=1e-4, atol=1e-5)
+
+
+def test_early_exit_mixed_matches_full_model_per_sample(ee_setup):
+    m, x, full = ee_setup
+    conf = _confidence(full)  # (4, B)
+    # Thresholds halfway between neighbouring confidences (never equal to one: batched and compacted runs round
+    # differently), so that every exit takes some samples.
+    def between(values, k):  # a threshold passed by exactly the k largest of `values`
+        v = values.sort(descending=True).values
+        return ((v[k - 1] + v[k]) / 2).item()
+
+    t0 = between(conf[0], 2)
+    t1 = between(conf[1][conf[0] < t0], 2)
+    t2 = between(conf[2][(conf[0] < t0) & (conf[1] < t1)], 1)
+    logits, idx = m.forward_early_exit(x, [t0, t1, t2, 0.0])
+    expected = torch.full((7,), 3, dtype=torch.int64)
+    for e, t in reversed(list(enumerate((t0, t1, t2)))):
+        expected[conf[e] >= t] = e  # the first passing exit wins (assigned last)
+    assert torch.equal(idx, expected)
+    assert torch.bincount(idx, minlength=4).tolist() == [2, 2, 1, 2]
+    torch.testing.assert_close(logits, full[idx, torch.arange(7)], rtol=1e-4, atol=1e-5)

@@ -228,3 +228,12 @@ class DynPerceiver(nn.Module):
         from .macs import exit_macs
 
         return exit_macs(self, input_size)
+
+    def forward_early_exit(self, images: torch.Tensor, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exit-masked inference. images (B, 3, H, W); thresholds: 4 max-softmax thresholds (the last is ignored:
+        every sample still running takes exit 4), e.g. from `lookfast.calibrate_thresholds`. Returns (logits
+        (B, num_classes), exit_index (B,) int64 in 0..3); later stages run on the surviving samples only, and each
+        sample's logits are the full model's logits at the exit it took."""
+        from .early_exit import forward_early_exit
+
+        return forward_early_exit(self, images, thresholds)

@@ -219,3 +219,65 @@ def test_early_exit_mixed_matches_full_model_per_sample(ee_setup):
     assert torch.equal(idx, expected)
     assert torch.bincount(idx, minlength=4).tolist() == [2, 2, 1, 2]
     torch.testing.assert_close(logits, full[idx, torch.arange(7)], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", dp.RELEASED)
+def test_compat_vectors_fused(name):
+    data = np.load(os.path.join(DATA, f"dp_{name}.npz"))
+    m = vector_model(name)
+    try:
+        m.set_ops("fused")
+        with torch.no_grad():
+            ys = m(torch.from_numpy(data["x"]))
+    finally:
+        m.set_ops("reference")
+    for i, y in enumerate(ys):
+        assert rel_err(y, torch.from_numpy(data[f"exit{i + 1}"])) <= TOL, f"exit {i + 1}"
+
+
+@pytest.mark.parametrize("name", ["reg800m_perceiver_t128", "resnet50_0375_perceiver_t128"])
+def test_fused_matches_reference_odd_size(name, seed):
+    ref = small_model(name, seed=seed % 1000)
+    fused = small_model(name, ops="fused", seed=seed % 1000)
+    x = torch.randn(3, 3, 53, 71)  # odd, non-square: uneven 7x7 pooling bins, odd pixel counts in z->x
+    with torch.no_grad():
+        for a, b in zip(ref(x), fused(x)):
+            assert rel_err(b, a) <= TOL
+
+
+def test_z2x_fused_block_matches_layer(seed):
+    from lookfast.models.dyn_perceiver.fused import z2x_fused
+    from lookfast.models.dyn_perceiver.perceiver import CrossAttentionLayer
+
+    layer = CrossAttentionLayer(40, 24, 5, 5).eval()
+    sd = fill_state_dict(layer.state_dict(), seed % 997)
+    sd = {k: v + 3.0 if k.endswith("bias") else v for k, v in sd.items()}  # non-trivial LayerNorm / bias terms
+    layer.load_state_dict(sd)
+    x = torch.randn(2, 40, 5, 7) * 2 + 1  # pixels with a mean: the folded LayerNorm must subtract it right
+    z = torch.randn(2, 16, 24)
+    with torch.no_grad():
+        want = layer(x.flatten(2).transpose(1, 2), z).transpose(1, 2).reshape(2, 40, 5, 7)
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+            got = z2x_fused(layer, xin, z)
+            assert got.shape == want.shape
+            assert rel_err(got, want) <= 1e-5
+
+
+def test_torch_compile_fused():
+    from lookfast.models.dyn_perceiver.fused import z2x_fused
+    from lookfast.models.dyn_perceiver.perceiver import CrossAttentionLayer
+
+    torch._dynamo.reset()
+    m = small_model("mobilenetV3_0x75_perceiver_t128", ops="fused", seed=2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = m(x)
+        # The whole model traces as one graph (no graph breaks around the lookfast ops).
+        got = torch.compile(m, fullgraph=True, backend="eager")(x)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        # The fused z->x block through Inductor.
+        layer = CrossAttentionLayer(40, 24, 5, 5).eval()
+        xx = torch.randn(2, 40, 5, 7).contiguous(memory_format=torch.channels_last)
+        zz = torch.randn(2, 16, 24)
+        torch.testing.assert_close(torch.compile(z2x_fused, fullgraph=True)(layer, xx, zz), z2x_fused(layer, xx, zz))

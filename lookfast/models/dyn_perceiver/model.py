@@ -141,6 +141,8 @@ class DynPerceiver(nn.Module):
         if ops not in ("reference", "fused"):
             raise ValueError(f"ops must be 'reference' or 'fused', got {ops!r}")
         self.ops = ops
+        # Fused: the CNN runs channels-last, so the z->x blocks read and write pixels as (B*H*W, C) rows in place.
+        self.to(memory_format=torch.channels_last if ops == "fused" else torch.contiguous_format)
         for m in self.modules():
             if isinstance(m, MultiHeadAttention):
                 m.fused = ops == "fused"
@@ -185,6 +187,8 @@ class DynPerceiver(nn.Module):
     def forward_exit1(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) -> (x (B, C3, H/16, W/16) ready for CNN stage 3, z (B, L/4, C3), y1 (B, classes))."""
         z = self.latent.unsqueeze(0).expand(images.shape[0], -1, -1)
+        if self.ops == "fused":
+            images = images.contiguous(memory_format=torch.channels_last)
         x = self.cnn_stem(images)
         z = self.self_att1(self._x2z(1, x, z))
         x = self.cnn_stage(1)(x)

@@ -39,50 +39,11 @@ def stages_and_heads(model):
     return [stage1, stage2, stage3, stage4], heads
 
 
-def _runner_class():
-    import lookfast
-
-    runner = getattr(lookfast, "EarlyExitRunner", None)
-    return runner if runner is not None else _PlainRunner
-
-
-class _PlainRunner:
-    """Stand-in with EarlyExitRunner's contract (max-softmax criterion) for builds of lookfast that predate it."""
-
-    def __init__(self, stages, heads, criterion: str = "max_softmax"):
-        if criterion != "max_softmax":
-            raise ValueError("this fallback runner supports criterion='max_softmax' only")
-        self.stages, self.heads = stages, heads
-
-    def __call__(self, inputs, thresholds):
-        state = inputs if isinstance(inputs, tuple) else (inputs,)
-        batch, last = state[0].shape[0], len(self.stages) - 1
-        rows = torch.arange(batch, device=state[0].device)
-        exit_index = torch.full((batch,), last, dtype=torch.int64, device=rows.device)
-        out = None
-        for i, (stage, head) in enumerate(zip(self.stages, self.heads)):
-            state = stage(state)
-            res = head(state)
-            logits, state = res if isinstance(res, tuple) else (res, state)
-            if out is None:
-                out = logits.new_full((batch, logits.shape[1]), float("nan"))
-            if i == last:
-                out[rows] = logits
-                break
-            leave = logits.softmax(-1).amax(-1) >= float(thresholds[i])  # NaN compares False: never leaves
-            out[rows[leave]] = logits[leave]
-            exit_index[rows[leave]] = i
-            keep = (~leave).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            rows = rows[keep]
-            state = tuple(t.index_select(0, keep) if isinstance(t, torch.Tensor) else t for t in state)
-        return out, exit_index
-
-
 def forward_early_exit(model, images: torch.Tensor, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
     """images (B, 3, H, W), thresholds 4 max-softmax thresholds (the last ignored) ->
     (logits (B, num_classes), exit_index (B,) int64 in 0..3)."""
+    import lookfast
+
     stages, heads = stages_and_heads(model)
     with torch.no_grad():
-        return _runner_class()(stages, heads)((images,), thresholds)
+        return lookfast.EarlyExitRunner(stages, heads)((images,), thresholds)

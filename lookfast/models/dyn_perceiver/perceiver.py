@@ -8,7 +8,6 @@ einsum does (explicit scores, softmax, weighted sum); `ops="fused"` hands the at
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,31 +19,13 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     k = k.view(b, lk, heads, -1)
     v = v.view(b, lk, heads, -1)
     if fused:
-        return _cross_attention()(q, k, v).reshape(b, lq, -1)
+        import lookfast
+
+        return lookfast.cross_attention(q, k, v).reshape(b, lq, -1)
     scale = q.shape[-1] ** -0.5
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     attn = (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)
     return (attn @ v).transpose(1, 2).reshape(b, lq, -1)
-
-
-def _cross_attention():
-    """`lookfast.cross_attention`; on builds of lookfast that predate it, the same math through PyTorch's SDPA
-    (warned once), so a fused model always runs."""
-    import lookfast
-
-    op = getattr(lookfast, "cross_attention", None)
-    if op is not None:
-        return op
-    from lookfast._dispatch import warn_once
-
-    warn_once("dyn_perceiver:cross_attention", "lookfast.cross_attention is not available in this build; "
-              "the fused Dyn-Perceiver uses torch's scaled_dot_product_attention instead")
-    return _sdpa_bshd
-
-
-def _sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
 
 
 class MultiHeadAttention(nn.Module):

@@ -2,4 +2,5 @@
 CASE_MODULES = [
     "varlen_attention",
     "exit_compact",
+    "dyn_perceiver",
 ]

@@ -6,13 +6,13 @@ math as the official layer (only float summation order changes):
 
 - no NCHW <-> (B, HW, C) copies: the pixels are read as a channels-last view (free when the CNN runs channels-last,
   which `ops="fused"` arranges), and the result is written channels-last;
-- the query LayerNorm is folded into the query projection: LN(x) W^T = (x W'^T - mu (W' 1)) / sigma + W b with
-  W' = W diag(gamma); so the normalised C-wide tensor is never written, only its per-pixel mean and std are read;
+- the LayerNorm affines are folded into the following projections (query projection, fc1), so each LayerNorm is
+  one plain normalisation pass and the affine costs nothing per pixel;
 - keys and values of the L latents come from one projection (concatenated weights) of the normalised latents;
 - attention runs in `lookfast.cross_attention` (streamed queries against resident keys);
 - the output projection, its bias and the residual are one GEMM (addmm into the pixels, with the bias as an extra
   input column of ones);
-- the MLP LayerNorm affine is folded into fc1; GELU runs in place; fc2 accumulates into the residual in place.
+- fc2 accumulates into the residual in place.
 """
 from __future__ import annotations
 
@@ -36,12 +36,10 @@ def z2x_fused(layer: CrossAttentionLayer, x: torch.Tensor, z: torch.Tensor) -> t
     att = ca.attention
     rows = _pixels_last(x)                                           # (N, C), N = B*H*W
 
-    # Query projection with the LayerNorm folded in (exact up to rounding).
+    # Query projection with the LayerNorm affine folded in (a plain LayerNorm pass, then one GEMM with bias).
     wq = att.q_proj.weight * ca.q_norm.weight                        # (d, C)
     bq = att.q_proj.weight @ ca.q_norm.bias                          # (d,)
-    var, mean = torch.var_mean(rows, dim=1, unbiased=False, keepdim=True)
-    rstd = torch.rsqrt(var + ca.q_norm.eps)
-    q = torch.addcmul(bq, rows @ wq.t() - mean * wq.sum(1), rstd)  # (x W'^T - mu W'1) / sigma + W b
+    q = torch.addmm(bq, F.layer_norm(rows, (c,), None, None, ca.q_norm.eps), wq.t())
     # Keys / values of the few latents: one GEMM on the normalised latents.
     zn = F.layer_norm(z, (z.shape[-1],), ca.kv_norm.weight, ca.kv_norm.bias, ca.kv_norm.eps)
     d = att.qk_channels

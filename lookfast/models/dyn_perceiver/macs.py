@@ -45,8 +45,9 @@ def exit_macs(model, input_size: int | None = None) -> list[int]:
 
     handles = [m.register_forward_hook(hook(counter))
                for m in model.modules() for cls, counter in _COUNTERS if isinstance(m, cls)]
-    was_training = model.training
+    was_training, ops = model.training, model.ops
     model.eval()
+    model.set_ops("reference")  # count the module-by-module path (fused blocks bypass the Linear / Conv modules)
     try:
         device = next(model.parameters()).device
         images = torch.zeros(1, 3, size, size, device=device)
@@ -63,4 +64,5 @@ def exit_macs(model, input_size: int | None = None) -> list[int]:
         for h in handles:
             h.remove()
         model.train(was_training)
+        model.set_ops(ops)
     return cumulative

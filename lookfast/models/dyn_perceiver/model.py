@@ -146,6 +146,8 @@ class DynPerceiver(nn.Module):
         for m in self.modules():
             if isinstance(m, MultiHeadAttention):
                 m.fused = ops == "fused"
+            if hasattr(m, "fold_bn"):  # conv + BatchNorm pairs: one folded conv in fused (inference) mode
+                m.fold_bn = ops == "fused"
         return self
 
     # -- pieces -------------------------------------------------------------------------------------------------
@@ -156,7 +158,15 @@ class DynPerceiver(nn.Module):
     def _x2z(self, i: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Latents z read the stage-i CNN features x, pooled to 7x7 tokens after a depthwise 7x7 conv + residual."""
         dwc = getattr(self, f"dwc{i}_x2z", None)
-        kv = dwc(x) + x if dwc is not None else x
+        if dwc is None:
+            kv = x
+        elif self.ops == "fused":
+            # dwc(x) + x is one depthwise conv whose centre tap is raised by 1: no separate add pass.
+            w = dwc.weight.clone()
+            w[:, :, 3, 3] += 1
+            kv = F.conv2d(x, w, dwc.bias, 1, 3, 1, dwc.groups)
+        else:
+            kv = dwc(x) + x
         kv = F.adaptive_avg_pool2d(kv, POOLED).flatten(2).transpose(1, 2)
         return getattr(self, f"cross_att{i}_x2z")(z, kv)
 
@@ -184,11 +194,22 @@ class DynPerceiver(nn.Module):
             z = self._x2z(i, x, z)
         return x, getattr(self, f"self_att{i}")(z)
 
+    # Fused mode runs the first piece (full-resolution CNN stages) in chunks of this many images: their activations
+    # then stay in cache between the memory-bound ops (measured ~25% faster per image than one B=32 batch on CPU).
+    # Later pieces work on small maps and prefer the whole batch. Results do not depend on it (eval mode).
+    exit1_chunk = 8
+
     def forward_exit1(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) -> (x (B, C3, H/16, W/16) ready for CNN stage 3, z (B, L/4, C3), y1 (B, classes))."""
-        z = self.latent.unsqueeze(0).expand(images.shape[0], -1, -1)
         if self.ops == "fused":
             images = images.contiguous(memory_format=torch.channels_last)
+            if images.shape[0] > self.exit1_chunk and not torch.compiler.is_compiling():
+                parts = [self._exit1(chunk) for chunk in images.split(self.exit1_chunk)]
+                return tuple(torch.cat(p) for p in zip(*parts))
+        return self._exit1(images)
+
+    def _exit1(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = self.latent.unsqueeze(0).expand(images.shape[0], -1, -1)
         x = self.cnn_stem(images)
         z = self.self_att1(self._x2z(1, x, z))
         x = self.cnn_stage(1)(x)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import ConvBNAct, conv_bn
+
 # name -> (block kind, blocks per stage, channel multiplier)
 RESNETS = {
     "resnet18": ("basic", (2, 2, 2, 2), 1.0),
@@ -17,12 +19,13 @@ RESNETS = {
 }
 
 
-def _downsample(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+def _downsample(c_in: int, c_out: int, stride: int) -> ConvBNAct:
+    return ConvBNAct(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
 
 class BasicBlock(nn.Module):
     expansion = 1
+    fold_bn = False  # set by the model for ops="fused": BatchNorms folded into the convs
 
     def __init__(self, c_in: int, planes: int, stride: int, downsample: nn.Module | None):
         super().__init__()
@@ -36,12 +39,14 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        y = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        f = self.fold_bn
+        y = conv_bn(self.conv2, self.bn2, self.act1(conv_bn(self.conv1, self.bn1, x, f)), f)
         return self.act2(y + shortcut)
 
 
 class Bottleneck(nn.Module):
     expansion = 4
+    fold_bn = False
 
     def __init__(self, c_in: int, planes: int, stride: int, downsample: nn.Module | None):
         super().__init__()
@@ -59,9 +64,10 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        y = self.act1(self.bn1(self.conv1(x)))
-        y = self.act2(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
+        f = self.fold_bn
+        y = self.act1(conv_bn(self.conv1, self.bn1, x, f))
+        y = self.act2(conv_bn(self.conv2, self.bn2, y, f))
+        y = conv_bn(self.conv3, self.bn3, y, f)
         return self.act3(y + shortcut)
 
 
@@ -70,7 +76,7 @@ def build(arch: str, num_classes: int = 1000):
     kind, repeats, mult = RESNETS[arch]
     block = BasicBlock if kind == "basic" else Bottleneck
     c = int(mult * 64)
-    stem = nn.Sequential(
+    stem = ConvBNAct(
         nn.Conv2d(3, c, 7, 2, 3, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
     )
     stages, widths_in = [], []

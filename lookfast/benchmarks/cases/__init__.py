@@ -3,4 +3,5 @@ CASE_MODULES = [
     "topk_patch_gather",
     "varlen_attention",
     "exit_compact",
+    "dyn_perceiver",
 ]

@@ -122,7 +122,9 @@ class LookWhere(nn.Module):
         flat = _flatten_official(checkpoint)
         cfg = LookWhereConfig(high_res_size=high_res_size, k=k, num_classes=num_classes, task=task, ops=ops,
                               **{**_infer_architecture(flat), **overrides})
-        model = cls(cfg)
+        with torch.device("meta"):  # no random init of weights about to be overwritten
+            model = cls(cfg)
+        model = model.to_empty(device="cpu")
         expected = model.state_dict()
         wanted = [key for key in expected if not key.startswith("head.")]
         missing = [key for key in wanted if key not in flat]
@@ -138,6 +140,8 @@ class LookWhere(nn.Module):
             if absent:
                 raise KeyError(f"LookWhere checkpoint head is missing key(s): {', '.join(absent)}")
         else:
+            if isinstance(model.head, nn.Linear):
+                model.head.reset_parameters()  # nn.Linear's default init, as the official downstream head
             flat.update({key: expected[key] for key in head_keys})
         for key, value in flat.items():
             if value.shape != expected[key].shape:

@@ -69,12 +69,12 @@ def fill_fused(keep: torch.Tensor, values: torch.Tensor, grid: int, lengths: tor
     """
     b, k = keep.shape
     slot, dist = nearest_kept(keep, grid, lengths)
-    weights = 1.0 / (dist + EPS)
+    weights = 1.0 / (dist + EPS)  # float32 and normalised in float32, as the official code
     if lengths is not None:
         # An image with fewer than K kept patches gets those K' - n padded slots at weight zero.
         rank = torch.arange(slot.shape[-1], device=keep.device)
         weights = weights * (rank < lengths.to(keep.device)[:, None, None])
-    weights = weights / weights.sum(-1, keepdim=True)
+    weights = (weights / weights.sum(-1, keepdim=True)).to(values.dtype)
     batch = torch.arange(b, device=keep.device)[:, None, None]
     filled = torch.einsum("bnkc,bnk->bcn", values[batch, slot], weights)
     return filled.reshape(b, values.shape[-1], grid, grid)

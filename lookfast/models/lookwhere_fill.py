@@ -48,16 +48,20 @@ def nearest_kept(keep: torch.Tensor, grid: int, lengths: torch.Tensor | None = N
     """
     b, k = keep.shape
     kk = min(NEIGHBOURS, k)
-    diff = _cell_coords(grid, keep.device)[None, :, None, :] - _coords(keep, grid)[:, None, :, :]
-    d2 = (diff * diff).sum(-1)  # (B, G*G, k) exact integers
-    # key = d2 * k + slot: distinct per cell, ordered by distance then keep position (the official tie rule).
-    pos = torch.arange(k, device=keep.device)
-    key = d2 * k + pos
+    # key = d^2 * k + slot: distinct per cell, ordered by distance then keep position (the official tie rule).
+    # d^2 = dr^2 + dc^2 is separable, so the (B, G*G, k) keys are one broadcast add of two (B, G, k) tables.
+    dtype = torch.int32 if (2 * (grid - 1) ** 2 + 1) * k < 2 ** 31 - 1 else torch.int64
+    line = torch.arange(grid, device=keep.device, dtype=dtype)
+    rows, cols = (keep // grid).to(dtype), (keep % grid).to(dtype)
+    dr2 = (line[None, :, None] - rows[:, None, :]) ** 2  # (B, G, k)
+    dc2 = (line[None, :, None] - cols[:, None, :]) ** 2
+    pos = torch.arange(k, device=keep.device, dtype=dtype)
+    key = ((dr2 * k)[:, :, None, :] + (dc2 * k + pos)[:, None, :, :]).reshape(b, grid * grid, k)
     if lengths is not None:
-        pad = torch.iinfo(key.dtype).max
-        key = key.masked_fill(pos >= lengths.to(keep.device)[:, None, None], pad)
-    slot = torch.topk(key, kk, dim=-1, largest=False, sorted=True).indices
-    dist = torch.sqrt(torch.gather(d2, -1, slot).to(torch.float32))
+        key = key.masked_fill(pos >= lengths.to(keep.device)[:, None, None], torch.iinfo(dtype).max)
+    key_near = torch.topk(key, kk, dim=-1, largest=False, sorted=True).values
+    slot = (key_near % k).long()
+    dist = torch.sqrt((key_near // k).to(torch.float32))  # exact: d^2 < 2^24
     return slot, dist
 
 

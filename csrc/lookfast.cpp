@@ -5,13 +5,43 @@
 
 TORCH_LIBRARY(lookfast, m) {
   // ---------------------------------------------------------------- topk_patch_gather (lookfast/ops/topk_patch_gather.py)
-  // (schemas of the top-k patch gather op family go here)
+  // Selection: the k best patch indices per row of scores (B, N), best first; ties to the lower index, NaN last.
+  m.def("topk_indices(Tensor scores, int k) -> Tensor");
+  // Gather (+ embed): packed rows r = 0..total-1 of `indices` (total,) int64 name a patch of image b, where
+  // cu_seqlens[b] <= r < cu_seqlens[b + 1] (cu_seqlens (B + 1,) int32). Returns (total, C*p*p) raw (C, p, p) patches
+  // when weight is None, else (total, D) = patches @ weight.view(D, -1).T + bias + pos_embed[indices] (pos_embed (G, D)).
+  m.def(
+      "patch_gather_embed(Tensor images, Tensor indices, Tensor cu_seqlens, int patch_size, Tensor? weight, "
+      "Tensor? bias, Tensor? pos_embed) -> Tensor");
+  // Gradients of patch_gather_embed for (images, weight, bias, pos_embed); output_mask says which to compute; an
+  // unrequested one (or one whose input was None) comes back as an empty (0,) tensor.
+  m.def(
+      "patch_gather_embed_backward(Tensor grad_tokens, Tensor images, Tensor indices, Tensor cu_seqlens, "
+      "int patch_size, Tensor? weight, Tensor? pos_embed, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---------------------------------------------------------------- varlen_attention (lookfast/ops/varlen_attention.py)
-  // (schemas of the variable-length attention op family go here)
+  // Packed variable-length attention (FlashAttention's varlen layout). q (total_q, H, Dh), k (total_k, Hk, Dh),
+  // v (total_k, Hk, Dv), H % Hk == 0, cu_seqlens int32 (B+1,). Returns out (total_q, H, Dv) in q's dtype and
+  // lse (H, total_q) float32 (natural log; -inf for queries that see no key). Causal is bottom-right aligned.
+  m.def(
+      "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+  // Gradients dq, dk, dv (shapes and dtypes of q, k, v), recomputing probabilities from lse.
+  m.def(
+      "varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // ---------------------------------------------------------------- exit_compact (lookfast/ops/exit.py)
-  // (schemas of the exit-masked execution op family go here)
+  // Confidence of each row of logits (criterion 0 max softmax, 1 entropy, 2 margin) tested against a 0-d threshold;
+  // keep / exited are the row positions that stay / leave, each in increasing order (sizes depend on the data).
+  m.def("exit_confidence_mask(Tensor logits, Tensor threshold, int criterion) -> (Tensor keep, Tensor exited)");
+  // Every state's rows gathered in `keep` order, all states in one pass: out[i][j] = states[i][keep[j]].
+  m.def("compact_rows(Tensor[] states, Tensor keep) -> Tensor[]");
+  // Adjoint of compact_rows: each grad (m, ...) added into zeros (rows, ...) at the rows `keep` names.
+  m.def("compact_rows_backward(Tensor[] grads, Tensor keep, SymInt rows) -> Tensor[]");
+  // In place: out[batch_index[j]] = values[j].
+  m.def("exit_scatter(Tensor(a!) out, Tensor batch_index, Tensor values) -> ()");
 
   // ---------------------------------------------------------------- end of schemas
 }

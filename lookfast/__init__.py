@@ -28,6 +28,27 @@ def _alias_source_kernels() -> None:
 _alias_source_kernels()
 
 from . import _ext  # noqa: E402  (loads the compiled library before the ops register fake kernels and autograd)
+from .ops.topk_patch_gather import topk_indices, topk_patch_gather  # noqa: E402
+from .ops.varlen_attention import cross_attention, varlen_attention  # noqa: E402
+from .early_exit import (  # noqa: E402
+    EarlyExitRunner,
+    budget_proportions,
+    calibrate_thresholds,
+    exit_compact,
+    exit_scatter,
+    expected_cost,
+)
 
 __version__ = "0.1.0"
-__all__: list[str] = []
+__all__ = [
+    "topk_indices",
+    "topk_patch_gather",
+    "varlen_attention",
+    "cross_attention",
+    "exit_compact",
+    "exit_scatter",
+    "EarlyExitRunner",
+    "calibrate_thresholds",
+    "budget_proportions",
+    "expected_cost",
+]

@@ -34,6 +34,9 @@ def triton_available() -> bool:
     return True
 
 
+# torch.compile evaluates the choice once, while tracing, and bakes it into the graph (the library queries inside
+# cannot be traced); changing LOOKFAST_BACKEND later affects eager calls and new compilations only.
+@torch.compiler.assume_constant_result
 def backend_for(op: str, device: torch.device) -> str:
     """The backend that runs `lookfast::<op>` for tensors on `device`: "reference", "cpp", "cuda" or "triton"."""
     forced = os.environ.get("LOOKFAST_BACKEND", "").strip().lower()

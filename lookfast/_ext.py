@@ -42,6 +42,7 @@ def _load() -> None:
     loaded, library_path = True, path
 
 
+@torch.compiler.assume_constant_result  # a constant for the process: lets torch.compile trace through the dispatch
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when the compiled library registered a kernel for `lookfast::<op>` under `dispatch_key` ("CPU", "CUDA")."""
     if not loaded:
@@ -56,7 +57,9 @@ def registered_ops() -> list[str]:
     """Names of every op the compiled library defines in the `lookfast` namespace (without the namespace)."""
     if not loaded:
         return []
-    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lookfast::")]
+    # Ops named *_triton are Python `torch.library.triton_op` wrappers of the Triton launchers, not part of the
+    # compiled library (they carry a CompositeExplicitAutograd kernel, not CPU/CUDA ones).
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("lookfast::") and not n.endswith("_triton")]
     return sorted(n.split("::", 1)[1] for n in names)
 
 

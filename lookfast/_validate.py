@@ -36,3 +36,9 @@ def require_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     return value
+
+
+def require_shape(name: str, t: torch.Tensor, shape: tuple, layout: str) -> None:
+    """Raise ValueError unless t.shape == shape (layout names the axes for the message, e.g. "(D, C, p, p)")."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")

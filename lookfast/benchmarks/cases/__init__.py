@@ -1,4 +1,6 @@
 """One module per op or model; each defines `cases() -> list[Case]`. Add a module's name here to put it in the suite."""
 CASE_MODULES = [
+    "varlen_attention",
+    "exit_compact",
     "lookwhere",
 ]

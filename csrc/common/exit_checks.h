@@ -1,0 +1,68 @@
+#pragma once
+// Argument checks of the exit-masked execution ops, shared by the CPU and CUDA kernels (host code only). The
+// Python wrappers check first with friendlier messages; these keep the kernels safe when called directly
+// (torch.ops.lookfast.*): no op reads or writes out of bounds, whatever it is given.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+#include "common/exit_compact.h"
+
+namespace lookfast {
+
+inline void check_confidence_args(const at::Tensor& logits, const at::Tensor& threshold, int64_t criterion) {
+  TORCH_CHECK(logits.dim() == 2, "exit_confidence_mask: logits must be 2-D (n, classes), got ", logits.sizes());
+  TORCH_CHECK(logits.size(1) > 0 || logits.size(0) == 0, "exit_confidence_mask: logits need at least one class");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "exit_confidence_mask: logits must be floating point");
+  TORCH_CHECK(threshold.numel() == 1, "exit_confidence_mask: threshold must hold one value, got shape ",
+              threshold.sizes());
+  TORCH_CHECK(criterion == kMaxSoftmax || criterion == kEntropy || criterion == kMargin,
+              "exit_confidence_mask: criterion must be 0 (max_softmax), 1 (entropy) or 2 (margin), got ", criterion);
+}
+
+// Checks the states of compact_rows and returns their common row count (0 when there are none).
+inline int64_t check_compact_args(at::TensorList states, const at::Tensor& keep) {
+  TORCH_CHECK(keep.dim() == 1 && keep.scalar_type() == at::kLong, "compact_rows: keep must be a 1-D int64 tensor");
+  int64_t rows = -1;
+  for (size_t i = 0; i < states.size(); ++i) {
+    const at::Tensor& s = states[i];
+    TORCH_CHECK(s.dim() >= 1, "compact_rows: states[", i, "] must have a leading row dimension");
+    TORCH_CHECK(s.device() == keep.device(), "compact_rows: states[", i, "] is on ", s.device(), ", keep on ",
+                keep.device());
+    if (rows < 0) rows = s.size(0);
+    TORCH_CHECK(s.size(0) == rows, "compact_rows: states[", i, "] has ", s.size(0), " rows, states[0] has ", rows);
+  }
+  return rows < 0 ? 0 : rows;
+}
+
+inline void check_scatter_args(const at::Tensor& out, const at::Tensor& batch_index, const at::Tensor& values) {
+  TORCH_CHECK(batch_index.dim() == 1 && batch_index.scalar_type() == at::kLong,
+              "exit_scatter: batch_index must be a 1-D int64 tensor");
+  TORCH_CHECK(out.dim() >= 1 && values.dim() == out.dim(), "exit_scatter: values must have out's number of dims");
+  TORCH_CHECK(values.size(0) == batch_index.size(0), "exit_scatter: values has ", values.size(0),
+              " rows but batch_index has ", batch_index.size(0));
+  for (int64_t d = 1; d < out.dim(); ++d)
+    TORCH_CHECK(values.size(d) == out.size(d), "exit_scatter: values and out differ in dim ", d);
+  TORCH_CHECK(values.scalar_type() == out.scalar_type(), "exit_scatter: values and out must share a dtype");
+  TORCH_CHECK(values.device() == out.device() && batch_index.device() == out.device(),
+              "exit_scatter: out, batch_index and values must be on one device");
+}
+
+// Host-side bounds check of row indices (CPU: the index is already in host memory).
+inline void check_row_indices(const int64_t* idx, int64_t count, int64_t rows, const char* name) {
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < rows, name, "[", i, "] = ", idx[i], " is out of range for ", rows, " rows");
+}
+
+// True when each row t[i] is one dense block of memory (any stride between rows): rows can then be memcpy'd.
+inline bool rows_are_contiguous(const at::Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+
+}  // namespace lookfast

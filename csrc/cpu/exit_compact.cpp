@@ -1,0 +1,171 @@
+// CPU kernels of the exit-masked execution family (lookfast/ops/exit.py):
+//   exit_confidence_mask: one pass over the logits (confidence per row, threshold test), then the prefix positions
+//                         of survivors and exited rows;
+//   compact_rows:         every state's surviving rows gathered in one parallel region (a memcpy per row and state);
+//   compact_rows_backward: the gather's adjoint (index_add into zeros);
+//   exit_scatter:         rows written back to their batch positions (a memcpy per row), in place.
+// Cost: the logits are read once (n x C elements, one exp each); the states' surviving bytes are read and written
+// once, so the gather runs at memory-copy speed: the bar is one dst.copy_ of the same bytes.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "common/exit_compact.h"
+#include "common/exit_checks.h"
+#include "cpu/row_buffer_pool.h"
+
+namespace lookfast {
+namespace {
+
+// One state's row copy: rows of `bytes` bytes, `src_stride`/`dst_stride` bytes apart.
+struct RowCopy {
+  const char* src;
+  char* dst;
+  int64_t src_stride, dst_stride, bytes;
+
+  static RowCopy between(const at::Tensor& from, const at::Tensor& to) {
+    const int64_t es = static_cast<int64_t>(from.element_size());
+    return {static_cast<const char*>(from.const_data_ptr()), static_cast<char*>(to.mutable_data_ptr()),
+            from.stride(0) * es, to.stride(0) * es, from.numel() / std::max<int64_t>(from.size(0), 1) * es};
+  }
+  static RowCopy gather(const at::Tensor& state, const at::Tensor& out) { return between(state, out); }
+  static RowCopy scatter(const at::Tensor& values, const at::Tensor& out) { return between(values, out); }
+};
+
+// An uninitialised contiguous output; large ones come from RowBufferPool (see there: page faults would otherwise
+// cost more than the copy).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t bytes = static_cast<size_t>(numel) * opts.dtype().itemsize();
+  RowBufferPool& pool = RowBufferPool::instance();
+  if (!pool.enabled() || bytes < RowBufferPool::kMinPooledBytes) return at::empty(sizes, opts);
+  size_t capacity = 0;
+  void* p = pool.acquire(bytes, &capacity);
+  if (p == nullptr) return at::empty(sizes, opts);
+  return at::from_blob(p, sizes, [capacity](void* q) { RowBufferPool::instance().release(q, capacity); }, opts);
+}
+
+// Row i of the work: copy source row idx[i] to destination row i (a gather), or source row i to destination row
+// idx[i] (a scatter). All states' copies of a row happen in the same task, so one parallel region serves them all.
+void copy_rows_parallel(const std::vector<RowCopy>& copies, const int64_t* idx, int64_t count,
+                        bool indices_are_destinations) {
+  if (copies.empty() || count == 0) return;
+  int64_t row_bytes = 0;
+  for (const RowCopy& c : copies) row_bytes += c.bytes;
+  if (row_bytes == 0) return;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / row_bytes);  // tasks of >= 64 KiB amortise the fork
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t from = indices_are_destinations ? i : idx[i];
+      const int64_t to = indices_are_destinations ? idx[i] : i;
+      for (const RowCopy& c : copies) std::memcpy(c.dst + to * c.dst_stride, c.src + from * c.src_stride, c.bytes);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> exit_confidence_mask_cpu(const at::Tensor& logits, const at::Tensor& threshold,
+                                                            int64_t criterion) {
+  check_confidence_args(logits, threshold, criterion);
+  const int64_t n = logits.size(0), classes = logits.size(1);
+  const double thr = threshold.item<double>();
+  std::vector<uint8_t> passes(static_cast<size_t>(n));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "exit_confidence_mask_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* base = logits.const_data_ptr<scalar_t>();
+    const int64_t s0 = logits.stride(0), s1 = logits.stride(1);
+    const acc_t t = static_cast<acc_t>(thr);
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(classes, 1));
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t conf = row_confidence<scalar_t, acc_t>(base + i * s0, s1, classes, criterion);
+        passes[i] = exit_passes<acc_t>(conf, t, criterion) ? 1 : 0;
+      }
+    });
+  });
+  int64_t exits = 0;
+  for (int64_t i = 0; i < n; ++i) exits += passes[i];
+  auto opts = logits.options().dtype(at::kLong);
+  at::Tensor keep = at::empty({n - exits}, opts), exited = at::empty({exits}, opts);
+  int64_t* k = keep.mutable_data_ptr<int64_t>();
+  int64_t* e = exited.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (passes[i]) *e++ = i; else *k++ = i;
+  }
+  return {keep, exited};
+}
+
+std::vector<at::Tensor> compact_rows_cpu(at::TensorList states, const at::Tensor& keep) {
+  const int64_t rows = check_compact_args(states, keep);
+  const at::Tensor index = keep.contiguous();
+  const int64_t m = index.size(0);
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  check_row_indices(idx, m, rows, "keep");
+
+  std::vector<at::Tensor> outs;
+  std::vector<RowCopy> fast;
+  outs.reserve(states.size());
+  for (const at::Tensor& s : states) {
+    auto sizes = s.sizes().vec();
+    sizes[0] = m;
+    at::Tensor out = empty_output(sizes, s.options());
+    if (m > 0) {
+      if (rows_are_contiguous(s)) {
+        fast.push_back(RowCopy::gather(s, out));
+      } else {
+        at::index_select_out(out, s, 0, index);  // strided rows (rare: transposed states): ATen's strided gather
+      }
+    }
+    outs.push_back(out);
+  }
+  copy_rows_parallel(fast, idx, m, /*indices_are_destinations=*/false);
+  return outs;
+}
+
+std::vector<at::Tensor> compact_rows_backward_cpu(at::TensorList grads, const at::Tensor& keep, int64_t rows) {
+  TORCH_CHECK(keep.dim() == 1 && keep.scalar_type() == at::kLong, "compact_rows_backward: keep must be 1-D int64");
+  std::vector<at::Tensor> outs;
+  outs.reserve(grads.size());
+  for (const at::Tensor& g : grads) {
+    TORCH_CHECK(g.dim() >= 1 && g.size(0) == keep.size(0), "compact_rows_backward: grad rows must match keep");
+    auto sizes = g.sizes().vec();
+    sizes[0] = rows;
+    outs.push_back(at::zeros(sizes, g.options()).index_add_(0, keep, g));
+  }
+  return outs;
+}
+
+void exit_scatter_cpu(const at::Tensor& out, const at::Tensor& batch_index, const at::Tensor& values) {
+  check_scatter_args(out, batch_index, values);
+  const at::Tensor index = batch_index.contiguous();
+  const int64_t k = index.size(0);
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  check_row_indices(idx, k, out.size(0), "batch_index");
+  if (k == 0) return;
+  if (rows_are_contiguous(out) && rows_are_contiguous(values)) {
+    std::vector<RowCopy> one{RowCopy::scatter(values, out)};
+    copy_rows_parallel(one, idx, k, /*indices_are_destinations=*/true);
+  } else {
+    const_cast<at::Tensor&>(out).index_copy_(0, index, values);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lookfast, CPU, m) {
+  m.impl("exit_confidence_mask", &exit_confidence_mask_cpu);
+  m.impl("compact_rows", &compact_rows_cpu);
+  m.impl("compact_rows_backward", &compact_rows_backward_cpu);
+  m.impl("exit_scatter", &exit_scatter_cpu);
+}
+
+}  // namespace lookfast

@@ -1,0 +1,585 @@
+// Variable-length (packed) attention on the CPU: forward and backward, float32/float64/float16/bfloat16.
+//
+// Layout ("queries as vector lanes"): a tile of VL queries (16 floats, 8 doubles) is transposed into Qt (Dh x VL), so
+// a score tile S^T (keys x VL), the running max and sum, the exp2 and the causal mask are all lane-wise vector ops,
+// with no horizontal reductions; keys and values of one (sample, kv-head) are packed once into float rows and stay in
+// cache while the query tiles stream past them. That is what the models' shapes need: thousands of pixel queries
+// against 16..256 latents of width 8 (Dyn-Perceiver z->x), a few hundred latents against 49 tokens (x->z), and ragged
+// self-attention over a few hundred tokens with Dh 64 (LookWhere). Long key ranges are split in blocks of kKeyBlock
+// with the online-softmax rescale (log2 domain, conventions in common/varlen_attention.h).
+//
+// Vector code uses GCC/Clang vector extensions and is compiled three times (AVX-512, AVX2+FMA, baseline) with
+// target_clones, so a portable build still runs 512-bit code where the CPU has it.
+//
+// Backward: one work item per (sample, kv-head) owns dk/dv rows of that sample (no races) and, looping over its query
+// heads and query tiles, recomputes P = exp2(s2 - lse*log2e) per key block and finishes dq of each tile in place.
+// Scratch is per tile; no (queries x keys) tensor is ever materialised beyond one key block.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/varlen_attention.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+#define LF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LF_MULTIVERSION
+#endif
+#define LF_INLINE inline __attribute__((always_inline))
+
+namespace lookfast {
+namespace {
+
+constexpr int kKeyBlock = 128;   // keys per score block (S^T block = kKeyBlock x VL accumulators, fits L1)
+constexpr int kQueryChunk = 256; // queries per forward work item (K/V packing amortised over them)
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int size = 64 / sizeof(T);
+};
+typedef int32_t vint16 __attribute__((vector_size(64)));
+
+template <typename T>
+LF_INLINE typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+LF_INLINE void vstore(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+LF_INLINE typename Vec<T>::type vbroadcast(T x) {
+  typename Vec<T>::type v = {};
+  return v + x;
+}
+template <typename V>
+LF_INLINE V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+
+// exp2 for x <= ~0: Cody-Waite split x = n + f (|f| <= 1/2), 2^f by the Cephes exp2f polynomial (~2e-7 relative),
+// 2^n added to the exponent bits; inputs below -125 (incl. -inf) flush to exactly 0.
+LF_INLINE Vec<float>::type vexp2(Vec<float>::type x) {
+  typedef Vec<float>::type V;
+  const vint16 keep = x >= -125.0f;
+  x = x > -125.0f ? x : vbroadcast(-125.0f);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
+  const V r = x + magic;
+  const V n = r - magic;
+  const V f = x - n;
+  V p = vbroadcast(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  vint16 ni = __builtin_bit_cast(vint16, r) - 0x4B400000;  // bits of magic
+  vint16 bits = __builtin_bit_cast(vint16, p) + (ni << 23);
+  bits &= keep;
+  return __builtin_bit_cast(V, bits);
+}
+LF_INLINE Vec<double>::type vexp2(Vec<double>::type x) {
+  for (int i = 0; i < Vec<double>::size; ++i) x[i] = std::exp2(x[i]);
+  return x;
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Everything a kernel needs to find one sample's rows in the packed tensors.
+struct Problem {
+  int64_t batch, heads, kv_heads, head_dim, v_dim;
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  double scale;
+  bool causal;
+};
+
+// ------------------------------------------------------------------------------------------------ micro-kernels
+// S^T[j] (VL lanes) = sum_d Qt[d] * K[j][d] for keys j in [0, n); K rows have stride ldk.
+template <typename acc_t>
+LF_INLINE void scores_t(const acc_t* qt, const acc_t* k, int64_t ldk, int64_t dim, int64_t n, acc_t* st) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const acc_t* k0 = k + j * ldk;
+    const acc_t* k1 = k0 + ldk;
+    const acc_t* k2 = k1 + ldk;
+    const acc_t* k3 = k2 + ldk;
+    V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    for (int64_t d = 0; d < dim; ++d) {
+      const V qd = vload(qt + d * VL);
+      s0 += qd * k0[d];
+      s1 += qd * k1[d];
+      s2 += qd * k2[d];
+      s3 += qd * k3[d];
+    }
+    vstore(st + (j + 0) * VL, s0);
+    vstore(st + (j + 1) * VL, s1);
+    vstore(st + (j + 2) * VL, s2);
+    vstore(st + (j + 3) * VL, s3);
+  }
+  for (; j < n; ++j) {
+    const acc_t* k0 = k + j * ldk;
+    V s0 = {};
+    for (int64_t d = 0; d < dim; ++d) s0 += vload(qt + d * VL) * k0[d];
+    vstore(st + j * VL, s0);
+  }
+}
+
+// acc_t[c] (VL lanes) += sum_j P^T[j] * V[j][c] for c in [0, cols) (cols a multiple of 8, rows of V padded to it).
+template <typename acc_t>
+LF_INLINE void accumulate_pv(const acc_t* pt, const acc_t* v, int64_t ldv, int64_t cols, int64_t n, acc_t* acc) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  for (int64_t c0 = 0; c0 < cols; c0 += 8) {
+    V a0 = vload(acc + (c0 + 0) * VL), a1 = vload(acc + (c0 + 1) * VL), a2 = vload(acc + (c0 + 2) * VL),
+      a3 = vload(acc + (c0 + 3) * VL), a4 = vload(acc + (c0 + 4) * VL), a5 = vload(acc + (c0 + 5) * VL),
+      a6 = vload(acc + (c0 + 6) * VL), a7 = vload(acc + (c0 + 7) * VL);
+    const acc_t* vr = v + c0;
+    for (int64_t j = 0; j < n; ++j, vr += ldv) {
+      const V p = vload(pt + j * VL);
+      a0 += p * vr[0];
+      a1 += p * vr[1];
+      a2 += p * vr[2];
+      a3 += p * vr[3];
+      a4 += p * vr[4];
+      a5 += p * vr[5];
+      a6 += p * vr[6];
+      a7 += p * vr[7];
+    }
+    vstore(acc + (c0 + 0) * VL, a0);
+    vstore(acc + (c0 + 1) * VL, a1);
+    vstore(acc + (c0 + 2) * VL, a2);
+    vstore(acc + (c0 + 3) * VL, a3);
+    vstore(acc + (c0 + 4) * VL, a4);
+    vstore(acc + (c0 + 5) * VL, a5);
+    vstore(acc + (c0 + 6) * VL, a6);
+    vstore(acc + (c0 + 7) * VL, a7);
+  }
+}
+
+// Rows R[j][:] (cols, a multiple of VL) += sum_lane W^T[j][lane] * X[lane][:] for j in [0, n): the rank-VL update
+// behind dV += P^T dO and dK += dS^T Q.
+template <typename acc_t>
+LF_INLINE void accumulate_rows(const acc_t* wt, const acc_t* x, int64_t ldx, int64_t cols, int64_t n, acc_t* r,
+                               int64_t ldr) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    for (int64_t c = 0; c < cols; c += VL) {
+      V r0 = vload(r + (j + 0) * ldr + c), r1 = vload(r + (j + 1) * ldr + c), r2 = vload(r + (j + 2) * ldr + c),
+        r3 = vload(r + (j + 3) * ldr + c);
+      const acc_t* w = wt + j * VL;
+      for (int lane = 0; lane < VL; ++lane) {
+        const V xv = vload(x + lane * ldx + c);
+        r0 += xv * w[lane];
+        r1 += xv * w[VL + lane];
+        r2 += xv * w[2 * VL + lane];
+        r3 += xv * w[3 * VL + lane];
+      }
+      vstore(r + (j + 0) * ldr + c, r0);
+      vstore(r + (j + 1) * ldr + c, r1);
+      vstore(r + (j + 2) * ldr + c, r2);
+      vstore(r + (j + 3) * ldr + c, r3);
+    }
+  }
+  for (; j < n; ++j) {
+    for (int64_t c = 0; c < cols; c += VL) {
+      V r0 = vload(r + j * ldr + c);
+      for (int lane = 0; lane < VL; ++lane) r0 += vload(x + lane * ldx + c) * wt[j * VL + lane];
+      vstore(r + j * ldr + c, r0);
+    }
+  }
+}
+
+// Lanes whose query sees fewer than j+1 keys get -inf at key j (causal masking of one score block).
+template <typename acc_t>
+LF_INLINE void mask_causal(acc_t* st, int64_t j_begin, int64_t n, const int* key_end) {
+  constexpr int VL = Vec<acc_t>::size;
+  for (int64_t j = 0; j < n; ++j)
+    for (int lane = 0; lane < VL; ++lane)
+      if (j_begin + j >= key_end[lane]) st[j * VL + lane] = -std::numeric_limits<acc_t>::infinity();
+}
+
+// ------------------------------------------------------------------------------------------------ packing
+template <typename scalar_t, typename acc_t>
+void pack_rows(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t cols, int64_t ld, acc_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * src_stride;
+    acc_t* d = dst + r * ld;
+    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<acc_t>(s[c]);
+    for (int64_t c = cols; c < ld; ++c) d[c] = acc_t(0);
+  }
+}
+
+// Qt[d][lane] = scale * src[lane][d] for the first `n` lanes, 0 for the rest.
+template <typename scalar_t, typename acc_t>
+void pack_transposed(const scalar_t* src, int64_t src_stride, int64_t n, int64_t cols, acc_t scale, acc_t* dst) {
+  constexpr int VL = Vec<acc_t>::size;
+  for (int lane = 0; lane < VL; ++lane) {
+    if (lane < n) {
+      const scalar_t* s = src + lane * src_stride;
+      for (int64_t c = 0; c < cols; ++c) dst[c * VL + lane] = static_cast<acc_t>(s[c]) * scale;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) dst[c * VL + lane] = acc_t(0);
+    }
+  }
+}
+
+template <typename T>
+struct AlignedBuffer {
+  T* data = nullptr;
+  explicit AlignedBuffer(int64_t n) {
+    data = static_cast<T*>(::operator new[](sizeof(T) * std::max<int64_t>(n, 1), std::align_val_t(64)));
+  }
+  ~AlignedBuffer() { ::operator delete[](data, std::align_val_t(64)); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+};
+
+// ------------------------------------------------------------------------------------------------ forward
+// One query tile (n <= VL queries starting at sample-local index q_local) of one head against packed K/V.
+template <typename acc_t>
+LF_INLINE void forward_tile(const Problem& pb, const acc_t* qt, const acc_t* kp, int64_t ldk, const acc_t* vp,
+                            int64_t ldv, int64_t len_q, int64_t len_k, int64_t q_local, int64_t n, acc_t* st,
+                            acc_t* acc, acc_t* m_out, acc_t* l_out) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  int key_end[VL];
+  int k_lo = static_cast<int>(len_k), k_hi = 0;
+  for (int lane = 0; lane < VL; ++lane) {
+    const int e = lane < n ? varlen::causal_key_end(q_local + lane, len_q, len_k, pb.causal) : 0;
+    key_end[lane] = e;
+    if (lane < n) k_lo = std::min(k_lo, e);
+    k_hi = std::max(k_hi, e);
+  }
+  V m = vbroadcast(neg_inf), l = {};
+  for (int64_t c = 0; c < ldv; ++c) vstore(acc + c * VL, V{});
+  for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
+    const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0);
+    scores_t(qt, kp + j0 * ldk, ldk, pb.head_dim, nb, st);
+    if (j0 + nb > k_lo) mask_causal(st, j0, nb, key_end);
+    V mx = m;
+    for (int64_t j = 0; j < nb; ++j) mx = vmax(mx, vload(st + j * VL));
+    const V ms = mx == neg_inf ? V{} : mx;   // varlen::safe_max, lane-wise
+    const V alpha = vexp2(m - ms);           // 0 where m was -inf (exp2 flushes), 1 where the max did not move
+    m = mx;
+    V sum = {};
+    for (int64_t j = 0; j < nb; ++j) {
+      const V p = vexp2(vload(st + j * VL) - ms);
+      vstore(st + j * VL, p);
+      sum += p;
+    }
+    l = l * alpha + sum;
+    if (j0 > 0)
+      for (int64_t c = 0; c < ldv; ++c) vstore(acc + c * VL, vload(acc + c * VL) * alpha);
+    accumulate_pv(st, vp + j0 * ldv, ldv, ldv, nb, acc);
+  }
+  vstore(m_out, m);
+  vstore(l_out, l);
+}
+
+struct FwdItem {
+  int32_t b, h, q_begin, q_end;  // sample-local query range
+};
+
+template <typename scalar_t, typename acc_t>
+LF_INLINE void forward_items_impl(const Problem& pb, const FwdItem* items, int64_t count, const scalar_t* q,
+                                  const scalar_t* k, const scalar_t* v, scalar_t* out, float* lse, int64_t total_q) {
+  constexpr int VL = Vec<acc_t>::size;
+  const int64_t H = pb.heads, Hk = pb.kv_heads, Dh = pb.head_dim, Dv = pb.v_dim;
+  const int64_t group = H / Hk;
+  const int64_t ldk = Dh, ldv = round_up(Dv, 8);
+  int64_t max_lk = 0;
+  for (int64_t i = 0; i < count; ++i)
+    max_lk = std::max<int64_t>(max_lk, pb.cu_k[items[i].b + 1] - pb.cu_k[items[i].b]);
+  AlignedBuffer<acc_t> kbuf(max_lk * ldk), vbuf(max_lk * ldv), qt(Dh * VL), st(kKeyBlock * VL), acc(ldv * VL),
+      mbuf(VL), lbuf(VL);
+  int64_t packed_b = -1, packed_kvh = -1;
+  const acc_t qscale = static_cast<acc_t>(pb.scale) * static_cast<acc_t>(1.4426950408889634);
+  for (int64_t it = 0; it < count; ++it) {
+    const FwdItem w = items[it];
+    const int64_t q0 = pb.cu_q[w.b], k0 = pb.cu_k[w.b];
+    const int64_t len_q = pb.cu_q[w.b + 1] - q0, len_k = pb.cu_k[w.b + 1] - k0;
+    const int64_t kvh = w.h / group;
+    if (w.b != packed_b || kvh != packed_kvh) {
+      pack_rows(k + k0 * Hk * Dh + kvh * Dh, Hk * Dh, len_k, Dh, ldk, kbuf.data);
+      pack_rows(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, ldv, vbuf.data);
+      packed_b = w.b;
+      packed_kvh = kvh;
+    }
+    for (int64_t i0 = w.q_begin; i0 < w.q_end; i0 += VL) {
+      const int64_t n = std::min<int64_t>(VL, w.q_end - i0);
+      const scalar_t* qrow = q + ((q0 + i0) * H + w.h) * Dh;
+      pack_transposed(qrow, H * Dh, n, Dh, qscale, qt.data);
+      forward_tile(pb, qt.data, kbuf.data, ldk, vbuf.data, ldv, len_q, len_k, i0, n, st.data, acc.data, mbuf.data,
+                   lbuf.data);
+      for (int64_t lane = 0; lane < n; ++lane) {
+        const acc_t l = lbuf.data[lane];
+        const acc_t inv = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
+        scalar_t* o = out + ((q0 + i0 + lane) * H + w.h) * Dv;
+        for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<scalar_t>(acc.data[c * VL + lane] * inv);
+        lse[w.h * total_q + q0 + i0 + lane] = varlen::row_lse(mbuf.data[lane], l);
+      }
+    }
+  }
+}
+
+#define LF_DEFINE_FORWARD(NAME, scalar_t, acc_t)                                                                    \
+  LF_MULTIVERSION void NAME(const Problem& pb, const FwdItem* items, int64_t count, const scalar_t* q,               \
+                            const scalar_t* k, const scalar_t* v, scalar_t* out, float* lse, int64_t total_q) {      \
+    forward_items_impl<scalar_t, acc_t>(pb, items, count, q, k, v, out, lse, total_q);                               \
+  }
+LF_DEFINE_FORWARD(forward_items_f32, float, float)
+LF_DEFINE_FORWARD(forward_items_f64, double, double)
+LF_DEFINE_FORWARD(forward_items_f16, c10::Half, float)
+LF_DEFINE_FORWARD(forward_items_bf16, c10::BFloat16, float)
+
+inline void forward_items(const Problem& pb, const FwdItem* it, int64_t n, const float* q, const float* k,
+                          const float* v, float* o, float* lse, int64_t tq) {
+  forward_items_f32(pb, it, n, q, k, v, o, lse, tq);
+}
+inline void forward_items(const Problem& pb, const FwdItem* it, int64_t n, const double* q, const double* k,
+                          const double* v, double* o, float* lse, int64_t tq) {
+  forward_items_f64(pb, it, n, q, k, v, o, lse, tq);
+}
+inline void forward_items(const Problem& pb, const FwdItem* it, int64_t n, const c10::Half* q, const c10::Half* k,
+                          const c10::Half* v, c10::Half* o, float* lse, int64_t tq) {
+  forward_items_f16(pb, it, n, q, k, v, o, lse, tq);
+}
+inline void forward_items(const Problem& pb, const FwdItem* it, int64_t n, const c10::BFloat16* q,
+                          const c10::BFloat16* k, const c10::BFloat16* v, c10::BFloat16* o, float* lse, int64_t tq) {
+  forward_items_bf16(pb, it, n, q, k, v, o, lse, tq);
+}
+
+// ------------------------------------------------------------------------------------------------ backward
+template <typename scalar_t, typename acc_t>
+LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, const scalar_t* dout, const scalar_t* q,
+                                  const scalar_t* k, const scalar_t* v, const scalar_t* out, const float* lse,
+                                  int64_t total_q, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  const int64_t H = pb.heads, Hk = pb.kv_heads, Dh = pb.head_dim, Dv = pb.v_dim;
+  const int64_t group = H / Hk;
+  const int64_t ldh = round_up(Dh, VL), ldv = round_up(Dv, VL);
+  const int64_t q0 = pb.cu_q[b], k0 = pb.cu_k[b];
+  const int64_t len_q = pb.cu_q[b + 1] - q0, len_k = pb.cu_k[b + 1] - k0;
+  const acc_t log2e = static_cast<acc_t>(1.4426950408889634);
+  const acc_t qscale = static_cast<acc_t>(pb.scale) * log2e;
+  const acc_t scale = static_cast<acc_t>(pb.scale);
+
+  AlignedBuffer<acc_t> kbuf(len_k * ldh), vbuf(len_k * ldv), dkacc(len_k * ldh), dvacc(len_k * ldv);
+  AlignedBuffer<acc_t> qt(Dh * VL), qrows(VL * ldh), dot(Dv * VL), dorows(VL * ldv), pt(kKeyBlock * VL),
+      dst(kKeyBlock * VL), dqt(ldh * VL);
+  pack_rows(k + k0 * Hk * Dh + kvh * Dh, Hk * Dh, len_k, Dh, ldh, kbuf.data);
+  pack_rows(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, ldv, vbuf.data);
+  std::fill(dkacc.data, dkacc.data + len_k * ldh, acc_t(0));
+  std::fill(dvacc.data, dvacc.data + len_k * ldv, acc_t(0));
+
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+    for (int64_t i0 = 0; i0 < len_q; i0 += VL) {
+      const int64_t n = std::min<int64_t>(VL, len_q - i0);
+      const scalar_t* qrow = q + ((q0 + i0) * H + h) * Dh;
+      const scalar_t* dorow = dout + ((q0 + i0) * H + h) * Dv;
+      const scalar_t* orow = out + ((q0 + i0) * H + h) * Dv;
+      pack_transposed(qrow, H * Dh, n, Dh, qscale, qt.data);
+      pack_transposed(dorow, H * Dv, n, Dv, acc_t(1), dot.data);
+      // Row copies (zero rows past n) for the rank-VL updates of dk and dv.
+      pack_rows(qrow, H * Dh, n, Dh, ldh, qrows.data);
+      pack_rows(dorow, H * Dv, n, Dv, ldv, dorows.data);
+      std::fill(qrows.data + n * ldh, qrows.data + VL * ldh, acc_t(0));
+      std::fill(dorows.data + n * ldv, dorows.data + VL * ldv, acc_t(0));
+      int key_end[VL];
+      int k_lo = static_cast<int>(len_k), k_hi = 0;
+      acc_t delta_l[VL], shift_l[VL];
+      for (int lane = 0; lane < VL; ++lane) {
+        if (lane < n) {
+          const int e = varlen::causal_key_end(i0 + lane, len_q, len_k, pb.causal);
+          key_end[lane] = e;
+          k_lo = std::min(k_lo, e);
+          k_hi = std::max(k_hi, e);
+          acc_t d = 0;
+          const scalar_t* o = orow + lane * H * Dv;
+          for (int64_t c = 0; c < Dv; ++c) d += dot.data[c * VL + lane] * static_cast<acc_t>(o[c]);
+          delta_l[lane] = d;
+          const float lv = lse[h * total_q + q0 + i0 + lane];
+          shift_l[lane] = lv == -INFINITY ? std::numeric_limits<acc_t>::infinity() : static_cast<acc_t>(lv) * log2e;
+        } else {
+          key_end[lane] = 0;
+          delta_l[lane] = 0;
+          shift_l[lane] = std::numeric_limits<acc_t>::infinity();
+        }
+      }
+      const V delta = vload(delta_l), shift = vload(shift_l);
+      for (int64_t c = 0; c < ldh; ++c) vstore(dqt.data + c * VL, V{});
+      for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
+        const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0);
+        scores_t(qt.data, kbuf.data + j0 * ldh, ldh, Dh, nb, pt.data);
+        if (j0 + nb > k_lo) mask_causal(pt.data, j0, nb, key_end);
+        for (int64_t j = 0; j < nb; ++j) vstore(pt.data + j * VL, vexp2(vload(pt.data + j * VL) - shift));
+        scores_t(dot.data, vbuf.data + j0 * ldv, ldv, Dv, nb, dst.data);  // dP^T = dO V^T
+        for (int64_t j = 0; j < nb; ++j)
+          vstore(dst.data + j * VL, vload(pt.data + j * VL) * (vload(dst.data + j * VL) - delta));
+        accumulate_rows(pt.data, dorows.data, ldv, ldv, nb, dvacc.data + j0 * ldv, ldv);   // dV += P^T dO
+        accumulate_rows(dst.data, qrows.data, ldh, ldh, nb, dkacc.data + j0 * ldh, ldh);   // dK += dS^T Q
+        accumulate_pv(dst.data, kbuf.data + j0 * ldh, ldh, ldh, nb, dqt.data);             // dQ^T += K^T dS^T
+      }
+      for (int64_t lane = 0; lane < n; ++lane) {
+        scalar_t* g = dq + ((q0 + i0 + lane) * H + h) * Dh;
+        for (int64_t d = 0; d < Dh; ++d) g[d] = static_cast<scalar_t>(dqt.data[d * VL + lane] * scale);
+      }
+    }
+  }
+  for (int64_t j = 0; j < len_k; ++j) {
+    scalar_t* gk = dk + ((k0 + j) * Hk + kvh) * Dh;
+    scalar_t* gv = dv + ((k0 + j) * Hk + kvh) * Dv;
+    for (int64_t d = 0; d < Dh; ++d) gk[d] = static_cast<scalar_t>(dkacc.data[j * ldh + d] * scale);
+    for (int64_t c = 0; c < Dv; ++c) gv[c] = static_cast<scalar_t>(dvacc.data[j * ldv + c]);
+  }
+}
+
+#define LF_DEFINE_BACKWARD(NAME, scalar_t, acc_t)                                                                   \
+  LF_MULTIVERSION void NAME(const Problem& pb, int64_t b, int64_t kvh, const scalar_t* dout, const scalar_t* q,      \
+                            const scalar_t* k, const scalar_t* v, const scalar_t* out, const float* lse,            \
+                            int64_t total_q, scalar_t* dq, scalar_t* dk, scalar_t* dv) {                              \
+    backward_item_impl<scalar_t, acc_t>(pb, b, kvh, dout, q, k, v, out, lse, total_q, dq, dk, dv);                  \
+  }
+LF_DEFINE_BACKWARD(backward_item_f32, float, float)
+LF_DEFINE_BACKWARD(backward_item_f64, double, double)
+LF_DEFINE_BACKWARD(backward_item_f16, c10::Half, float)
+LF_DEFINE_BACKWARD(backward_item_bf16, c10::BFloat16, float)
+
+#define LF_BACKWARD_OVERLOAD(NAME, scalar_t)                                                                        \
+  inline void backward_item(const Problem& pb, int64_t b, int64_t kvh, const scalar_t* dout, const scalar_t* q,      \
+                            const scalar_t* k, const scalar_t* v, const scalar_t* out, const float* lse,            \
+                            int64_t total_q, scalar_t* dq, scalar_t* dk, scalar_t* dv) {                              \
+    NAME(pb, b, kvh, dout, q, k, v, out, lse, total_q, dq, dk, dv);                                                  \
+  }
+LF_BACKWARD_OVERLOAD(backward_item_f32, float)
+LF_BACKWARD_OVERLOAD(backward_item_f64, double)
+LF_BACKWARD_OVERLOAD(backward_item_f16, c10::Half)
+LF_BACKWARD_OVERLOAD(backward_item_bf16, c10::BFloat16)
+
+// ------------------------------------------------------------------------------------------------ ops
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                     const at::Tensor& cu_k, double scale, bool causal) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "varlen_attention: q, k, v must be 3-D");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "varlen_attention: q, k, v must be contiguous");
+  TORCH_CHECK(cu_q.scalar_type() == at::kInt && cu_k.scalar_type() == at::kInt && cu_q.is_contiguous() &&
+                  cu_k.is_contiguous() && cu_q.dim() == 1 && cu_q.numel() == cu_k.numel() && cu_q.numel() >= 1,
+              "varlen_attention: cu_seqlens must be contiguous 1-D int32 of equal length");
+  TORCH_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1) && q.size(2) == k.size(2),
+              "varlen_attention: k and v must agree in rows and heads, q and k in head dim");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "varlen_attention: heads must be a multiple of kv heads");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "varlen_attention: q, k, v must share a dtype");
+  Problem pb;
+  pb.batch = cu_q.numel() - 1;
+  pb.heads = q.size(1);
+  pb.kv_heads = k.size(1);
+  pb.head_dim = q.size(2);
+  pb.v_dim = v.size(2);
+  pb.cu_q = cu_q.data_ptr<int32_t>();
+  pb.cu_k = cu_k.data_ptr<int32_t>();
+  pb.scale = scale;
+  pb.causal = causal;
+  // The Python layer validates cu_seqlens; this re-check keeps direct op calls from reading out of bounds.
+  TORCH_CHECK(pb.cu_q[0] == 0 && pb.cu_k[0] == 0 && pb.cu_q[pb.batch] == q.size(0) && pb.cu_k[pb.batch] == k.size(0),
+              "varlen_attention: cu_seqlens must start at 0 and end at the number of rows");
+  for (int64_t b = 0; b < pb.batch; ++b)
+    TORCH_CHECK(pb.cu_q[b + 1] >= pb.cu_q[b] && pb.cu_k[b + 1] >= pb.cu_k[b],
+                "varlen_attention: cu_seqlens must be non-decreasing");
+  return pb;
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& cu_q,
+                                                            const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
+                                                            double scale, bool causal) {
+  const Problem pb = make_problem(q, k, v, cu_q, cu_k, scale, causal);
+  const int64_t total_q = q.size(0);
+  at::Tensor out = at::empty({total_q, pb.heads, pb.v_dim}, q.options());
+  at::Tensor lse = at::empty({pb.heads, total_q}, q.options().dtype(at::kFloat));
+  // Work items: (sample, head, chunk of queries), heads innermost within a kv head so K/V packing is reused.
+  std::vector<FwdItem> items;
+  for (int64_t b = 0; b < pb.batch; ++b) {
+    const int32_t len_q = pb.cu_q[b + 1] - pb.cu_q[b];
+    for (int32_t s = 0; s < len_q; s += kQueryChunk)
+      for (int64_t h = 0; h < pb.heads; ++h)
+        items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), s, std::min(len_q, s + kQueryChunk)});
+  }
+  if (items.empty()) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_fwd_cpu", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    float* lp = lse.data_ptr<float>();
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+      forward_items(pb, items.data() + begin, end - begin, qp, kp, vp, op, lp, total_q);
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale,
+    bool causal) {
+  const Problem pb = make_problem(q, k, v, cu_q, cu_k, scale, causal);
+  const int64_t total_q = q.size(0);
+  TORCH_CHECK(dout.sizes() == out.sizes() && out.size(0) == total_q && out.size(1) == pb.heads &&
+                  out.size(2) == pb.v_dim && dout.scalar_type() == q.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(),
+              "varlen_attention_bwd: dout and out must be (total_q, H, Dv) in q's dtype");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == pb.heads && lse.size(1) == total_q,
+              "varlen_attention_bwd: lse must be (H, total_q) float32");
+  const at::Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
+  const int64_t work = pb.batch * pb.kv_heads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_bwd_cpu", [&] {
+    const scalar_t* dop = dout_c.data_ptr<scalar_t>();
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t* op = out_c.data_ptr<scalar_t>();
+    const float* lp = lse_c.data_ptr<float>();
+    scalar_t* dqp = dq.data_ptr<scalar_t>();
+    scalar_t* dkp = dk.data_ptr<scalar_t>();
+    scalar_t* dvp = dv.data_ptr<scalar_t>();
+    at::parallel_for(0, work, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w)
+        backward_item(pb, w / pb.kv_heads, w % pb.kv_heads, dop, qp, kp, vp, op, lp, total_q, dqp, dkp, dvp);
+    });
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lookfast, CPU, m) {
+  m.impl("varlen_attention_fwd", &varlen_attention_fwd_cpu);
+  m.impl("varlen_attention_bwd", &varlen_attention_bwd_cpu);
+}
+
+}  // namespace lookfast

@@ -1,0 +1,146 @@
+"""`EarlyExitRunner`: real early exiting for a batch. After each exit head the samples whose confidence passes the
+exit's threshold leave, and every later stage runs only on the survivors (OPS.md section 3).
+
+How a model describes itself (the contract):
+
+- A *state* is a tuple. Every tensor in it has the current samples as its first dimension (n_i rows at stage i);
+  its other entries (None, numbers, strings, ...) pass through unchanged. Tensors shared by all samples (weights,
+  position tables) belong in the callables' closures or modules, not in the state.
+- ``stages`` is a sequence of E callables; ``stages[i](state) -> state``. ``stages[0]`` receives the inputs tuple
+  given to the runner (a single tensor is taken as a 1-tuple); a stage may return a single tensor (taken as a
+  1-tuple) and may change the tuple's length and contents freely.
+- ``heads`` is a sequence of E callables; ``heads[i](state)`` returns either ``logits`` (n_i, classes) or
+  ``(logits, state)``. In the second form the returned state replaces the one ``stages[i + 1]`` (and the compaction)
+  sees: this is how a later exit uses an earlier exit's logits, e.g. ``return logits, state + (logits,)`` puts
+  exit i's logits into the state; they are compacted with it and reach ``stages[i + 1]`` and ``heads[i + 1]``.
+- Exit i is taken after ``stages[i]`` then ``heads[i]``. Every head returns the same number of classes.
+- ``runner(inputs, thresholds)``: thresholds holds E numbers (a sequence or an (E,) tensor); the last is ignored
+  because the last exit takes every sample still running. A sample leaves at the first exit i < E - 1 whose
+  confidence passes ``thresholds[i]`` under the runner's criterion ("max_softmax" / "margin": confidence >=
+  threshold; "entropy": entropy <= threshold); NaN confidence never passes. Returns ``(logits, exit_index)``:
+  logits (B, classes) of the exit each sample took, in batch order, and exit_index (B,) int64.
+
+The result is what running each sample alone through the stages and heads, stopping at its first passing exit,
+gives (to float tolerance: batched kernels may round differently from one-sample ones). When every sample has left,
+the remaining stages do not run. Callables must treat samples independently (no batch statistics: eval-mode
+BatchNorm is fine). Each exit costs one host synchronisation on a GPU (the survivor count sizes the next stage).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .exit_calibration import budget_proportions, calibrate_thresholds, expected_cost
+from .ops.exit import compact_rows, criterion_code, exit_compact, exit_scatter
+
+# The early-exit family's public names (lookfast/__init__.py re-exports them from here).
+__all__ = ["EarlyExitRunner", "exit_compact", "exit_scatter", "calibrate_thresholds", "budget_proportions",
+           "expected_cost"]
+
+State = tuple
+
+
+def _as_state(value: Any, what: str) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, tuple):
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    raise TypeError(f"{what} must return a tensor or a tuple (the state), got {type(value).__name__}")
+
+
+class EarlyExitRunner:
+    """Runs a multi-exit model on a batch with real early exits. See the module docstring for the model contract.
+
+    Args:
+        stages: E callables, ``stages[i](state) -> state``.
+        heads: E callables, ``heads[i](state) -> logits`` or ``-> (logits, state)``.
+        criterion: "max_softmax" (default), "entropy" or "margin" (see `lookfast.exit_compact`).
+    """
+
+    def __init__(self, stages: Sequence[Callable], heads: Sequence[Callable], criterion: str = "max_softmax"):
+        stages, heads = list(stages), list(heads)
+        if not stages:
+            raise ValueError("stages must hold at least one stage")
+        if len(heads) != len(stages):
+            raise ValueError(f"heads must hold one head per stage: {len(stages)} stages, got {len(heads)} heads")
+        for name, fns in (("stages", stages), ("heads", heads)):
+            for i, fn in enumerate(fns):
+                if not callable(fn):
+                    raise TypeError(f"{name}[{i}] must be callable, got {type(fn).__name__}")
+        criterion_code(criterion)
+        self.stages, self.heads, self.criterion = stages, heads, criterion
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    def _thresholds(self, thresholds) -> list[float]:
+        if isinstance(thresholds, torch.Tensor):
+            if thresholds.dim() != 1:
+                raise ValueError(f"thresholds must be 1-D ({self.num_exits},), got shape {tuple(thresholds.shape)}")
+            thresholds = thresholds.tolist()
+        try:
+            values = [float(t) for t in thresholds]
+        except (TypeError, ValueError):
+            raise TypeError("thresholds must be a sequence of numbers (one per exit)") from None
+        if len(values) != self.num_exits:
+            raise ValueError(f"thresholds must hold {self.num_exits} values (one per exit), got {len(values)}")
+        return values
+
+    def _split_head(self, i: int, state: tuple) -> tuple[torch.Tensor, tuple]:
+        out = self.heads[i](state)
+        if isinstance(out, torch.Tensor):
+            logits = out
+        elif isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+            logits, state = out[0], _as_state(out[1], f"heads[{i}] (its state)")
+        else:
+            raise TypeError(f"heads[{i}] must return logits or (logits, state), got {type(out).__name__}")
+        if logits.dim() != 2:
+            raise ValueError(f"heads[{i}] must return logits of shape (n, classes), got {tuple(logits.shape)}")
+        return logits, state
+
+    def __call__(self, inputs, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
+        state = _as_state(inputs, "inputs")
+        first = next((t for t in state if isinstance(t, torch.Tensor)), None)
+        if first is None or first.dim() == 0:
+            raise ValueError("inputs must contain a tensor whose first dimension is the batch")
+        thr = self._thresholds(thresholds)
+        batch, device, last = first.shape[0], first.device, self.num_exits - 1
+        rows = torch.arange(batch, device=device)  # original batch position of each survivor
+        exit_index = torch.full((batch,), last, dtype=torch.int64, device=device)
+        out = None
+        for i in range(self.num_exits):
+            state = _as_state(self.stages[i](state), f"stages[{i}]")
+            logits, state = self._split_head(i, state)
+            n = rows.shape[0]
+            if logits.shape[0] != n:
+                raise ValueError(f"heads[{i}] returned {logits.shape[0]} rows of logits for {n} samples")
+            if out is None:
+                out = logits.new_full((batch, logits.shape[1]), float("nan"))
+            elif logits.shape[1] != out.shape[1]:
+                raise ValueError(f"heads[{i}] returned {logits.shape[1]} classes, heads[0] returned {out.shape[1]}")
+            if i == last:
+                exit_scatter(out, rows, logits.to(out.dtype))
+                break
+            slots = [j for j, t in enumerate(state) if isinstance(t, torch.Tensor)]
+            for j in slots:
+                if state[j].dim() == 0 or state[j].shape[0] != n:
+                    raise ValueError(f"state[{j}] after heads[{i}] must have {n} rows (one per sample still "
+                                     f"running), got shape {tuple(state[j].shape)}")
+            keep, exited, *compacted = exit_compact(logits, thr[i], *(state[j] for j in slots), rows,
+                                                    criterion=self.criterion)
+            if exited.shape[0]:
+                left_logits, left_rows = compact_rows([logits, rows], exited)
+                exit_scatter(out, left_rows, left_logits.to(out.dtype))
+                exit_index.index_fill_(0, left_rows, i)
+            if keep.shape[0] == 0:
+                break
+            rows = compacted.pop()
+            new_state = list(state)
+            for j, t in zip(slots, compacted):
+                new_state[j] = t
+            state = tuple(new_state)
+        return out, exit_index

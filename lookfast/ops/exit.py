@@ -1,0 +1,284 @@
+"""Exit-masked batched execution: `exit_compact` (who leaves at an exit, and the survivors' states compacted in one
+pass) and `exit_scatter` (rows written back to their batch positions). OPS.md section 3.
+
+Backends (lookfast._dispatch): C++ on CPU (`lookfast::exit_confidence_mask` + `lookfast::compact_rows`,
+`lookfast::exit_scatter`), the CUDA kernels or Triton (kernels/exit_compact.py) on GPUs, and the pure-PyTorch
+reference (`exit_compact_reference`). On a GPU each `exit_compact` call synchronises with the host exactly once,
+to read the number of exits that sizes the outputs (their shapes are (m, ...) by contract); the confidences, flags,
+prefix sums and row copies stay on the device. Under torch.compile the sizes are unbacked symbolic sizes
+(`new_dynamic_size`); set `torch._dynamo.config.capture_dynamic_output_shape_ops = True` for `fullgraph=True`.
+"""
+from __future__ import annotations
+
+import functools
+from numbers import Real
+
+import torch
+
+from .. import _dispatch
+from .._validate import FLOAT_DTYPES, require_dim, require_dtype, require_same_device, require_tensor
+
+CRITERIA = {"max_softmax": 0, "entropy": 1, "margin": 2}
+
+
+# ----------------------------------------------------------------------------------------------------- reference
+def exit_confidence_reference(logits: torch.Tensor, criterion: str = "max_softmax") -> torch.Tensor:
+    """Confidence per row of `logits` (n, C): in float32 for half types and float32, float64 for float64.
+
+    max_softmax: the largest softmax probability; entropy: -sum p log p (0 log 0 = 0); margin: top1 - top2
+    probability (p2 = 0 with one class). A row holding NaN or +inf, or only -inf, has NaN confidence.
+    """
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(acc)
+    p = torch.softmax(x, dim=-1)
+    if criterion == "entropy":
+        plogp = torch.where(p > 0, p * torch.log_softmax(x, dim=-1), p * 0)  # p * 0 keeps NaN visible
+        return -plogp.sum(-1)
+    if criterion == "margin":
+        if x.shape[-1] == 1:
+            return p[:, 0]
+        top = torch.topk(p, 2, dim=-1).values
+        return top[:, 0] - top[:, 1]
+    return p.amax(-1)
+
+
+def exit_mask_reference(logits: torch.Tensor, threshold, criterion: str = "max_softmax") -> torch.Tensor:
+    """(n,) bool: True where the row leaves. The threshold is rounded to the confidence's dtype; NaN never exits."""
+    conf = exit_confidence_reference(logits, criterion)
+    thr = torch.as_tensor(threshold, dtype=conf.dtype, device=conf.device).reshape(())
+    return conf <= thr if criterion == "entropy" else conf >= thr
+
+
+def exit_compact_reference(logits, threshold, *states, criterion="max_softmax"):
+    """Pure-PyTorch `exit_compact`: (keep, exited, *states[keep])."""
+    exits = exit_mask_reference(logits, threshold, criterion)
+    keep = torch.nonzero(~exits).squeeze(1)
+    exited = torch.nonzero(exits).squeeze(1)
+    return (keep, exited, *(s.index_select(0, keep) for s in states))
+
+
+def exit_scatter_reference(out, batch_index, values):
+    """Pure-PyTorch `exit_scatter`: out[batch_index] = values, in place (autograd-aware)."""
+    return out.index_copy_(0, batch_index, values)
+
+
+# ------------------------------------------------------------------------------------- fake kernels and autograd
+@torch.library.register_fake("lookfast::exit_confidence_mask")
+def _exit_confidence_mask_fake(logits, threshold, criterion):
+    n = logits.shape[0]
+    ctx = torch.library.get_ctx()
+    survivors = ctx.new_dynamic_size(min=0, max=n) if isinstance(n, int) else ctx.new_dynamic_size()
+    torch._check(survivors <= n)
+    keep = logits.new_empty((survivors,), dtype=torch.int64)
+    exited = logits.new_empty((n - survivors,), dtype=torch.int64)
+    return keep, exited
+
+
+@torch.library.register_fake("lookfast::compact_rows")
+def _compact_rows_fake(states, keep):
+    return [s.new_empty((keep.shape[0], *s.shape[1:])) for s in states]
+
+
+@torch.library.register_fake("lookfast::compact_rows_backward")
+def _compact_rows_backward_fake(grads, keep, rows):
+    return [g.new_empty((rows, *g.shape[1:])) for g in grads]
+
+
+@torch.library.register_fake("lookfast::exit_scatter")
+def _exit_scatter_fake(out, batch_index, values):
+    return None
+
+
+def _compact_setup_context(ctx, inputs, output):
+    states, keep = inputs
+    ctx.save_for_backward(keep)
+    ctx.rows = states[0].shape[0] if len(states) else 0
+    ctx.differentiable = [s.dtype.is_floating_point or s.dtype.is_complex for s in states]
+
+
+def _compact_backward(ctx, grads):
+    (keep,) = ctx.saved_tensors
+    wanted = [i for i, g in enumerate(grads) if g is not None and ctx.differentiable[i]]
+    result = [None] * len(grads)
+    if wanted:
+        computed = torch.ops.lookfast.compact_rows_backward([grads[i] for i in wanted], keep, ctx.rows)
+        for i, g in zip(wanted, computed):
+            result[i] = g
+    return result, None
+
+
+torch.library.register_autograd("lookfast::compact_rows", _compact_backward, setup_context=_compact_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- Triton wrappers
+@functools.lru_cache(maxsize=None)
+def _triton_ops():
+    """Custom ops around the Triton launchers, defined on first GPU use (importing triton is not free).
+
+    The mask op is a plain custom op (opaque to torch.compile) because its output sizes are read from the device;
+    the copies are `triton_op`s, which torch.compile can trace into.
+    """
+    from torch.library import triton_op, wrap_triton  # noqa: F401
+
+    from ..kernels import exit_compact as k
+
+    @torch.library.custom_op("lookfast::exit_confidence_mask_triton", mutates_args=())
+    def mask(logits: torch.Tensor, threshold: torch.Tensor, criterion: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return k.exit_confidence_mask(logits, threshold, criterion)
+
+    mask.register_fake(_exit_confidence_mask_fake)
+
+    @torch.library.custom_op("lookfast::compact_rows_triton", mutates_args=())
+    def compact(states: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
+        return k.compact_rows(list(states), keep)
+
+    compact.register_fake(_compact_rows_fake)
+    compact.register_autograd(_compact_backward, setup_context=_compact_setup_context)
+
+    @torch.library.custom_op("lookfast::exit_scatter_triton", mutates_args=("out",))
+    def scatter(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Tensor) -> None:
+        k.exit_scatter(out, batch_index, values)
+
+    scatter.register_fake(lambda out, batch_index, values: None)
+    return mask, compact, scatter
+
+
+# ----------------------------------------------------------------------------------------------------- validation
+def criterion_code(criterion) -> int:
+    """The integer code of a criterion name ("max_softmax" 0, "entropy" 1, "margin" 2); ValueError otherwise."""
+    if not isinstance(criterion, str) or criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {sorted(CRITERIA)}, got {criterion!r}")
+    return CRITERIA[criterion]
+
+
+def _threshold_tensor(threshold, logits: torch.Tensor) -> torch.Tensor:
+    if isinstance(threshold, torch.Tensor):
+        if threshold.dim() != 0:
+            raise ValueError(f"threshold must be a Python float or a 0-d tensor, got shape {tuple(threshold.shape)}")
+        if threshold.dtype == torch.bool or threshold.is_complex():
+            raise TypeError(f"threshold must be a real number, got dtype {threshold.dtype}")
+        if threshold.device != logits.device and threshold.device.type != "cpu":
+            raise ValueError(f"threshold is on {threshold.device} but logits is on {logits.device}")
+        return threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, Real):
+        raise TypeError(f"threshold must be a Python float or a 0-d tensor, got {type(threshold).__name__}")
+    # A CPU scalar tensor: the CPU kernel reads it directly, the GPU kernels receive it by value (no copy, no sync).
+    return torch.tensor(float(threshold), dtype=torch.float64)
+
+
+def _check_logits(logits) -> None:
+    require_tensor("logits", logits)
+    require_dim("logits", logits, 2, "(n, classes)")
+    require_dtype("logits", logits, FLOAT_DTYPES)
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+
+
+def _check_states(states, rows: int, device: torch.device, what: str = "logits") -> None:
+    for i, s in enumerate(states):
+        require_tensor(f"states[{i}]", s)
+        if s.dim() == 0 or s.shape[0] != rows:
+            raise ValueError(f"states[{i}] must have {rows} rows (the rows of {what}), got shape {tuple(s.shape)}")
+        if s.device != device:
+            raise ValueError(f"states[{i}] is on {s.device} but {what} is on {device}; move them to one device")
+
+
+# ---------------------------------------------------------------------------------------------------- public ops
+def exit_compact(logits: torch.Tensor, threshold, *states: torch.Tensor, criterion: str = "max_softmax"):
+    """Decide who leaves at an exit and compact the survivors' states, in one pass over each state.
+
+    Args:
+        logits: (n, classes) float32/float64/float16/bfloat16 logits of the n samples still running.
+        threshold: Python float or 0-d tensor. A row leaves when its confidence >= threshold ("max_softmax",
+            "margin") or <= threshold ("entropy"); the threshold is rounded to the confidence's dtype (float32 for
+            half types and float32, float64 for float64). NaN confidence never leaves.
+        *states: tensors (n, ...) of any dtype (bool and integer included), any trailing shape, any strides.
+        criterion: "max_softmax" (largest softmax probability), "entropy" (of the softmax) or "margin"
+            (top1 - top2 probability).
+
+    Returns:
+        (keep, exited, *compacted): keep (m,) int64 positions (within n) of the survivors, increasing; exited
+        (n - m,) int64 positions of the rows that leave, increasing; each state as (m, ...), rows in keep order,
+        contiguous. m == 0 and m == n are normal. Gradients flow from the compacted states back into the kept rows.
+    """
+    _check_logits(logits)
+    code = criterion_code(criterion)
+    thr = _threshold_tensor(threshold, logits)
+    _check_states(states, logits.shape[0], logits.device)
+    backend = _dispatch.backend_for("exit_confidence_mask", logits.device)
+    if backend == _dispatch.REFERENCE:
+        return exit_compact_reference(logits, thr, *states, criterion=criterion)
+    if backend == _dispatch.TRITON:
+        mask_op, compact_op, _ = _triton_ops()
+        keep, exited = mask_op(logits, thr if thr.device == logits.device else thr.to(logits.device), code)
+        return (keep, exited, *(compact_op(list(states), keep) if states else ()))
+    keep, exited = torch.ops.lookfast.exit_confidence_mask(logits, thr, code)
+    return (keep, exited, *(torch.ops.lookfast.compact_rows(list(states), keep) if states else ()))
+
+
+def compact_rows(states, keep: torch.Tensor) -> list[torch.Tensor]:
+    """Rows `keep` (int64 (m,), distinct, in range) of every state (n, ...), gathered in one pass: [s[keep], ...]."""
+    require_tensor("keep", keep)
+    require_dim("keep", keep, 1, "(m,) row positions")
+    require_dtype("keep", keep, (torch.int64,))
+    states = list(states)
+    if not states:
+        return []
+    _check_states(states, states[0].shape[0] if states[0].dim() else -1, keep.device, what="states[0]")
+    backend = _dispatch.backend_for("compact_rows", keep.device)
+    if backend == _dispatch.REFERENCE:
+        return [s.index_select(0, keep) for s in states]
+    if backend == _dispatch.TRITON:
+        return _triton_ops()[1](states, keep)
+    return torch.ops.lookfast.compact_rows(states, keep)
+
+
+def _rows_dense(t: torch.Tensor) -> bool:
+    expected = 1
+    for d in range(t.dim() - 1, 0, -1):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+def exit_scatter(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Write row j of `values` into row `batch_index[j]` of `out`, in place, and return `out`.
+
+    Args:
+        out: (N, ...) tensor of any dtype.
+        batch_index: (k,) int64 destination rows, each in [0, N) (duplicates: one of the rows wins).
+        values: (k, ...) with out's trailing shape and dtype, on out's device.
+    When autograd is recording through `out` or `values` the write is `out.index_copy_` (differentiable);
+    otherwise the C++ / CUDA / Triton kernel runs.
+    """
+    require_tensor("out", out)
+    require_tensor("batch_index", batch_index)
+    require_tensor("values", values)
+    require_dim("batch_index", batch_index, 1, "(k,) destination rows")
+    require_dtype("batch_index", batch_index, (torch.int64,))
+    require_same_device("out", out, batch_index=batch_index, values=values)
+    if out.dim() == 0:
+        raise ValueError("out must have a leading row dimension, got a 0-d tensor")
+    if values.dim() != out.dim() or tuple(values.shape[1:]) != tuple(out.shape[1:]):
+        raise ValueError(f"values must have shape (k, {', '.join(map(str, out.shape[1:]))}) to match out, "
+                         f"got {tuple(values.shape)}")
+    if values.shape[0] != batch_index.shape[0]:
+        raise ValueError(f"values has {values.shape[0]} rows but batch_index has {batch_index.shape[0]}")
+    if values.dtype != out.dtype:
+        raise TypeError(f"values must have out's dtype {out.dtype}, got {values.dtype}")
+    if out.device.type != "cpu" and batch_index.numel():
+        # No host sync: the device asserts; the GPU kernels also skip out-of-range rows rather than write them.
+        torch._assert_async(((batch_index >= 0) & (batch_index < out.shape[0])).all(),
+                            "exit_scatter: batch_index out of range for out's rows")
+    grad = torch.is_grad_enabled() and (out.requires_grad or values.requires_grad)
+    backend = _dispatch.backend_for("exit_scatter", out.device)
+    if grad or backend == _dispatch.REFERENCE:
+        return exit_scatter_reference(out, batch_index, values)
+    if backend == _dispatch.TRITON:
+        if not _rows_dense(out):
+            return exit_scatter_reference(out, batch_index, values)
+        _triton_ops()[2](out, batch_index, values)
+        return out
+    torch.ops.lookfast.exit_scatter(out, batch_index, values)
+    return out

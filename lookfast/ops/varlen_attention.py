@@ -1,0 +1,334 @@
+"""Variable-length (packed) attention: `lookfast.varlen_attention` and its batched convenience `lookfast.cross_attention`.
+
+Layout and semantics follow FlashAttention's `flash_attn_varlen_func`: the queries of all samples are packed along
+dim 0 of `q` (total_q, H, Dh), the keys/values along dim 0 of `k`/`v` (total_k, Hk, Dh|Dv), and `cu_seqlens_q/k`
+(B+1,) int32 give each sample's row range. Query head h uses kv head h // (H // Hk) (grouped-query attention).
+
+Backends (see `lookfast._dispatch`): the C++ op `lookfast::varlen_attention_fwd` / `_bwd` (CPU kernel in
+csrc/cpu/varlen_attention.cpp, CUDA kernel in csrc/cuda/varlen_attention.cu), the Triton op
+`lookfast::varlen_attention_triton` / `_triton_bwd` defined here around the launchers in
+`lookfast.kernels.varlen_attention` (imported on first use, so CPU users never need triton), and the pure-PyTorch
+reference `varlen_attention_reference` (per-sample math; the oracle of the tests).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _dispatch
+from .._validate import FLOAT_DTYPES, require_dim, require_dtype, require_int, require_same_device, require_tensor
+
+__all__ = ["varlen_attention", "cross_attention", "varlen_attention_reference"]
+
+_OP = "varlen_attention_fwd"
+
+
+# --------------------------------------------------------------------------------------------- validation
+def _check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> None:
+    # Needs the values on the host: always done for CPU tensors; for CUDA tensors it would cost a device sync per
+    # call, so it is done only when LOOKFAST_CHECK_CU_SEQLENS=1 (the CUDA/Triton kernels guard their own bounds by
+    # clamping row ranges to [0, total)).
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values[:-1], values[1:])]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at the number of packed rows ({total}), got {values[-1]}")
+    longest = max(lengths, default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest sample in {name} ({longest})")
+
+
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        require_tensor(name, t)
+    require_dim("q", q, 3, "(total_q, H, Dh)")
+    require_dim("k", k, 3, "(total_k, Hk, Dh)")
+    require_dim("v", v, 3, "(total_k, Hk, Dv)")
+    require_dtype("q", q, FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share a dtype")
+    require_same_device("q", q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32 (FlashAttention's layout), got {cu.dtype}")
+        if cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{name} must be 1-D (B+1,), got shape {tuple(cu.shape)}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q has {cu_seqlens_q.numel() - 1} samples but cu_seqlens_k has {cu_seqlens_k.numel() - 1}"
+        )
+    if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same rows and kv heads")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q head dim {q.shape[2]} != k head dim {k.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    require_int("max_seqlen_q", max_seqlen_q)
+    require_int("max_seqlen_k", max_seqlen_k)
+    if max_seqlen_q < 0 or max_seqlen_k < 0:
+        raise ValueError(f"max_seqlen_q/max_seqlen_k must be >= 0, got {max_seqlen_q}, {max_seqlen_k}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[2]) if q.shape[2] > 0 else 1.0
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    softmax_scale = float(softmax_scale)
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if not torch.compiler.is_compiling() and (
+        q.device.type == "cpu" or _env_flag("LOOKFAST_CHECK_CU_SEQLENS")
+    ):
+        _check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+        _check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+    return softmax_scale
+
+
+def _env_flag(name: str) -> bool:
+    import os
+
+    return os.environ.get(name, "") == "1"
+
+
+# --------------------------------------------------------------------------------------------- reference
+def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal=False):
+    """Pure-PyTorch oracle: per-sample softmax(q k^T * scale) v in float32 (float64 for float64 inputs).
+
+    Returns (out (total_q, H, Dv) in q's dtype, lse (H, total_q) float32). Differentiable through plain torch.
+    Queries that see no key output zeros and lse = -inf.
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    total_q, heads, _ = q.shape
+    kv_heads, dv = k.shape[1], v.shape[2]
+    group = heads // kv_heads
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        qs = q[cu_q[b] : cu_q[b + 1]].to(compute).transpose(0, 1)  # (H, Lq, Dh)
+        ks = k[cu_k[b] : cu_k[b + 1]].to(compute).transpose(0, 1).repeat_interleave(group, 0)
+        vs = v[cu_k[b] : cu_k[b + 1]].to(compute).transpose(0, 1).repeat_interleave(group, 0)
+        len_q, len_k = qs.shape[1], ks.shape[1]
+        s = torch.matmul(qs, ks.transpose(1, 2)) * softmax_scale  # (H, Lq, Lk)
+        row = torch.arange(len_q, device=q.device)[:, None]
+        col = torch.arange(len_k, device=q.device)[None, :]
+        visible = col <= row + (len_k - len_q) if causal else torch.ones(len_q, len_k, dtype=torch.bool, device=q.device)
+        empty = ~visible.any(1)  # (Lq,) rows that see no key
+        s = s.masked_fill(~visible, float("-inf"))
+        s_safe = torch.where(empty[None, :, None], torch.zeros_like(s), s)  # softmax of a fully masked row is NaN
+        p = torch.softmax(s_safe, dim=-1) * (~empty)[None, :, None].to(compute)
+        outs.append(torch.matmul(p, vs).transpose(0, 1))
+        lse = torch.logsumexp(s_safe, dim=-1) if len_k > 0 else s_safe.new_zeros(heads, len_q)
+        lses.append(torch.where(empty[None, :], torch.full_like(lse, float("-inf")), lse))
+    if not outs:
+        return q.new_zeros(0, heads, dv), torch.zeros(heads, 0, dtype=torch.float32, device=q.device)
+    out = torch.cat(outs, 0) if outs else q.new_zeros(total_q, heads, dv)
+    return out.to(q.dtype), torch.cat(lses, 1).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- C++ op: fake + autograd
+def _fake_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    return out, lse
+
+
+def _fake_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.params = (max_q, max_k, scale, causal)
+    ctx.mark_non_differentiable(lse)
+
+
+def _make_backward(bwd):
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, scale, causal = ctx.params
+        if dout is None:
+            return (None,) * 9
+        dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal)
+        return dq, dk, dv, None, None, None, None, None, None
+
+    return backward
+
+
+def _register_cpp() -> bool:
+    if not hasattr(torch.ops.lookfast, "varlen_attention_fwd"):
+        return False
+    torch.library.register_fake("lookfast::varlen_attention_fwd")(_fake_fwd)
+    torch.library.register_fake("lookfast::varlen_attention_bwd")(_fake_bwd)
+    torch.library.register_autograd(
+        "lookfast::varlen_attention_fwd",
+        _make_backward(lambda *a: torch.ops.lookfast.varlen_attention_bwd(*a)),
+        setup_context=_setup_context,
+    )
+    return True
+
+
+_HAS_CPP_OP = _register_cpp()
+
+
+# --------------------------------------------------------------------------------------------- Triton op
+def _triton_module():
+    from ..kernels import varlen_attention as module  # needs triton; imported only when a Triton launch happens
+
+    return module
+
+
+@torch.library.custom_op("lookfast::varlen_attention_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _varlen_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # CPU tensors run the same launcher under TRITON_INTERPRET=1 (how the Triton kernels are tested without a GPU).
+    return _triton_module().varlen_attention_fwd_triton(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal
+    )
+
+
+@torch.library.custom_op("lookfast::varlen_attention_triton_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def _varlen_attention_triton_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_module().varlen_attention_bwd_triton(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal
+    )
+
+
+_varlen_attention_triton.register_fake(_fake_fwd)
+_varlen_attention_triton_bwd.register_fake(_fake_bwd)
+_varlen_attention_triton.register_autograd(
+    _make_backward(lambda *a: torch.ops.lookfast.varlen_attention_triton_bwd(*a)), setup_context=_setup_context
+)
+
+
+# --------------------------------------------------------------------------------------------- public API
+@torch.compiler.assume_constant_result
+def _backend(device_type: str) -> str:
+    # Asks the dispatcher which kernels exist (a non-tensor torch call Dynamo cannot trace): under torch.compile the
+    # answer is a compile-time constant.
+    return _dispatch.backend_for(_OP, torch.device(device_type))
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    return_lse: bool = False,
+):
+    """Attention over packed variable-length samples (FlashAttention's `flash_attn_varlen_func` argument order).
+
+    Args:
+        q: (total_q, H, Dh) float32/float64/float16/bfloat16, the queries of all samples packed along dim 0.
+        k: (total_k, Hk, Dh), same dtype and device; H must be a multiple of Hk (query head h uses kv head
+            h // (H // Hk)).
+        v: (total_k, Hk, Dv).
+        cu_seqlens_q, cu_seqlens_k: (B+1,) int32, cumulative row offsets starting at 0, non-decreasing, ending at
+            total_q / total_k. Samples may have zero queries or zero keys.
+        max_seqlen_q, max_seqlen_k: ints >= the longest sample (checked for CPU tensors).
+        softmax_scale: scale of q.k before the softmax; default 1/sqrt(Dh).
+        causal: bottom-right aligned causal mask (query i of a sample with Lq queries and Lk keys sees keys
+            j <= i + Lk - Lq), as FlashAttention.
+        return_lse: also return the (H, total_q) float32 natural-log log-sum-exp of the scaled scores.
+
+    Returns:
+        out (total_q, H, Dv) in q's dtype, or (out, lse) with return_lse. A query that sees no key (zero-key sample,
+        or masked out by causality) gets zeros and lse = -inf. Differentiable in q, k and v (not through lse).
+
+    cu_seqlens values are checked on the host for CPU tensors; for CUDA tensors that would sync the device on every
+    call, so it is done only with LOOKFAST_CHECK_CU_SEQLENS=1 (the GPU kernels stay in bounds regardless).
+    """
+    scale = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
+    causal = bool(causal)
+    backend = _backend(q.device.type)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
+    if backend in (_dispatch.CPP, _dispatch.CUDA):
+        out, lse = torch.ops.lookfast.varlen_attention_fwd(*args, max_seqlen_q, max_seqlen_k, scale, causal)
+    elif backend == _dispatch.TRITON:
+        out, lse = torch.ops.lookfast.varlen_attention_triton(*args, max_seqlen_q, max_seqlen_k, scale, causal)
+    else:
+        out, lse = varlen_attention_reference(*args, scale, causal)
+    return (out, lse) if return_lse else out
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None):
+    """Batched attention over (B, L, H, D) tensors, run by the varlen kernels.
+
+    Args:
+        q: (B, Lq, H, Dh). k: (B, Lk, Hk, Dh). v: (B, Lk, Hk, Dv); H a multiple of Hk; one dtype and device.
+        kv_lengths: optional (B,) integer tensor; keys at positions >= kv_lengths[b] of sample b are ignored
+            (a length of 0 gives zeros for that sample).
+
+    Returns:
+        (B, Lq, H, Dv) in q's dtype, softmax(q k^T / sqrt(Dh)) v per sample and head.
+
+    Without kv_lengths the packing is a view (no copy) for contiguous inputs; with kv_lengths the kept keys are
+    gathered (one copy of k and v; for CUDA tensors this needs a host sync for the total length).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        require_tensor(name, t)
+    require_dim("q", q, 4, "(B, Lq, H, Dh)")
+    require_dim("k", k, 4, "(B, Lk, Hk, Dh)")
+    require_dim("v", v, 4, "(B, Lk, Hk, Dv)")
+    batch, len_q, heads, _ = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"k and v must have batch {batch} like q, got {k.shape[0]} and {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k has {k.shape[1]} keys per sample but v has {v.shape[1]}")
+    len_k = k.shape[1]
+    step_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    cu_q = step_q * len_q
+    q_packed = q.reshape(batch * len_q, heads, q.shape[3])
+    if kv_lengths is None:
+        cu_k = step_q * len_k
+        k_packed = k.reshape(batch * len_k, k.shape[2], k.shape[3])
+        v_packed = v.reshape(batch * len_k, v.shape[2], v.shape[3])
+    else:
+        require_tensor("kv_lengths", kv_lengths)
+        require_same_device("q", q, kv_lengths=kv_lengths)
+        if kv_lengths.dtype.is_floating_point or kv_lengths.dtype.is_complex or kv_lengths.dtype == torch.bool:
+            raise TypeError(f"kv_lengths must be an integer tensor, got {kv_lengths.dtype}")
+        if kv_lengths.shape != (batch,):
+            raise ValueError(f"kv_lengths must have shape ({batch},), got {tuple(kv_lengths.shape)}")
+        if not torch.compiler.is_compiling() and q.device.type == "cpu":
+            lo, hi = int(kv_lengths.min()) if batch else 0, int(kv_lengths.max()) if batch else 0
+            if lo < 0 or hi > len_k:
+                raise ValueError(f"kv_lengths must lie in [0, {len_k}], got values in [{lo}, {hi}]")
+        lengths = kv_lengths.to(torch.int32)
+        cu_k = torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0, dtype=torch.int32)])
+        keep = (torch.arange(len_k, device=q.device)[None, :] < lengths[:, None]).reshape(-1)
+        k_packed = k.reshape(batch * len_k, k.shape[2], k.shape[3])[keep]
+        v_packed = v.reshape(batch * len_k, v.shape[2], v.shape[3])[keep]
+    out = varlen_attention(q_packed, k_packed, v_packed, cu_q, cu_k, len_q, len_k)
+    return out.reshape(batch, len_q, heads, v.shape[3])

@@ -1,0 +1,504 @@
+"""exit_compact / exit_scatter / EarlyExitRunner / calibrate_thresholds (OPS.md section 3).
+
+C++ and Triton (interpreter, CPU tensors) against the pure-PyTorch reference, the reference against float64 math, the
+runner against one-sample-at-a-time execution, the calibration against a hand-computed case and a brute force.
+Thresholds are drawn between two neighbouring confidences (never on one), so rounding cannot flip a decision.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+import lookfast
+from lookfast import _ext
+from lookfast.exit_calibration import exits_taken
+from lookfast.ops import exit as ex
+
+CRITERIA = ["max_softmax", "entropy", "margin"]
+needs_cpp = pytest.mark.skipif(not _ext.loaded, reason=f"lookfast._C not built: {_ext.load_error}")
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def confidence64(logits: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Float64 confidence from first principles (loops over rows, no shared code with the reference)."""
+    out = []
+    for row in logits.double():
+        if torch.isnan(row).any() or torch.isposinf(row).any() or torch.isneginf(row).all():
+            out.append(float("nan"))
+            continue
+        m = row.max()
+        e = torch.exp(row - m)
+        p = e / e.sum()
+        if criterion == "max_softmax":
+            out.append(p.max().item())
+        elif criterion == "entropy":
+            out.append(-sum(pi * math.log(pi) for pi in p.tolist() if pi > 0))
+        else:
+            ps = sorted(p.tolist(), reverse=True) + [0.0]
+            out.append(ps[0] - ps[1])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def threshold_between(conf: torch.Tensor, rng: random.Random, gap: float = 1e-4) -> float:
+    """A threshold that splits the finite confidences at a random rank, at least `gap` from each of them."""
+    finite = sorted(c for c in conf.tolist() if not math.isnan(c))
+    cuts = [finite[0] - 1.0] if finite else [0.5]
+    cuts += [(a + b) / 2 for a, b in zip(finite, finite[1:]) if b - a > 2 * gap]
+    cuts += [finite[-1] + 1.0] if finite else []
+    return rng.choice(cuts)
+
+
+def random_logits(n: int, classes: int, dtype=torch.float32, nan_rows: int = 1) -> torch.Tensor:
+    x = torch.randn(n, classes, dtype=torch.float64) * 3
+    if n and classes > 2:
+        x[torch.randint(n, (1,)), torch.randint(classes, (1,))] = float("-inf")  # a masked class
+    for r in torch.randperm(n)[:nan_rows].tolist():
+        x[r, torch.randint(classes, (1,))] = float("nan")
+    return x.to(dtype)
+
+
+def odd_states(n: int) -> list[torch.Tensor]:
+    """Float, half, int64, bool, 1-D, empty trailing dim, and three kinds of non-contiguous states."""
+    wide = torch.randn(n, 7, 5)
+    return [
+        torch.randn(n, 3, 5),
+        torch.randn(n, 4).half(),
+        torch.randint(-(2**40), 2**40, (n, 3)),
+        torch.rand(n, 2, 3) > 0.5,
+        torch.randn(n),
+        torch.randn(n, 0, 3),
+        wide[:, ::2, 1:4],  # strided rows: not memcpy-able
+        torch.randn(5, n, 3).transpose(0, 1),  # rows dense but far apart
+        torch.randn(n, 2, 6).transpose(1, 2),  # transposed trailing dims
+        torch.randn(n, 3, dtype=torch.float64),
+    ]
+
+
+def poison_heap(nbytes: int = 1 << 20) -> None:
+    """Free NaN-filled blocks so the next allocations likely reuse garbage (an unwritten output then shows)."""
+    blocks = [torch.full((nbytes // 4,), float("nan")) for _ in range(4)]
+    blocks += [torch.full((sz,), -1, dtype=torch.int64) for sz in (7, 33, 129)]
+    del blocks
+
+
+def assert_compact_equal(got, want):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, (i, g.dtype, w.dtype, g.shape, w.shape)
+        assert torch.equal(g, w) or (g.is_floating_point() and torch.equal(g.isnan(), w.isnan())
+                                    and torch.equal(g.nan_to_num(0), w.nan_to_num(0))), i
+
+
+# ---------------------------------------------------------------------------------------- reference vs float64
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_reference_confidence_matches_float64_math(criterion, seed):
+    x = random_logits(23, 37, torch.float64, nan_rows=2)
+    x[3] = float("-inf")  # no softmax: NaN
+    x[4, 5] = float("inf")  # softmax NaN
+    want = confidence64(x, criterion)
+    got = ex.exit_confidence_reference(x, criterion)
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got.nan_to_num(0), want.nan_to_num(0), rtol=1e-12, atol=1e-12)
+    one = torch.randn(4, 1, dtype=torch.float64)
+    torch.testing.assert_close(ex.exit_confidence_reference(one, criterion), confidence64(one, criterion))
+
+
+@needs_cpp
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpp_confidence_contract(criterion, dtype, seed):
+    """float32: decisions exact at thresholds 1e-5 from every confidence; half types 1e-2 (OPS.md numerics)."""
+    rng = random.Random(seed)
+    x = random_logits(41, 101, dtype, nan_rows=3)
+    conf = confidence64(x.double(), criterion)
+    gap = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+    for _ in range(4):
+        thr = threshold_between(conf, rng, gap)
+        keep, exited = torch.ops.lookfast.exit_confidence_mask(x, torch.tensor(thr), ex.CRITERIA[criterion])
+        passes = conf <= thr if criterion == "entropy" else conf >= thr
+        assert keep.tolist() == torch.nonzero(~passes).squeeze(1).tolist()
+        assert exited.tolist() == torch.nonzero(passes).squeeze(1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- C++ vs reference
+@needs_cpp
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_cpp_matches_reference(criterion, seed, monkeypatch):
+    monkeypatch.delenv("LOOKFAST_BACKEND", raising=False)
+    rng = random.Random(seed)
+    for n, classes in [(37, 19), (1, 5), (64, 1000), (9, 1), (0, 3)]:
+        x = random_logits(n, classes, nan_rows=min(n, 2))
+        states = odd_states(n)
+        conf = ex.exit_confidence_reference(x, criterion)
+        for thr in [threshold_between(conf, rng), threshold_between(conf, rng)]:
+            want = ex.exit_compact_reference(x, thr, *states, criterion=criterion)
+            poison_heap()
+            got = lookfast.exit_compact(x, thr, *states, criterion=criterion)
+            assert_compact_equal(got, want)
+            for g, s in zip(got[2:], states):
+                assert g.is_contiguous()
+        nan_rows = torch.isnan(conf).nonzero().squeeze(1).tolist()
+        for r in nan_rows:  # NaN confidence never exits
+            assert r in got[0].tolist()
+
+
+@needs_cpp
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_all_and_none_exit(criterion):
+    x = random_logits(13, 11, nan_rows=0)
+    states = odd_states(13)
+    everyone, nobody = (float("inf"), -1.0) if criterion == "entropy" else (-1.0, float("inf"))
+    keep, exited, *s = lookfast.exit_compact(x, everyone, *states, criterion=criterion)
+    assert keep.numel() == 0 and exited.tolist() == list(range(13))
+    assert all(t.shape == (0, *st.shape[1:]) and t.dtype == st.dtype for t, st in zip(s, states))
+    keep, exited, *s = lookfast.exit_compact(x, torch.tensor(nobody), *states, criterion=criterion)
+    assert exited.numel() == 0 and keep.tolist() == list(range(13))
+    assert_compact_equal(s, [st.contiguous() for st in states])
+    x[4, 2] = float("nan")
+    keep, exited = lookfast.exit_compact(x, everyone, criterion=criterion)
+    assert keep.tolist() == [4]
+
+
+@needs_cpp
+def test_exit_scatter_cpp(seed):
+    for out, values in [
+        (torch.full((9, 3, 4), float("nan")), torch.randn(5, 3, 4)),
+        (torch.full((9,), -1, dtype=torch.int64), torch.arange(5)),
+        (torch.zeros(9, 2, dtype=torch.bool), torch.ones(5, 2, dtype=torch.bool)),
+        (torch.full((4, 9, 3), float("nan")).transpose(0, 1), torch.randn(5, 4, 3)),  # strided out
+        (torch.full((9, 2), float("nan")).half(), torch.randn(2, 5).half().t()),  # strided values
+    ]:
+        idx = torch.randperm(9)[:5]
+        want = out.clone().index_copy_(0, idx, values)
+        got = lookfast.exit_scatter(out, idx, values)
+        assert got is out
+        assert torch.equal(out.nan_to_num(7), want.nan_to_num(7))
+    empty = torch.zeros(3, 2)
+    lookfast.exit_scatter(empty, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 2))
+    assert empty.abs().sum() == 0
+
+
+# ------------------------------------------------------------------------------------------- Triton (interpreter)
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_triton_matches_reference(criterion, seed, monkeypatch):
+    k = pytest.importorskip("lookfast.kernels.exit_compact")
+    monkeypatch.setattr(k, "CONFIDENCE_BLOCK_MAX", 16)  # 37 classes -> 3 blocks: exercises the online merge
+    monkeypatch.setattr(k, "COPY_BLOCK", 8)
+    rng = random.Random(seed)
+    for n, classes in [(7, 37), (1, 5), (6, 1), (0, 4)]:
+        x = random_logits(n, classes, nan_rows=min(n, 1))
+        states = [torch.randn(n, 3, 5), torch.randint(0, 9, (n, 3)), torch.rand(n, 3) > 0.5,
+                  torch.randn(n, 4).half(), torch.randn(n, 6, 4)[:, ::2], torch.randn(n)]
+        conf = ex.exit_confidence_reference(x, criterion)
+        thr = threshold_between(conf, rng)
+        want = ex.exit_compact_reference(x, thr, *states, criterion=criterion)
+        keep, exited = k.exit_confidence_mask(x, torch.tensor(thr, dtype=torch.float64), ex.CRITERIA[criterion])
+        assert keep.tolist() == want[0].tolist() and exited.tolist() == want[1].tolist()
+        assert_compact_equal(k.compact_rows(states, keep), list(want[2:]))
+    x = torch.randn(5, 40, dtype=torch.float64)
+    for crit in CRITERIA:  # float64 path
+        thr = threshold_between(ex.exit_confidence_reference(x, crit), rng)
+        want = ex.exit_compact_reference(x, thr, criterion=crit)
+        got = k.exit_confidence_mask(x, torch.tensor(thr, dtype=torch.float64), ex.CRITERIA[crit])
+        assert [g.tolist() for g in got] == [w.tolist() for w in want]
+
+
+def test_triton_scatter(seed, monkeypatch):
+    k = pytest.importorskip("lookfast.kernels.exit_compact")
+    monkeypatch.setattr(k, "COPY_BLOCK", 8)
+    for out, values in [(torch.full((7, 3, 3), float("nan")), torch.randn(4, 3, 3)),
+                        (torch.full((7,), -1, dtype=torch.int64), torch.arange(4)),
+                        (torch.zeros(7, 5, dtype=torch.bool), torch.ones(4, 5, dtype=torch.bool))]:
+        idx = torch.randperm(7)[:4]
+        want = out.clone().index_copy_(0, idx, values)
+        k.exit_scatter(out, idx, values)
+        assert torch.equal(out.nan_to_num(7), want.nan_to_num(7))
+
+
+# ------------------------------------------------------------------------------- autograd, opcheck, torch.compile
+@needs_cpp
+def test_gradients_flow_to_kept_rows(seed):
+    x = torch.randn(6, 4, dtype=torch.float64)
+    thr = threshold_between(ex.exit_confidence_reference(x, "max_softmax"), random.Random(seed))
+    a = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 2, 2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, b: tuple(lookfast.exit_compact(x, thr, a, b)[2:]), (a, b))
+    keep, _, ca, idx = lookfast.exit_compact(x, thr, a, torch.arange(6))
+    (ca * 2).sum().backward()
+    want = torch.zeros(6, 3, dtype=torch.float64)
+    want[keep] = 2
+    assert torch.equal(a.grad, want)
+
+
+@needs_cpp
+def test_opcheck():
+    x = torch.randn(11, 9)
+    x[2, 0] = float("nan")
+    for crit in range(3):
+        torch.library.opcheck(torch.ops.lookfast.exit_confidence_mask.default, (x, torch.tensor(0.3), crit),
+                              test_utils=("test_schema", "test_faketensor"))
+    keep = torch.tensor([0, 3, 4, 10])
+    states = [torch.randn(11, 3, requires_grad=True), torch.randint(0, 5, (11, 2)), torch.randn(11, 2, 2)]
+    torch.library.opcheck(torch.ops.lookfast.compact_rows.default, (states, keep))
+    torch.library.opcheck(torch.ops.lookfast.compact_rows_backward.default, ([torch.randn(4, 3)], keep, 11))
+    torch.library.opcheck(torch.ops.lookfast.exit_scatter.default, (torch.zeros(11, 3), keep, torch.randn(4, 3)))
+
+
+@needs_cpp
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    import torch._dynamo.config as dcfg
+
+    def step(logits, a, b, threshold):
+        keep, exited, ca, cb = lookfast.exit_compact(logits, threshold, a, b, criterion="margin")
+        return keep, exited, ca * 2, cb
+
+    x, a, b = torch.randn(10, 7), torch.randn(10, 3), torch.randint(0, 9, (10, 2))
+    with dcfg.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
+        compiled = torch.compile(step, fullgraph=True, backend="inductor")
+        for thr in (0.2, 0.5):
+            got, want = compiled(x, a, b, torch.tensor(thr)), step(x, a, b, torch.tensor(thr))
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+@needs_cpp
+def test_bad_inputs_name_the_argument():
+    x, s = torch.randn(5, 4), torch.randn(5, 2)
+    cases = [
+        (lambda: lookfast.exit_compact(x, 0.5, torch.randn(4, 2)), ValueError, "states[0]"),
+        (lambda: lookfast.exit_compact(x, 0.5, s, torch.randn(6)), ValueError, "states[1]"),
+        (lambda: lookfast.exit_compact(x, 0.5, s, criterion="softmax"), ValueError, "criterion"),
+        (lambda: lookfast.exit_compact(x, torch.tensor([0.5, 0.2]), s), ValueError, "threshold"),
+        (lambda: lookfast.exit_compact(x, "0.5", s), TypeError, "threshold"),
+        (lambda: lookfast.exit_compact(x[0], 0.5), ValueError, "logits"),
+        (lambda: lookfast.exit_compact(x.long(), 0.5), TypeError, "logits"),
+        (lambda: lookfast.exit_compact(torch.randn(5, 0), 0.5), ValueError, "logits"),
+        (lambda: lookfast.exit_compact(x, 0.5, 3), TypeError, "states[0]"),
+        (lambda: lookfast.exit_scatter(s, torch.tensor([0, 1], dtype=torch.int32), s[:2]), TypeError, "batch_index"),
+        (lambda: lookfast.exit_scatter(s, torch.tensor([0, 1]), s[:3]), ValueError, "batch_index"),
+        (lambda: lookfast.exit_scatter(s, torch.tensor([0, 1]), torch.randn(2, 3)), ValueError, "values"),
+        (lambda: lookfast.exit_scatter(s, torch.tensor([0, 1]), s[:2].double()), TypeError, "values"),
+        (lambda: lookfast.exit_scatter(s, torch.tensor([0, 7]), s[:2]), RuntimeError, "batch_index"),
+        (lambda: lookfast.calibrate_thresholds(torch.randn(3, 4, 5), [0.5, 0.4, 0.2]), ValueError, "proportions"),
+        (lambda: lookfast.calibrate_thresholds(torch.randn(3, 4, 5), [0.5, 0.5]), ValueError, "proportions"),
+        (lambda: lookfast.calibrate_thresholds(torch.randn(4, 5), [0.5, 0.5]), ValueError, "exit_logits"),
+        (lambda: lookfast.budget_proportions(0, 0.5), ValueError, "num_exits"),
+        (lambda: lookfast.budget_proportions(3, -1.0), ValueError, "q"),
+        (lambda: lookfast.expected_cost([0.5, 0.5], [1, 2, 3]), ValueError, "exit_costs"),
+        (lambda: lookfast.EarlyExitRunner([lambda s: s], []), ValueError, "heads"),
+        (lambda: lookfast.EarlyExitRunner([lambda s: s], [lambda s: s[0]], criterion="x"), ValueError, "criterion"),
+        (lambda: lookfast.EarlyExitRunner([lambda s: s], [lambda s: s[0]])((x,), [0.5, 0.5]), ValueError,
+         "thresholds"),
+    ]
+    for fn, error, name in cases:
+        with pytest.raises(error, match=name.replace("[", r"\[").replace("]", r"\]")):
+            fn()
+    with pytest.raises(RuntimeError, match="keep"):  # the C++ op itself refuses out-of-range rows
+        torch.ops.lookfast.compact_rows([s], torch.tensor([0, 5]))
+
+
+# ---------------------------------------------------------------------------------------------- EarlyExitRunner
+def toy_model(classes: int = 5, width: int = 6, exits: int = 4):
+    """Stages on a free-form state (features, integer tags, a conv map, a bool flag); head i > 0 also reads exit
+    i - 1's logits, which head i - 1 put into the state."""
+    g = torch.Generator().manual_seed(1234)
+    ws = [torch.randn(width, width, generator=g) / width**0.5 for _ in range(exits)]
+    hs = [torch.randn(width + (classes if i else 0), classes, generator=g) * 2 for i in range(exits)]
+    conv = torch.randn(2, 2, 3, 3, generator=g) / 3
+
+    def stage(i):
+        def run(state):
+            feat, tags, fmap, flag = state[:4]
+            fmap = torch.nn.functional.conv2d(fmap, conv, padding=1).tanh()
+            feat = torch.tanh(feat @ ws[i] + fmap.mean((1, 2, 3))[:, None])
+            return (feat, tags + 1, fmap, flag) + tuple(state[4:5])  # keeps the previous exit's logits
+        return run
+
+    def head(i):
+        def run(state):
+            inp = state[0] if i == 0 else torch.cat([state[0], state[4]], 1)
+            logits = inp @ hs[i]
+            return logits, tuple(state[:4]) + (logits,)
+        return run
+
+    return [stage(i) for i in range(exits)], [head(i) for i in range(exits)]
+
+
+def toy_inputs(batch: int, width: int = 6):
+    return (torch.randn(batch, width), torch.arange(batch) * 10, torch.randn(batch, 2, 5, 3),
+            torch.rand(batch) > 0.5)
+
+
+def run_alone(stages, heads, inputs, thresholds, criterion):
+    """The oracle: one sample at a time, every stage in order, stop at the first passing exit."""
+    outs, taken = [], []
+    for b in range(inputs[0].shape[0]):
+        state = tuple(t[b:b + 1] for t in inputs)
+        for i in range(len(stages)):
+            state = stages[i](state)
+            logits, state = heads[i](state)
+            if i == len(stages) - 1 or bool(ex.exit_mask_reference(logits, thresholds[i], criterion)[0]):
+                outs.append(logits[0])
+                taken.append(i)
+                break
+    return torch.stack(outs), torch.tensor(taken)
+
+
+def exit_confidences(stages, heads, inputs, criterion):
+    state, confs = inputs, []
+    for st, hd in zip(stages, heads):
+        logits, state = hd(st(state))
+        confs.append(ex.exit_confidence_reference(logits, criterion))
+    return confs
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_runner_matches_one_sample_at_a_time(criterion, seed):
+    rng = random.Random(seed)
+    stages, heads = toy_model()
+    runner = lookfast.EarlyExitRunner(stages, heads, criterion=criterion)
+    for batch in (13, 1):
+        inputs = toy_inputs(batch)
+        if batch > 1:
+            inputs[0][3] = float("nan")  # NaN all the way: never exits early, leaves at the last exit
+        confs = exit_confidences(stages, heads, inputs, criterion)
+        for _ in range(3):
+            thresholds = [threshold_between(c, rng) for c in confs[:-1]] + [0.0]
+            want_logits, want_exit = run_alone(stages, heads, inputs, thresholds, criterion)
+            logits, exit_index = runner(inputs, thresholds)
+            assert exit_index.dtype == torch.int64 and exit_index.tolist() == want_exit.tolist()
+            torch.testing.assert_close(logits, want_logits, equal_nan=True, rtol=1e-5, atol=1e-5)
+            if batch > 1:
+                assert exit_index[3] == len(stages) - 1
+
+
+def test_runner_all_none_and_skipped_stages():
+    stages, heads = toy_model()
+    calls = []
+    counted = [lambda s, f=f: (calls.append(s[0].shape[0]), f(s))[1] for f in stages]
+    runner = lookfast.EarlyExitRunner(counted, heads)
+    inputs = toy_inputs(9)
+    logits, exit_index = runner(inputs, [-1.0, -1.0, -1.0, -1.0])  # everyone leaves at exit 0
+    assert exit_index.tolist() == [0] * 9 and calls == [9]
+    want, _ = run_alone(stages, heads, inputs, [-1.0] * 4, "max_softmax")
+    torch.testing.assert_close(logits, want)
+    calls.clear()
+    logits, exit_index = runner(inputs, torch.tensor([2.0, 2.0, 2.0, 0.0]))  # nobody leaves early
+    assert exit_index.tolist() == [3] * 9 and calls == [9, 9, 9, 9]
+    confs = exit_confidences(stages, heads, inputs, "max_softmax")
+    thr0 = sorted(confs[0].tolist())[4] - 1e-6  # 5 leave at exit 0; the rest never early
+    calls.clear()
+    _, exit_index = runner(inputs, [thr0, 2.0, 2.0, 2.0])
+    assert calls == [9, 4, 4, 4] and (exit_index == 0).sum() == 5
+
+
+def test_runner_single_tensor_state_and_head_forms():
+    w = torch.randn(4, 3)
+    runner = lookfast.EarlyExitRunner([lambda s: s[0] * 2, lambda s: s[0] + 1], [lambda s: s[0] @ w] * 2)
+    x = torch.randn(6, 4)
+    logits, exit_index = runner(x, [0.7, 0.0])
+    want, taken = run_alone([lambda s: (s[0] * 2,), lambda s: (s[0] + 1,)],
+                            [lambda s: (s[0] @ w, s)] * 2, (x,), [0.7, 0.0], "max_softmax")
+    assert exit_index.tolist() == taken.tolist()
+    torch.testing.assert_close(logits, want)
+
+
+# ----------------------------------------------------------------------------------------- calibrate_thresholds
+def brute_force_thresholds(exit_logits, proportions):
+    """Independent: plain Python lists, the sort done by hand, conf computed from float64 exps."""
+    exits, n, _ = exit_logits.shape
+    conf = [[max(math.exp(v - max(row)) for v in row) / sum(math.exp(v - max(row)) for v in row)
+             for row in exit_logits[e].double().tolist()] for e in range(exits)]
+    gone = [False] * n
+    out = []
+    for e in range(exits - 1):
+        k = math.floor(n * proportions[e])
+        avail = sorted((conf[e][i] for i in range(n) if not gone[i]), reverse=True)
+        t = math.inf if k == 0 or k > len(avail) else avail[k - 1]
+        out.append(t)
+        gone = [gone[i] or conf[e][i] >= t for i in range(n)]
+    return out + [-math.inf]
+
+
+def test_calibrate_hand_computed():
+    # 2 classes, logits (0, z): max softmax = sigmoid(|z|). n = 4, proportions (0.5, 0.25, 0.25).
+    z = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.2, 4.0, 1.0, 0.1], [0.0, 0.0, 0.0, 0.0]])
+    logits = torch.stack([torch.zeros_like(z), z], -1)
+    t = lookfast.calibrate_thresholds(logits, [0.5, 0.25, 0.25])
+    sig = lambda v: 1 / (1 + math.exp(-v))
+    # exit 0: k = 2, sorted (3, 2, 1, 0.5) -> T0 = sig(2): samples 0, 2 leave.
+    # exit 1: k = 1, left {1, 3} with z (4.0, 0.1) -> T1 = sig(4): sample 1 leaves. Exit 2 takes sample 3.
+    assert t.tolist() == pytest.approx([sig(2.0), sig(4.0), -math.inf], rel=1e-6)
+    assert exits_taken(logits, t).tolist() == [0, 1, 0, 2]
+    zero = lookfast.calibrate_thresholds(logits, [0.0, 0.2, 0.8])  # floor(4 * 0.2) = 0: nobody leaves early
+    assert zero[0] == math.inf and zero[1] == math.inf and zero[2] == -math.inf
+
+
+def test_calibrate_matches_brute_force_and_realises_floor_counts(seed):
+    for exits, n, classes in [(4, 97, 10), (3, 50, 7), (2, 1, 3)]:
+        logits = torch.randn(exits, n, classes) * 2
+        q = random.Random(seed).choice([0.3, 0.7, 1.0, 2.0])
+        p = lookfast.budget_proportions(exits, q).tolist()
+        t = lookfast.calibrate_thresholds(logits, p)
+        assert t.tolist() == pytest.approx(brute_force_thresholds(logits, p), rel=1e-6)
+        counts = torch.bincount(exits_taken(logits, t), minlength=exits).tolist()
+        floors = [math.floor(n * pe) for pe in p[:-1]]
+        for e in range(exits - 1):  # random floats: no ties, so exactly floor(n p_e) leave (when enough remain)
+            assert counts[e] == (floors[e] if floors[e] <= n - sum(counts[:e]) else 0)
+        assert sum(counts) == n
+
+
+def test_calibrated_thresholds_drive_the_runner_exactly():
+    stages, heads = toy_model(exits=3)
+    inputs = toy_inputs(40)
+    state, per_exit = inputs, []
+    for st, hd in zip(stages, heads):
+        logits, state = hd(st(state))
+        per_exit.append(logits)
+    p = [0.25, 0.5, 0.25]
+    t = lookfast.calibrate_thresholds(torch.stack(per_exit), p)
+    _, exit_index = lookfast.EarlyExitRunner(stages, heads)(inputs, t)
+    assert torch.bincount(exit_index, minlength=3).tolist() == [10, 20, 10]
+
+
+def test_budget_and_expected_cost():
+    p = lookfast.budget_proportions(4, 0.5)
+    assert p.tolist() == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15])
+    assert lookfast.budget_proportions(3, 1.0).tolist() == pytest.approx([1 / 3] * 3)
+    assert float(lookfast.budget_proportions(5, 1e-300).sum()) == pytest.approx(1.0)
+    assert float(lookfast.expected_cost(p, [1, 2, 3, 4])) == pytest.approx((8 + 8 + 6 + 4) / 15)
+    both = lookfast.expected_cost(torch.stack([p, lookfast.budget_proportions(4, 2.0)]), [1, 2, 3, 4])
+    assert both.shape == (2,) and float(both[1]) == pytest.approx((2 + 8 + 24 + 64) / 30)
+
+
+# ------------------------------------------------------------------------------------------ AOT Triton compile
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_for_gpus_without_spills(arch):
+    pytest.importorskip("triton")
+    from tests.triton_aot import compile_report
+
+    module = "lookfast.kernels.exit_compact"
+    jobs = [
+        ("exit_confidence_kernel",
+         {"logits_ptr": "*fp32", "stride_row": "i64", "stride_col": "i64", "n_cols": "i32", "threshold_ptr": "*fp64",
+          "passes_ptr": "*i32", "CRITERION": "constexpr", "FP64": "constexpr", "BLOCK": "constexpr"},
+         {"CRITERION": 2, "FP64": False, "BLOCK": 1024}, 4),
+        ("exit_confidence_kernel",
+         {"logits_ptr": "*bf16", "stride_row": "i64", "stride_col": "i64", "n_cols": "i32", "threshold_ptr": "*fp64",
+          "passes_ptr": "*i32", "CRITERION": "constexpr", "FP64": "constexpr", "BLOCK": "constexpr"},
+         {"CRITERION": 1, "FP64": False, "BLOCK": 2048}, 8),
+        ("exit_positions_kernel",
+         {"passes_ptr": "*i32", "inclusive_ptr": "*i32", "keep_ptr": "*i64", "exited_ptr": "*i64", "n": "i32",
+          "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4),
+        ("copy_rows_kernel",
+         {"src_ptr": "*i32", "dst_ptr": "*i32", "index_ptr": "*i64", "src_row_stride": "i64", "dst_row_stride": "i64",
+          "row_elems": "i64", "index_bound": "i64", "SCATTER": "constexpr", "BLOCK": "constexpr"},
+         {"SCATTER": False, "BLOCK": 2048}, 4),
+    ]
+    for kernel, signature, constexprs, warps in jobs:
+        report = compile_report(module, kernel, signature, constexprs, arch, num_warps=warps)
+        assert report["spill_stores"] == 0 and report["spill_loads"] == 0, (kernel, report["ptxas"][-500:])

@@ -1,0 +1,320 @@
+"""lookfast.varlen_attention / cross_attention: reference vs float64 math, C++ CPU kernels vs the reference (forward,
+lse, gradients), the models' shapes at reduced size, opcheck, torch.compile, and every bad input refused by name."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lookfast
+from lookfast import _ext
+from lookfast.ops.varlen_attention import varlen_attention_reference
+
+needs_cpp = pytest.mark.skipif(not _ext.has_kernel("varlen_attention_fwd", "CPU"), reason="C++ kernel not built")
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()), dtype=torch.int32)
+
+
+def _make(lens_q, lens_k, heads, kv_heads, dh, dv, dtype=torch.float32, std=1.0):
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    q = (torch.randn(int(cu_q[-1]), heads, dh, dtype=torch.float64) * std).to(dtype)
+    k = (torch.randn(int(cu_k[-1]), kv_heads, dh, dtype=torch.float64) * std).to(dtype)
+    v = torch.randn(int(cu_k[-1]), kv_heads, dv, dtype=torch.float64).to(dtype)
+    return q, k, v, cu_q, cu_k, max(lens_q, default=0), max(lens_k, default=0)
+
+
+def _math_f64(q, k, v, cu_q, cu_k, scale, causal):
+    """Independent oracle for the reference: dense per-sample float64 math, one head and one query at a time."""
+    q, k, v = q.double(), k.double(), v.double()
+    heads, group = q.shape[1], q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape[0], heads, v.shape[2], dtype=torch.float64)
+    lse = torch.full((heads, q.shape[0]), -math.inf, dtype=torch.float64)
+    for b in range(len(cu_q) - 1):
+        qa, qb, ka, kb = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        lq, lk = qb - qa, kb - ka
+        for h in range(heads):
+            for i in range(lq):
+                end = min(lk, max(0, i + lk - lq + 1)) if causal else lk
+                if end == 0:
+                    continue
+                s = (k[ka : ka + end, h // group] @ q[qa + i, h]) * scale
+                lse[h, qa + i] = torch.logsumexp(s, 0)
+                out[qa + i, h] = torch.softmax(s, 0) @ v[ka : ka + end, h // group]
+    return out, lse
+
+
+def _rel_err(x, ref):
+    x, ref = x.double(), ref.double()
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    return (x - ref).abs().max().item() / max(scale, 1e-30) if ref.numel() else 0.0
+
+
+def _assert_lse(lse, ref):
+    assert lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref.float()))
+    finite = torch.isfinite(ref)
+    if finite.any():
+        assert (lse[finite].double() - ref[finite].double()).abs().max().item() <= 1e-5 * max(1.0, ref[finite].abs().max().item())
+
+
+RAGGED = [
+    # lens_q, lens_k, H, Hk, Dh, Dv
+    ([5, 0, 17, 1, 40, 3], [7, 3, 0, 1, 300, 9], 6, 2, 13, 9),  # zero queries, zero keys, single rows, long keys
+    ([1, 33, 0], [29, 1, 4], 6, 3, 24, 17),
+    ([19, 2, 7], [6, 6, 21], 6, 1, 40, 40),
+    ([0, 0], [0, 5], 6, 6, 8, 5),
+]
+
+
+def test_reference_matches_float64_math(seed):
+    for lens_q, lens_k, h, hk, dh, dv in RAGGED[:3]:
+        for causal in (False, True):
+            q, k, v, cu_q, cu_k, _, _ = _make(lens_q, lens_k, h, hk, dh, dv, torch.float64)
+            scale = 0.37 if causal else 1 / math.sqrt(dh)
+            out, lse = varlen_attention_reference(q, k, v, cu_q, cu_k, scale, causal)
+            ref_out, ref_lse = _math_f64(q, k, v, cu_q, cu_k, scale, causal)
+            assert _rel_err(out, ref_out) < 1e-12
+            _assert_lse(lse, ref_lse)
+
+
+@needs_cpp
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", range(len(RAGGED)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpp_forward_matches_reference(seed, case, causal, dtype):
+    lens_q, lens_k, h, hk, dh, dv = RAGGED[case]
+    q, k, v, cu_q, cu_k, mq, mk = _make(lens_q, lens_k, h, hk, dh, dv, dtype)
+    scale = None if case % 2 else 0.21
+    out, lse = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, softmax_scale=scale, causal=causal, return_lse=True)
+    assert out.dtype == dtype and out.shape == (q.shape[0], h, dv)
+    s = scale if scale is not None else 1 / math.sqrt(dh)
+    # float64 oracle on the inputs as given (upcast), per the numerical contract.
+    ref_out, ref_lse = varlen_attention_reference(q.double(), k.double(), v.double(), cu_q, cu_k, s, causal)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, ref_out) <= TOL[dtype]
+    _assert_lse(lse, ref_lse.double())
+
+
+@needs_cpp
+def test_causal_alignment_both_ways(seed):
+    # Lq > Lk (leading queries see nothing: zeros, lse -inf) and Lq < Lk (every query sees a prefix beyond its index).
+    q, k, v, cu_q, cu_k, mq, mk = _make([23, 4, 37], [9, 30, 37], 2, 1, 16, 12)
+    out, lse = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_lse=True)
+    ref_out, ref_lse = _math_f64(q, k, v, cu_q, cu_k, 0.25, True)
+    assert _rel_err(out, ref_out) <= 1e-5
+    _assert_lse(lse, ref_lse)
+    assert (out[:14] == 0).all() and torch.isneginf(lse[:, :14]).all()
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # Dyn-Perceiver z->x (few keys, many queries, width 8), x->z (few queries vs 49 keys), LookWhere self-attention.
+        ("z->x", [3136 // 16, 49, 200], [64, 16, 64], 1, 1, 8, 8),
+        ("x->z", [128, 16, 128], [49, 49, 49], 1, 1, 32, 32),
+        ("lookwhere", [45, 5, 131, 70], [45, 5, 131, 70], 12, 12, 64, 64),
+        ("wide", [77, 300], [256, 129], 1, 1, 98, 98),
+    ],
+    ids=lambda s: s[0],
+)
+def test_model_shapes_reduced(seed, shape):
+    _, lens_q, lens_k, h, hk, dh, dv = shape
+    q, k, v, cu_q, cu_k, mq, mk = _make(lens_q, lens_k, h, hk, dh, dv, std=2.0)
+    out, lse = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, return_lse=True)
+    ref_out, ref_lse = varlen_attention_reference(q.double(), k.double(), v.double(), cu_q, cu_k, dh**-0.5)
+    assert _rel_err(out, ref_out) <= 1e-5
+    _assert_lse(lse, ref_lse.double())
+
+
+@needs_cpp
+def test_non_contiguous_inputs(seed):
+    lens = [11, 0, 26]
+    cu = _cu(lens)
+    qkv = torch.randn(int(cu[-1]), 3, 4, 20)  # a fused projection: q, k, v are strided views
+    q, k, v = qkv[:, 0], qkv[:, 1, :2], qkv[:, 2, :2, :7]
+    assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
+    out = lookfast.varlen_attention(q, k, v, cu, cu, 26, 26, causal=True)
+    ref, _ = varlen_attention_reference(q.double(), k.double(), v.double(), cu, cu, 20**-0.5, True)
+    assert _rel_err(out, ref) <= 1e-5
+
+
+@needs_cpp
+def test_outputs_fully_written_over_poisoned_memory(seed):
+    # Fill the allocator's free blocks with NaN first, so an unwritten element of out/lse/dq/dk/dv would show.
+    for _ in range(3):
+        junk = torch.full((1 << 16,), float("nan"))
+        del junk
+    q, k, v, cu_q, cu_k, mq, mk = _make([3, 0, 18], [5, 2, 0], 4, 2, 9, 6)
+    for causal in (False, True):
+        out, lse = torch.ops.lookfast.varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, 0.3, causal)
+        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+        grads = torch.ops.lookfast.varlen_attention_bwd(out.clone(), q, k, v, out, lse, cu_q, cu_k, mq, mk, 0.3, causal)
+        for g in grads:
+            assert not torch.isnan(g).any()
+    # Sample 2 has no keys: zeros and -inf; sample 1 has no queries: its keys get zero gradients.
+    assert (out[3:] == 0).all() and torch.isneginf(lse[:, 3:]).all()
+    assert (grads[1][5:7] == 0).all() and (grads[2][5:7] == 0).all()
+
+
+@needs_cpp
+def test_gradcheck_float64(seed):
+    for causal in (False, True):
+        q, k, v, cu_q, cu_k, mq, mk = _make([3, 0, 5, 1], [4, 2, 3, 0], 4, 2, 5, 3, torch.float64)
+        args = [t.requires_grad_() for t in (q, k, v)]
+        fn = lambda q, k, v: lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, softmax_scale=0.7, causal=causal)
+        assert torch.autograd.gradcheck(fn, args, atol=1e-5, rtol=1e-4)
+
+
+@needs_cpp
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_gradients_match_reference(seed, causal):
+    lens_q, lens_k, h, hk, dh, dv = RAGGED[1]
+    q, k, v, cu_q, cu_k, mq, mk = _make(lens_q, lens_k, h, hk, dh, dv)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = varlen_attention_reference(qd, kd, vd, cu_q, cu_k, dh**-0.5, causal)
+    want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
+    for g, w in zip(got, want):
+        assert _rel_err(g, w) <= 2e-5
+
+
+@needs_cpp
+def test_bfloat16_gradients(seed):
+    q, k, v, cu_q, cu_k, mq, mk = _make([7, 20], [30, 3], 2, 2, 16, 16, torch.bfloat16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=True)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = varlen_attention_reference(qd, kd, vd, cu_q, cu_k, 0.25, True)
+    want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16 and _rel_err(g, w) <= 2e-2
+
+
+@needs_cpp
+def test_lse_is_not_differentiable(seed):
+    q, k, v, cu_q, cu_k, mq, mk = _make([4], [6], 1, 1, 8, 8)
+    q.requires_grad_()
+    out, lse = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+
+
+@needs_cpp
+def test_opcheck(seed):
+    q, k, v, cu_q, cu_k, mq, mk = _make([5, 0, 9], [4, 3, 11], 4, 2, 8, 6)
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.lookfast.varlen_attention_fwd, (q, k, v, cu_q, cu_k, mq, mk, 0.35, True))
+    out, lse = torch.ops.lookfast.varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, 0.35, False)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.lookfast.varlen_attention_bwd,
+        (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k, mq, mk, 0.35, False),
+    )
+
+
+@needs_cpp
+def test_torch_compile_fullgraph(seed):
+    q, k, v, cu_q, cu_k, mq, mk = _make([6, 13], [9, 2], 2, 1, 16, 16)
+
+    def layer(q, k, v):
+        return lookfast.varlen_attention(q * 2.0, k, v, cu_q, cu_k, mq, mk, causal=True).relu()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    q.requires_grad_()
+    out = compiled(q, k, v)
+    assert torch.allclose(out, layer(q, k, v), atol=1e-6)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@needs_cpp
+@pytest.mark.parametrize("heads", [(3, 3), (6, 2)])
+def test_cross_attention_matches_sdpa(seed, heads):
+    h, hk = heads
+    q = torch.randn(3, 37, h, 16)
+    k = torch.randn(3, 11, hk, 16)
+    v = torch.randn(3, 11, hk, 12)
+    out = lookfast.cross_attention(q, k, v)
+    kk = k.repeat_interleave(h // hk, 2).transpose(1, 2)
+    vv = v.repeat_interleave(h // hk, 2).transpose(1, 2)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv).transpose(1, 2)
+    assert out.shape == (3, 37, h, 12)
+    assert _rel_err(out, ref) <= 1e-5
+    lengths = torch.tensor([11, 0, 4])
+    out = lookfast.cross_attention(q, k, v, kv_lengths=lengths)
+    mask = torch.arange(11)[None, :] < lengths[:, None]
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    assert (out[1] == 0).all()
+    assert _rel_err(out[[0, 2]], ref[[0, 2]]) <= 1e-5
+
+
+def test_reference_backend_forced(seed, monkeypatch):
+    monkeypatch.setenv("LOOKFAST_BACKEND", "reference")
+    q, k, v, cu_q, cu_k, mq, mk = _make([4, 2], [3, 5], 2, 1, 8, 4)
+    out = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk)
+    ref, _ = _math_f64(q, k, v, cu_q, cu_k, 8**-0.5, False)
+    assert _rel_err(out, ref) <= 1e-6
+
+
+def _good():
+    q, k, v, cu_q, cu_k, mq, mk = _make([3, 5], [4, 2], 4, 2, 8, 6)
+    return dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk)
+
+
+BAD = [
+    ("q", lambda a: a.update(q=a["q"].numpy()), TypeError),
+    ("q", lambda a: a.update(q=a["q"][:, :, None]), ValueError),
+    ("k", lambda a: a.update(k=a["k"].double()), TypeError),
+    ("q", lambda a: a.update(q=a["q"].int(), k=a["k"].int(), v=a["v"].int()), TypeError),
+    ("cu_seqlens_q", lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), TypeError),
+    ("cu_seqlens_k", lambda a: a.update(cu_seqlens_k=a["cu_seqlens_k"][None]), ValueError),
+    ("cu_seqlens_q", lambda a: a.update(cu_seqlens_q=torch.tensor([1, 3, 8], dtype=torch.int32)), ValueError),
+    ("cu_seqlens_q", lambda a: a.update(cu_seqlens_q=torch.tensor([0, 5, 3], dtype=torch.int32)), ValueError),
+    ("cu_seqlens_k", lambda a: a.update(cu_seqlens_k=torch.tensor([0, 4, 5], dtype=torch.int32)), ValueError),
+    ("cu_seqlens_k", lambda a: a.update(cu_seqlens_k=torch.tensor([0, 6], dtype=torch.int32)), ValueError),
+    ("max_seqlen_q", lambda a: a.update(max_seqlen_q=4), ValueError),
+    ("max_seqlen_k", lambda a: a.update(max_seqlen_k=3.0), TypeError),
+    ("heads", lambda a: a.update(k=torch.randn(6, 3, 8), v=torch.randn(6, 3, 6)), ValueError),
+    ("head dim", lambda a: a.update(k=torch.randn(6, 2, 7)), ValueError),
+    ("v", lambda a: a.update(v=torch.randn(5, 2, 6)), ValueError),
+    ("v", lambda a: a.update(v=a["v"].to("meta")), ValueError),
+    ("softmax_scale", lambda a: a.update(softmax_scale=float("nan")), ValueError),
+    ("softmax_scale", lambda a: a.update(softmax_scale=float("inf")), ValueError),
+    ("softmax_scale", lambda a: a.update(softmax_scale="0.1"), TypeError),
+]
+
+
+@pytest.mark.parametrize("name,mutate,error", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_inputs_are_refused(name, mutate, error):
+    args = _good()
+    mutate(args)
+    with pytest.raises(error, match=name):
+        lookfast.varlen_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,error",
+    [
+        ("q", dict(q=torch.randn(2, 3, 4)), ValueError),
+        ("batch", dict(k=torch.randn(3, 5, 2, 8)), ValueError),
+        ("keys", dict(v=torch.randn(2, 6, 2, 8)), ValueError),
+        ("kv_lengths", dict(kv_lengths=torch.tensor([1.0, 2.0])), TypeError),
+        ("kv_lengths", dict(kv_lengths=torch.tensor([1, 2, 3])), ValueError),
+        ("kv_lengths", dict(kv_lengths=torch.tensor([1, 6])), ValueError),
+    ],
+)
+def test_cross_attention_bad_inputs(name, kwargs, error):
+    args = dict(q=torch.randn(2, 3, 4, 8), k=torch.randn(2, 5, 2, 8), v=torch.randn(2, 5, 2, 8))
+    args.update(kwargs)
+    with pytest.raises(error, match=name):
+        lookfast.cross_attention(**args)

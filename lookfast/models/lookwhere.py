@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ops
+import lookfast
+
 from .lookwhere_fill import fill_fused, fill_reference
 from .lookwhere_selector import Selector
 from .vit import VisionTransformer, resize_pos_embed, swiglu_hidden
@@ -202,11 +203,11 @@ class LookWhere(nn.Module):
         proj = ext.patch_embed.proj
         ragged = isinstance(k, torch.Tensor)
         if ragged:
-            keep, tokens, _ = _ops.topk_patch_gather(images, scores, k, self.patch_size, proj.weight, proj.bias,
+            keep, tokens, _ = lookfast.topk_patch_gather(images, scores, k, self.patch_size, proj.weight, proj.bias,
                                                      ext.pos_embed)
             x, cu, patch_rows, max_len = _pack_ragged(prefix, tokens, k)
         else:
-            keep, tokens = _ops.topk_patch_gather(images, scores, k, self.patch_size, proj.weight, proj.bias,
+            keep, tokens = lookfast.topk_patch_gather(images, scores, k, self.patch_size, proj.weight, proj.bias,
                                                   ext.pos_embed)
             max_len = p + k
             x = torch.cat([prefix, tokens], dim=1).reshape(b * max_len, d)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _ops
+import lookfast
 
 LN_EPS = 1e-6  # timm's ViT default (partial(nn.LayerNorm, eps=1e-6))
 
@@ -65,11 +65,11 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(t, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)
         if query_rows is None:
-            out = _ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+            out = lookfast.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
         else:
             b = query_rows.shape[0]
             cu_q = torch.arange(b + 1, dtype=torch.int32, device=x.device)
-            out = _ops.varlen_attention(q[query_rows], k, v, cu_q, cu_seqlens, 1, max_seqlen)
+            out = lookfast.varlen_attention(q[query_rows], k, v, cu_q, cu_seqlens, 1, max_seqlen)
         return self.proj(out.reshape(out.shape[0], d))
 
 

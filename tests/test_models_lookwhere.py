@@ -292,3 +292,20 @@ def test_bad_input_errors(small_model):
     with pytest.raises(KeyError, match="selector"):
         LookWhere.from_official_state_dict({"extractor": {}}, 140, 10, 0)
     assert math.isfinite(small_model(x, k=169).sum().item())
+
+
+@pytest.mark.parametrize("task", ["cls", "seg"])
+def test_fused_gradients_match_reference(small_model, task, seed):
+    """Fine-tuning goes through the fused ops' backward: extractor and head gradients equal the reference's."""
+    x = torch.randn(2, 3, 182, 182)
+    grads = {}
+    for ops in OPS:
+        small_model.ops, small_model.task = ops, task
+        small_model.zero_grad(set_to_none=True)
+        small_model(x, k=torch.tensor([9, 30]) if task == "seg" else None).square().mean().backward()
+        grads[ops] = {n: p.grad.clone() for n, p in small_model.named_parameters() if p.grad is not None}
+    small_model.zero_grad(set_to_none=True)
+    assert grads["fused"].keys() == grads["reference"].keys()
+    assert not any(n.startswith("selector.") for n in grads["fused"])  # the selector runs without gradient
+    for name, g in grads["reference"].items():
+        assert rel_err(grads["fused"][name], g) <= 1e-3, name

@@ -84,7 +84,10 @@ class LookWhereConfig:
 
 class LookWhere(nn.Module):
     """LookWhere downstream model. Submodules `selector` (backbone, head), `extractor`, `head` (nn.Linear or
-    nn.Identity), so `state_dict()` has the official checkpoint's keys plus head.weight / head.bias."""
+    nn.Identity), so `state_dict()` has the official checkpoint's keys plus head.weight / head.bias.
+
+    `ops` ("reference" | "fused"), `task` ("cls" | "seg") and `k` are plain attributes: switching them on a built
+    model changes how the next forward runs (the weights are the same for all of them)."""
 
     def __init__(self, config: LookWhereConfig):
         super().__init__()

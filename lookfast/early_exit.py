@@ -130,15 +130,15 @@ class EarlyExitRunner:
                 if state[j].dim() == 0 or state[j].shape[0] != n:
                     raise ValueError(f"state[{j}] after heads[{i}] must have {n} rows (one per sample still "
                                      f"running), got shape {tuple(state[j].shape)}")
-            keep, exited, *compacted = exit_compact(logits, thr[i], *(state[j] for j in slots), rows,
-                                                    criterion=self.criterion)
-            if exited.shape[0]:
-                left_logits, left_rows = compact_rows([logits, rows], exited)
-                exit_scatter(out, left_rows, left_logits.to(out.dtype))
-                exit_index.index_fill_(0, left_rows, i)
+            keep, exited = exit_compact(logits, thr[i], criterion=self.criterion)
+            if exited.shape[0] == 0:
+                continue  # nobody left: the state stays as it is, no copy
+            left_logits, left_rows = compact_rows([logits, rows], exited)
+            exit_scatter(out, left_rows, left_logits.to(out.dtype))
+            exit_index.index_fill_(0, left_rows, i)
             if keep.shape[0] == 0:
-                break
-            rows = compacted.pop()
+                break  # everybody left: the remaining stages do not run
+            *compacted, rows = compact_rows([state[j] for j in slots] + [rows], keep)  # all states in one pass
             new_state = list(state)
             for j, t in zip(slots, compacted):
                 new_state[j] = t

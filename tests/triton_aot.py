@@ -46,6 +46,76 @@ def _ptxas(ptx_text: str) -> str:
     return os.path.join(bindir, "ptxas-blackwell")
 
 
+_BATCH_SCRIPT = r"""
+import importlib, json, sys
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+out = []
+for module_name, kernel_name, signature, constexprs, arch, num_warps, num_stages in json.loads(sys.stdin.read()):
+    kernel = getattr(importlib.import_module(module_name), kernel_name)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+        out.append({"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared})
+    except Exception as exc:
+        out.append({"error": f"{type(exc).__name__}: {exc}"})
+print(json.dumps(out))
+"""
+
+
+def _assemble(ptx_text: str, arch: int) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as fh:
+            fh.write(ptx_text)
+        sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        out = subprocess.run([_ptxas(ptx_text), "-v", f"-arch={sm}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed for sm_{arch}:\n{out.stderr[-4000:]}")
+    return out.stderr + out.stdout
+
+
+def _summary(text: str, shared: int) -> dict:
+    def grab(pattern: str) -> int:
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else 0
+    return {
+        "registers": grab(r"Used (\d+) registers"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+        "stack": grab(r"(\d+) bytes stack frame"),
+        "shared": shared,
+        "ptxas": text,
+    }
+
+
+def compile_reports(jobs: list) -> list:
+    """Batch form of compile_report: one subprocess (one torch/triton import) compiles every job.
+
+    jobs: dicts with keys module, kernel, signature, constexprs, arch and optionally num_warps, num_stages.
+    Returns one dict per job: compile_report's keys, or {"error": message} when that job failed to compile or assemble.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    payload = json.dumps([[j["module"], j["kernel"], j["signature"], j["constexprs"], j["arch"],
+                           j.get("num_warps", 4), j.get("num_stages", 2)] for j in jobs])
+    proc = subprocess.run([sys.executable, "-c", _BATCH_SCRIPT], input=payload, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"Triton AOT batch compile failed:\n{proc.stderr[-4000:]}")
+    results = []
+    for job, res in zip(jobs, json.loads(proc.stdout.strip().splitlines()[-1])):
+        if "error" in res:
+            results.append(res)
+            continue
+        try:
+            results.append(_summary(_assemble(res["ptx"], job["arch"]), res["shared"]))
+        except RuntimeError as exc:
+            results.append({"error": str(exc)})
+    return results
+
+
 def compile_report(module: str, kernel: str, signature: dict, constexprs: dict, arch: int,
                    num_warps: int = 4, num_stages: int = 2) -> dict:
     """Compile `module.kernel` for sm_<arch> and return {"registers", "spill_stores", "spill_loads", "stack", "shared"}.

@@ -4,7 +4,7 @@
 // torch.ops.lookfast.* so that no kernel can read or write out of bounds, whatever it is given.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
-#include <c10/util/Optional.h>
+#include <optional>
 
 namespace lookfast {
 namespace topk_patch_gather {
@@ -23,8 +23,8 @@ inline void check_topk_args(const at::Tensor& scores, int64_t k) {
 }
 
 inline Geometry check_gather_args(const at::Tensor& images, const at::Tensor& indices, const at::Tensor& cu_seqlens,
-                                  int64_t patch, const c10::optional<at::Tensor>& weight,
-                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& pos_embed) {
+                                  int64_t patch, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pos_embed) {
   TORCH_CHECK(images.dim() == 4, "patch_gather_embed: images must be 4-D (B, C, H, W)");
   TORCH_CHECK(at::isFloatingType(images.scalar_type()), "patch_gather_embed: images must be floating point");
   TORCH_CHECK(patch > 0, "patch_gather_embed: patch_size must be positive, got ", patch);

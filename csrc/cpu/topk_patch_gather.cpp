@@ -33,6 +33,14 @@ namespace {
 
 using at::Tensor;
 
+// Work (in elements touched) below which a parallel region costs more than it saves; on a loaded machine an
+// OpenMP region over a few microseconds of work can stall for milliseconds.
+constexpr int64_t kParallelGrainElements = 1 << 15;
+
+int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, elements_per_item));
+}
+
 template <typename acc_t>
 struct Candidate {
   acc_t score;
@@ -49,7 +57,7 @@ Tensor topk_indices_cpu(const Tensor& scores, int64_t k) {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src = s.const_data_ptr<scalar_t>();
     int64_t* dst = out.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, rows, grain_for(4 * n), [&](int64_t r0, int64_t r1) {
       std::vector<Candidate<acc_t>> buf(n);
       const auto before = [](const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
         return ranks_before(a.score, a.index, b.score, b.index);
@@ -81,13 +89,14 @@ void check_index(int64_t index, const Geometry& g) {
               g.num_patches - 1);
 }
 
-// Copies (or, with Accumulate, adds) between the packed rows and the patches they name. Gather reads the image into
+// Copies (or, with Scatter, adds) between the packed rows and the patches they name. Gather reads the image into
 // `packed`; scatter adds `packed` into the image. Parallel over images, so scatter never races.
 template <typename scalar_t, bool Scatter>
 void move_patches(scalar_t* image, const std::array<int64_t, 4>& st, scalar_t* packed, const int64_t* indices,
                   const int32_t* cu, const Geometry& g) {
   const int64_t p = g.patch;
-  at::parallel_for(0, g.images, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t per_image = std::max<int64_t>(1, g.rows / std::max<int64_t>(1, g.images)) * g.patch_dim;
+  at::parallel_for(0, g.images, grain_for(per_image), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t r = cu[b]; r < cu[b + 1]; ++r) {
         const int64_t index = indices[r];
@@ -128,7 +137,7 @@ Tensor gather_rows(const Tensor& images, const Tensor& indices, const Tensor& cu
 }
 
 // tokens[r, :] += bias + pos_embed[indices[r], :], one pass over the GEMM's output.
-void add_bias_and_positions(Tensor& tokens, const c10::optional<Tensor>& bias, const c10::optional<Tensor>& pos,
+void add_bias_and_positions(Tensor& tokens, const std::optional<Tensor>& bias, const std::optional<Tensor>& pos,
                             const Tensor& indices, const Geometry& g) {
   if (!bias.has_value() && !pos.has_value()) return;
   const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
@@ -140,7 +149,7 @@ void add_bias_and_positions(Tensor& tokens, const c10::optional<Tensor>& bias, c
     const scalar_t* pp = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* idx = indices.const_data_ptr<int64_t>();
     const int64_t d = g.embed_dim;
-    at::parallel_for(0, g.rows, 16, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, g.rows, grain_for(d), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = out + r * d;
         const scalar_t* prow = pp ? pp + idx[r] * d : nullptr;  // idx[r] was range-checked by the gather
@@ -156,8 +165,8 @@ void add_bias_and_positions(Tensor& tokens, const c10::optional<Tensor>& bias, c
 }
 
 Tensor patch_gather_embed_cpu(const Tensor& images, const Tensor& indices, const Tensor& cu_seqlens, int64_t patch,
-                              const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
-                              const c10::optional<Tensor>& pos_embed) {
+                              const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                              const std::optional<Tensor>& pos_embed) {
   const Geometry g = check_gather_args(images, indices, cu_seqlens, patch, weight, bias, pos_embed);
   const Tensor idx = indices.contiguous();
   const Tensor cu = cu_seqlens.contiguous();
@@ -171,8 +180,8 @@ Tensor patch_gather_embed_cpu(const Tensor& images, const Tensor& indices, const
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> patch_gather_embed_backward_cpu(
     const Tensor& grad_tokens, const Tensor& images, const Tensor& indices, const Tensor& cu_seqlens, int64_t patch,
-    const c10::optional<Tensor>& weight, const c10::optional<Tensor>& pos_embed, std::array<bool, 4> mask) {
-  const Geometry g = check_gather_args(images, indices, cu_seqlens, patch, weight, c10::nullopt, pos_embed);
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& pos_embed, std::array<bool, 4> mask) {
+  const Geometry g = check_gather_args(images, indices, cu_seqlens, patch, weight, std::nullopt, pos_embed);
   TORCH_CHECK(grad_tokens.dim() == 2 && grad_tokens.size(0) == g.rows && grad_tokens.size(1) == g.token_dim() &&
                   grad_tokens.scalar_type() == images.scalar_type(),
               "patch_gather_embed_backward: grad_tokens must be (total, ", g.token_dim(), ") with the images' dtype");

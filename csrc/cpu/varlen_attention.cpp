@@ -99,6 +99,36 @@ LF_INLINE Vec<double>::type vexp2(Vec<double>::type x) {
   return x;
 }
 
+// Natural log for x > 0 (Cephes logf: mantissa in [sqrt(1/2), sqrt(2)), ~1 ulp); x == 0 gives -inf.
+LF_INLINE Vec<float>::type vlog(Vec<float>::type x) {
+  typedef Vec<float>::type V;
+  const vint16 zero = x <= 0.0f;
+  vint16 bits = __builtin_bit_cast(vint16, x);
+  vint16 e = (bits >> 23) - 127;
+  V m = __builtin_bit_cast(V, (bits & 0x007FFFFF) | 0x3F800000);  // [1, 2)
+  const vint16 big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = e - big;  // big is -1 where true
+  const V t = m - 1.0f;
+  const V z = t * t;
+  V p = vbroadcast(7.0376836292e-2f);
+  p = p * t - 1.1514610310e-1f;
+  p = p * t + 1.1676998740e-1f;
+  p = p * t - 1.2420140846e-1f;
+  p = p * t + 1.4249322787e-1f;
+  p = p * t - 1.6668057665e-1f;
+  p = p * t + 2.0000714765e-1f;
+  p = p * t - 2.4999993993e-1f;
+  p = p * t + 3.3333331174e-1f;
+  V y = t * z * p - 0.5f * z + t;
+  y += __builtin_convertvector(e, V) * 0.693147180559945f;
+  return zero ? vbroadcast(-std::numeric_limits<float>::infinity()) : y;
+}
+LF_INLINE Vec<double>::type vlog(Vec<double>::type x) {
+  for (int i = 0; i < Vec<double>::size; ++i) x[i] = std::log(x[i]);
+  return x;
+}
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Everything a kernel needs to find one sample's rows in the packed tensors.
@@ -111,36 +141,61 @@ struct Problem {
 };
 
 // ------------------------------------------------------------------------------------------------ micro-kernels
-// S^T[j] (VL lanes) = sum_d Qt[d] * K[j][d] for keys j in [0, n); K rows have stride ldk.
-template <typename acc_t>
-LF_INLINE void scores_t(const acc_t* qt, const acc_t* k, int64_t ldk, int64_t dim, int64_t n, acc_t* st) {
+// S^T[j] (VL lanes) = sum_d Qt[d] * K[j][d] for keys j in [0, n); K rows have stride ldk. Returns the lane-wise max
+// of the scores. DIM > 0 fixes the head dim at compile time (the d loop unrolls and Qt stays in registers).
+template <typename acc_t, int DIM>
+LF_INLINE typename Vec<acc_t>::type scores_t(const acc_t* qt, const acc_t* k, int64_t ldk, int64_t dim_rt, int64_t n,
+                                             acc_t* st) {
   typedef typename Vec<acc_t>::type V;
   constexpr int VL = Vec<acc_t>::size;
+  const int64_t dim = DIM > 0 ? DIM : dim_rt;
+  V mx = vbroadcast(-std::numeric_limits<acc_t>::infinity());
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const acc_t* k0 = k + j * ldk;
-    const acc_t* k1 = k0 + ldk;
-    const acc_t* k2 = k1 + ldk;
-    const acc_t* k3 = k2 + ldk;
-    V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  for (; j + 8 <= n; j += 8) {
+    const acc_t* kr = k + j * ldk;
+    V s0 = {}, s1 = {}, s2 = {}, s3 = {}, s4 = {}, s5 = {}, s6 = {}, s7 = {};
     for (int64_t d = 0; d < dim; ++d) {
       const V qd = vload(qt + d * VL);
-      s0 += qd * k0[d];
-      s1 += qd * k1[d];
-      s2 += qd * k2[d];
-      s3 += qd * k3[d];
+      s0 += qd * kr[d];
+      s1 += qd * kr[ldk + d];
+      s2 += qd * kr[2 * ldk + d];
+      s3 += qd * kr[3 * ldk + d];
+      s4 += qd * kr[4 * ldk + d];
+      s5 += qd * kr[5 * ldk + d];
+      s6 += qd * kr[6 * ldk + d];
+      s7 += qd * kr[7 * ldk + d];
     }
-    vstore(st + (j + 0) * VL, s0);
+    acc_t* o = st + j * VL;
+    vstore(o, s0);
+    vstore(o + VL, s1);
+    vstore(o + 2 * VL, s2);
+    vstore(o + 3 * VL, s3);
+    vstore(o + 4 * VL, s4);
+    vstore(o + 5 * VL, s5);
+    vstore(o + 6 * VL, s6);
+    vstore(o + 7 * VL, s7);
+    mx = vmax(vmax(vmax(mx, vmax(s0, s1)), vmax(s2, s3)), vmax(vmax(s4, s5), vmax(s6, s7)));
+  }
+  for (; j + 2 <= n; j += 2) {
+    const acc_t* kr = k + j * ldk;
+    V s0 = {}, s1 = {};
+    for (int64_t d = 0; d < dim; ++d) {
+      const V qd = vload(qt + d * VL);
+      s0 += qd * kr[d];
+      s1 += qd * kr[ldk + d];
+    }
+    vstore(st + j * VL, s0);
     vstore(st + (j + 1) * VL, s1);
-    vstore(st + (j + 2) * VL, s2);
-    vstore(st + (j + 3) * VL, s3);
+    mx = vmax(mx, vmax(s0, s1));
   }
   for (; j < n; ++j) {
     const acc_t* k0 = k + j * ldk;
     V s0 = {};
     for (int64_t d = 0; d < dim; ++d) s0 += vload(qt + d * VL) * k0[d];
     vstore(st + j * VL, s0);
+    mx = vmax(mx, s0);
   }
+  return mx;
 }
 
 // acc_t[c] (VL lanes) += sum_j P^T[j] * V[j][c] for c in [0, cols) (cols a multiple of 8, rows of V padded to it).
@@ -173,6 +228,42 @@ LF_INLINE void accumulate_pv(const acc_t* pt, const acc_t* v, int64_t ldv, int64
     vstore(acc + (c0 + 6) * VL, a6);
     vstore(acc + (c0 + 7) * VL, a7);
   }
+}
+
+// P^T[j] = exp2(S^T[j] - ms) (written over S^T) fused with the first 8 columns of acc += P^T V; returns the lane-wise
+// sum of P. The remaining columns reuse the stored P.
+template <typename acc_t>
+LF_INLINE typename Vec<acc_t>::type softmax_pv(acc_t* st, typename Vec<acc_t>::type ms, const acc_t* v, int64_t ldv,
+                                               int64_t cols, int64_t n, acc_t* acc) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  V sum = {};
+  V a0 = vload(acc), a1 = vload(acc + VL), a2 = vload(acc + 2 * VL), a3 = vload(acc + 3 * VL),
+    a4 = vload(acc + 4 * VL), a5 = vload(acc + 5 * VL), a6 = vload(acc + 6 * VL), a7 = vload(acc + 7 * VL);
+  const acc_t* vr = v;
+  for (int64_t j = 0; j < n; ++j, vr += ldv) {
+    const V p = vexp2(vload(st + j * VL) - ms);
+    vstore(st + j * VL, p);
+    sum += p;
+    a0 += p * vr[0];
+    a1 += p * vr[1];
+    a2 += p * vr[2];
+    a3 += p * vr[3];
+    a4 += p * vr[4];
+    a5 += p * vr[5];
+    a6 += p * vr[6];
+    a7 += p * vr[7];
+  }
+  vstore(acc, a0);
+  vstore(acc + VL, a1);
+  vstore(acc + 2 * VL, a2);
+  vstore(acc + 3 * VL, a3);
+  vstore(acc + 4 * VL, a4);
+  vstore(acc + 5 * VL, a5);
+  vstore(acc + 6 * VL, a6);
+  vstore(acc + 7 * VL, a7);
+  if (cols > 8) accumulate_pv(st, v + 8, ldv, cols - 8, n, acc + 8 * VL);
+  return sum;
 }
 
 // Rows R[j][:] (cols, a multiple of VL) += sum_lane W^T[j][lane] * X[lane][:] for j in [0, n): the rank-VL update
@@ -256,11 +347,12 @@ struct AlignedBuffer {
 };
 
 // ------------------------------------------------------------------------------------------------ forward
-// One query tile (n <= VL queries starting at sample-local index q_local) of one head against packed K/V.
-template <typename acc_t>
+// One query tile (n <= VL queries starting at sample-local index q_local) of one head against packed K/V; leaves the
+// unnormalised accumulator in acc (ldv x VL) and returns the per-lane log2-domain max and sum.
+template <typename acc_t, int DIM>
 LF_INLINE void forward_tile(const Problem& pb, const acc_t* qt, const acc_t* kp, int64_t ldk, const acc_t* vp,
                             int64_t ldv, int64_t len_q, int64_t len_k, int64_t q_local, int64_t n, acc_t* st,
-                            acc_t* acc, acc_t* m_out, acc_t* l_out) {
+                            acc_t* acc, typename Vec<acc_t>::type& m_out, typename Vec<acc_t>::type& l_out) {
   typedef typename Vec<acc_t>::type V;
   constexpr int VL = Vec<acc_t>::size;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
@@ -276,26 +368,24 @@ LF_INLINE void forward_tile(const Problem& pb, const acc_t* qt, const acc_t* kp,
   for (int64_t c = 0; c < ldv; ++c) vstore(acc + c * VL, V{});
   for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
     const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0);
-    scores_t(qt, kp + j0 * ldk, ldk, pb.head_dim, nb, st);
-    if (j0 + nb > k_lo) mask_causal(st, j0, nb, key_end);
-    V mx = m;
-    for (int64_t j = 0; j < nb; ++j) mx = vmax(mx, vload(st + j * VL));
-    const V ms = mx == neg_inf ? V{} : mx;   // varlen::safe_max, lane-wise
-    const V alpha = vexp2(m - ms);           // 0 where m was -inf (exp2 flushes), 1 where the max did not move
-    m = mx;
-    V sum = {};
-    for (int64_t j = 0; j < nb; ++j) {
-      const V p = vexp2(vload(st + j * VL) - ms);
-      vstore(st + j * VL, p);
-      sum += p;
+    V mx = scores_t<acc_t, DIM>(qt, kp + j0 * ldk, ldk, pb.head_dim, nb, st);
+    if (j0 + nb > k_lo) {
+      mask_causal(st, j0, nb, key_end);
+      mx = vbroadcast(neg_inf);
+      for (int64_t j = 0; j < nb; ++j) mx = vmax(mx, vload(st + j * VL));
     }
-    l = l * alpha + sum;
-    if (j0 > 0)
+    mx = vmax(mx, m);
+    const V ms = mx == neg_inf ? V{} : mx;  // varlen::safe_max, lane-wise
+    if (j0 > 0) {
+      const V alpha = vexp2(m - ms);  // 0 where m was -inf (exp2 flushes), 1 where the max did not move
+      l = l * alpha;
       for (int64_t c = 0; c < ldv; ++c) vstore(acc + c * VL, vload(acc + c * VL) * alpha);
-    accumulate_pv(st, vp + j0 * ldv, ldv, ldv, nb, acc);
+    }
+    m = mx;
+    l += softmax_pv(st, ms, vp + j0 * ldv, ldv, ldv, nb, acc);
   }
-  vstore(m_out, m);
-  vstore(l_out, l);
+  m_out = m;
+  l_out = l;
 }
 
 struct FwdItem {
@@ -312,8 +402,8 @@ LF_INLINE void forward_items_impl(const Problem& pb, const FwdItem* items, int64
   int64_t max_lk = 0;
   for (int64_t i = 0; i < count; ++i)
     max_lk = std::max<int64_t>(max_lk, pb.cu_k[items[i].b + 1] - pb.cu_k[items[i].b]);
-  AlignedBuffer<acc_t> kbuf(max_lk * ldk), vbuf(max_lk * ldv), qt(Dh * VL), st(kKeyBlock * VL), acc(ldv * VL),
-      mbuf(VL), lbuf(VL);
+  typedef typename Vec<acc_t>::type V;
+  AlignedBuffer<acc_t> kbuf(max_lk * ldk), vbuf(max_lk * ldv), qt(Dh * VL), st(kKeyBlock * VL), acc(ldv * VL);
   int64_t packed_b = -1, packed_kvh = -1;
   const acc_t qscale = static_cast<acc_t>(pb.scale) * static_cast<acc_t>(1.4426950408889634);
   for (int64_t it = 0; it < count; ++it) {
@@ -331,15 +421,31 @@ LF_INLINE void forward_items_impl(const Problem& pb, const FwdItem* items, int64
       const int64_t n = std::min<int64_t>(VL, w.q_end - i0);
       const scalar_t* qrow = q + ((q0 + i0) * H + w.h) * Dh;
       pack_transposed(qrow, H * Dh, n, Dh, qscale, qt.data);
-      forward_tile(pb, qt.data, kbuf.data, ldk, vbuf.data, ldv, len_q, len_k, i0, n, st.data, acc.data, mbuf.data,
-                   lbuf.data);
-      for (int64_t lane = 0; lane < n; ++lane) {
-        const acc_t l = lbuf.data[lane];
-        const acc_t inv = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
-        scalar_t* o = out + ((q0 + i0 + lane) * H + w.h) * Dv;
-        for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<scalar_t>(acc.data[c * VL + lane] * inv);
-        lse[w.h * total_q + q0 + i0 + lane] = varlen::row_lse(mbuf.data[lane], l);
+      // The next tile's query rows are strided (H * Dh apart): fetch them while this tile computes.
+      const int64_t n_next = std::min<int64_t>(VL, w.q_end - i0 - VL);
+      for (int64_t r = 0; r < n_next; ++r)
+        for (int64_t c = 0; c < Dh; c += 64 / static_cast<int64_t>(sizeof(scalar_t)))
+          __builtin_prefetch(qrow + (VL + r) * H * Dh + c);
+      V m, l;
+#define LF_TILE(D)                                                                                                  \
+  forward_tile<acc_t, D>(pb, qt.data, kbuf.data, ldk, vbuf.data, ldv, len_q, len_k, i0, n, st.data, acc.data, m, l)
+      switch (Dh) {
+        case 8: LF_TILE(8); break;
+        case 16: LF_TILE(16); break;
+        case 32: LF_TILE(32); break;
+        case 64: LF_TILE(64); break;
+        default: LF_TILE(0); break;
       }
+#undef LF_TILE
+      const V inv = l > acc_t(0) ? acc_t(1) / l : V{};
+      const V lse_v = l > acc_t(0) ? m * static_cast<acc_t>(varlen::kLn2) + vlog(l)
+                                   : vbroadcast(-std::numeric_limits<acc_t>::infinity());
+      for (int64_t c = 0; c < Dv; ++c) vstore(acc.data + c * VL, vload(acc.data + c * VL) * inv);
+      scalar_t* o = out + ((q0 + i0) * H + w.h) * Dv;
+      for (int64_t lane = 0; lane < n; ++lane, o += H * Dv)
+        for (int64_t c = 0; c < Dv; ++c) o[c] = static_cast<scalar_t>(acc.data[c * VL + lane]);
+      float* lse_row = lse + w.h * total_q + q0 + i0;
+      for (int64_t lane = 0; lane < n; ++lane) lse_row[lane] = static_cast<float>(lse_v[lane]);
     }
   }
 }
@@ -433,10 +539,10 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
       for (int64_t c = 0; c < ldh; ++c) vstore(dqt.data + c * VL, V{});
       for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
         const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0);
-        scores_t(qt.data, kbuf.data + j0 * ldh, ldh, Dh, nb, pt.data);
+        scores_t<acc_t, 0>(qt.data, kbuf.data + j0 * ldh, ldh, Dh, nb, pt.data);
         if (j0 + nb > k_lo) mask_causal(pt.data, j0, nb, key_end);
         for (int64_t j = 0; j < nb; ++j) vstore(pt.data + j * VL, vexp2(vload(pt.data + j * VL) - shift));
-        scores_t(dot.data, vbuf.data + j0 * ldv, ldv, Dv, nb, dst.data);  // dP^T = dO V^T
+        scores_t<acc_t, 0>(dot.data, vbuf.data + j0 * ldv, ldv, Dv, nb, dst.data);  // dP^T = dO V^T
         for (int64_t j = 0; j < nb; ++j)
           vstore(dst.data + j * VL, vload(pt.data + j * VL) * (vload(dst.data + j * VL) - delta));
         accumulate_rows(pt.data, dorows.data, ldv, ldv, nb, dvacc.data + j0 * ldv, ldv);   // dV += P^T dO

@@ -15,7 +15,7 @@ from numbers import Real
 
 import torch
 
-from .. import _dispatch
+from .. import _dispatch, _ext
 from .._validate import FLOAT_DTYPES, require_dim, require_dtype, require_same_device, require_tensor
 
 CRITERIA = {"max_softmax": 0, "entropy": 1, "margin": 2}
@@ -101,7 +101,11 @@ def _compact_backward(ctx, grads):
     wanted = [i for i, g in enumerate(grads) if g is not None and ctx.differentiable[i]]
     result = [None] * len(grads)
     if wanted:
-        computed = torch.ops.lookfast.compact_rows_backward([grads[i] for i in wanted], keep, ctx.rows)
+        picked = [grads[i] for i in wanted]
+        if _ext.has_kernel("compact_rows_backward", keep.device.type.upper()):
+            computed = torch.ops.lookfast.compact_rows_backward(picked, keep, ctx.rows)
+        else:  # a Triton-only install (no compiled CUDA kernels): the same adjoint in plain PyTorch
+            computed = [g.new_zeros((ctx.rows, *g.shape[1:])).index_add_(0, keep, g) for g in picked]
         for i, g in zip(wanted, computed):
             result[i] = g
     return result, None
@@ -225,6 +229,8 @@ def compact_rows(states, keep: torch.Tensor) -> list[torch.Tensor]:
     if not states:
         return []
     _check_states(states, states[0].shape[0] if states[0].dim() else -1, keep.device, what="states[0]")
+    if keep.device.type != "cpu" and keep.numel():  # the CPU kernel checks on the host; GPUs assert without a sync
+        torch._assert_async(((keep >= 0) & (keep < states[0].shape[0])).all(), "compact_rows: keep out of range")
     backend = _dispatch.backend_for("compact_rows", keep.device)
     if backend == _dispatch.REFERENCE:
         return [s.index_select(0, keep) for s in states]

@@ -73,13 +73,13 @@ def _fake_patch_gather_embed(images, indices, cu_seqlens, patch_size, weight, bi
 
 
 def _fake_patch_gather_embed_backward(grad_tokens, images, indices, cu_seqlens, patch_size, weight, pos_embed, output_mask):
-    none = images.new_empty((0,))
+    none = lambda: images.new_empty((0,))  # a fresh tensor each: outputs must not alias one another
     gh, gw = images.shape[2] // patch_size, images.shape[3] // patch_size
     return (
-        images.new_empty(images.shape) if output_mask[0] else none,
-        images.new_empty(weight.shape) if output_mask[1] and weight is not None else none,
-        images.new_empty((weight.shape[0],)) if output_mask[2] and weight is not None else none,
-        images.new_empty((gh * gw, weight.shape[0])) if output_mask[3] and pos_embed is not None else none,
+        images.new_empty(images.shape) if output_mask[0] else none(),
+        images.new_empty(weight.shape) if output_mask[1] and weight is not None else none(),
+        images.new_empty((weight.shape[0],)) if output_mask[2] and weight is not None else none(),
+        images.new_empty((gh * gw, weight.shape[0])) if output_mask[3] and pos_embed is not None else none(),
     )
 
 
@@ -120,6 +120,12 @@ try:  # the Triton wrappers exist only where triton imports
     from . import topk_patch_gather_triton as _triton_ops
 except ImportError:  # pragma: no cover - triton is an optional dependency
     _triton_ops = None
+else:
+    torch.library.register_autograd(
+        "lookfast::patch_gather_embed_triton",
+        _make_backward(lambda *a: torch.ops.lookfast.patch_gather_embed_backward_triton(*a)),
+        setup_context=_setup_context,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- dispatch

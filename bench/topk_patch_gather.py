@@ -1,0 +1,8 @@
+"""pytest-benchmark suite for BENCH.md rows G1-G3 (cases from lookfast.benchmarks.cases.topk_patch_gather).
+
+Run: PYTHONPATH=. pytest bench/topk_patch_gather.py   (LOOKFAST_BENCH_QUICK=0 adds G1)
+"""
+
+
+def bench_topk_patch_gather(benchmark, case_impl):
+    case_impl(benchmark)

@@ -1,0 +1,146 @@
+"""BENCH.md rows G1-G3: fused top-k patch gather (+ embed + positions) against the official LookWhere path and the
+best plain-PyTorch formulation, eager and under torch.compile."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ceilings
+from ..case import Case
+
+
+def official_embed_then_gather(images, scores, k, p, weight, bias, pos):
+    """LookWhere's official path: conv2d patch-embed of ALL patches, add positions, then gather the top-k tokens."""
+    idx = torch.topk(scores, k, dim=1).indices
+    tokens = F.conv2d(images, weight, bias, stride=p).flatten(2).transpose(1, 2) + pos
+    return idx, tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
+def gather_then_linear(images, scores, k, p, weight, bias, pos):
+    """Best plain-PyTorch formulation: index only the selected pixels out of an unfold view, then one linear."""
+    b, c, h, w = images.shape
+    idx = torch.topk(scores, k, dim=1).indices
+    grid_w = w // p
+    view = images.unfold(2, p, p).unfold(3, p, p)  # (B, C, Gh, Gw, p, p), no copy
+    patches = view[torch.arange(b, device=images.device)[:, None], :, idx // grid_w, idx % grid_w]  # (B, k, C, p, p)
+    tokens = F.linear(patches.reshape(b, k, -1), weight.reshape(weight.shape[0], -1), bias)
+    if pos is not None:
+        tokens = tokens + pos[0, idx]
+    return idx, tokens
+
+
+def official_raw_patches(images, scores, k, p):
+    """Patchify the whole image, then gather the top-k patches (what the official code does for raw pixels)."""
+    b, c, h, w = images.shape
+    idx = torch.topk(scores, k, dim=1).indices
+    patches = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+    return idx, patches.gather(1, idx[..., None].expand(-1, -1, patches.shape[-1]))
+
+
+def _gather_raw(images, scores, k, p):
+    """Plain-PyTorch raw patches: index only the selected pixels out of an unfold view."""
+    b, c, h, w = images.shape
+    idx = torch.topk(scores, k, dim=1).indices
+    grid_w = w // p
+    view = images.unfold(2, p, p).unfold(3, p, p)
+    patches = view[torch.arange(b, device=images.device)[:, None], :, idx // grid_w, idx % grid_w]
+    return idx, patches.reshape(b, k, -1)
+
+
+def _reference(images, scores, k, p, weight=None, bias=None, pos=None):
+    """lookfast's pure-PyTorch reference backend (what LOOKFAST_BACKEND=reference runs)."""
+    from ...ops.topk_patch_gather import patch_gather_embed_reference, topk_indices_reference
+
+    b = images.shape[0]
+    idx = topk_indices_reference(scores, k)
+    cu = torch.arange(b + 1, dtype=torch.int32) * k
+    pos2d = pos[0] if pos is not None else None
+    return idx, patch_gather_embed_reference(images, idx.reshape(-1), cu, p, weight, bias, pos2d).reshape(b, k, -1)
+
+
+def _embed_case(case_id: str, b: int, size: int, p: int, k: int, d: int, quick: bool) -> Case:
+    c = 3
+    g = (size // p) ** 2
+    rows, patch_dim = b * k, c * p * p
+    nbytes = 4 * (rows * patch_dim + d * patch_dim + d + rows * d + rows * d + b * g)
+    flops = 2 * rows * patch_dim * d + 2 * rows * d
+
+    def setup():
+        import lookfast
+
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(b, c, size, size, generator=gen)
+        scores = torch.randn(b, g, generator=gen)
+        weight = torch.randn(d, c, p, p, generator=gen) * 0.02
+        bias = torch.randn(d, generator=gen)
+        pos = torch.randn(1, g, d, generator=gen)
+        compiled = torch.compile(gather_then_linear, dynamic=False)
+        args = (images, scores, k, p, weight, bias, pos)
+        return {
+            "lookfast": lambda: lookfast.topk_patch_gather(*args),
+            "official (embed all, gather)": lambda: official_embed_then_gather(*args),
+            "lookfast reference (eager)": lambda: _reference(*args),
+            "gather+linear eager": lambda: gather_then_linear(*args),
+            "gather+linear torch.compile": lambda: compiled(*args),
+        }
+
+    return Case(
+        id=case_id,
+        op="topk_patch_gather",
+        shape=f"B {b}, 3x{size}x{size}, p {p} ({g} patches), k {k}, D {d}, +bias +pos",
+        setup=setup,
+        bytes=nbytes,
+        flops=flops,
+        bars={"official (embed all, gather)": 10.0, "gather+linear torch.compile": 1.5},
+        quick=quick,
+    )
+
+
+def _raw_case() -> Case:
+    b, c, size, p, k = 32, 3, 224, 16, 49
+    g = (size // p) ** 2
+    rows, patch_dim = b * k, c * p * p
+    out_bytes = 4 * rows * patch_dim
+    nbytes = 2 * out_bytes + 4 * b * g  # read the selected pixels, write them packed, read the scores
+
+    def setup():
+        import lookfast
+
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(b, c, size, size, generator=gen)
+        scores = torch.randn(b, g, generator=gen)
+        src, dst = torch.randn(rows, patch_dim), torch.empty(rows, patch_dim)
+        compiled = torch.compile(_gather_raw, dynamic=False)
+        return {
+            "lookfast": lambda: lookfast.topk_patch_gather(images, scores, k, p),
+            "official (patchify all, gather)": lambda: official_raw_patches(images, scores, k, p),
+            "lookfast reference (eager)": lambda: _reference(images, scores, k, p),
+            "gather eager": lambda: _gather_raw(images, scores, k, p),
+            "gather torch.compile": lambda: compiled(images, scores, k, p),
+            "copy of the output bytes": lambda: dst.copy_(src),
+        }
+
+    def summarize(times):
+        ceiling = ceilings.copy_bandwidth_gbs(128, 0.05)
+        gbs = nbytes / times["lookfast"] / 1e9
+        return [f"G3: {gbs:.1f} GB/s = {100 * gbs / ceiling:.0f}% of the copy ceiling {ceiling:.1f} GB/s "
+                f"(bar: >= 50%, {'met' if gbs >= 0.5 * ceiling else 'NOT met'})"]
+
+    return Case(
+        id="G3",
+        op="topk_patch_gather",
+        shape=f"B {b}, 3x{size}x{size}, p {p}, k {k}, raw patches",
+        setup=setup,
+        bytes=nbytes,
+        bars={},
+        quick=True,
+        summarize=summarize,
+    )
+
+
+def cases() -> list[Case]:
+    return [
+        _embed_case("G1", 4, 1036, 14, 274, 768, quick=False),
+        _embed_case("G2", 8, 518, 14, 136, 768, quick=True),
+        _raw_case(),
+    ]

@@ -1,0 +1,252 @@
+"""Triton varlen attention kernels (forward, lse, backward) under the interpreter vs a float64 per-sample reference,
+plus ahead-of-time compilation for sm_80 / sm_90 (no spills) and GPU-only runs of the real ops."""
+import math
+
+import pytest
+import torch
+
+from lookfast.kernels import varlen_attention as vk
+
+SMALL = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)  # many blocks per sample on short sequences
+
+
+def reference(q, k, v, cu_q, cu_k, scale, causal):
+    """float64 per-sample softmax(q k^T * scale) v with bottom-right causal masking; rows that see no key give 0 and
+    lse -inf. Returns (out (total_q, H, Dv), lse (H, total_q)); differentiable in q, k, v."""
+    q, k, v = q.double(), k.double(), v.double()
+    heads, kv_heads = q.shape[1], k.shape[1]
+    group = heads // kv_heads
+    outs, lses = [], []
+    for b in range(cu_q.numel() - 1):
+        qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        lq, lk = qe - qs, ke - ks
+        qb = q[qs:qe].transpose(0, 1)                                      # (H, lq, Dh)
+        kb = k[ks:ke].transpose(0, 1).repeat_interleave(group, dim=0)      # (H, lk, Dh)
+        vb = v[ks:ke].transpose(0, 1).repeat_interleave(group, dim=0)
+        s = qb @ kb.transpose(1, 2) * scale
+        mask = torch.ones(lq, lk, dtype=torch.bool)
+        if causal:
+            mask = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+        s = s.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1) if lk > 0 else torch.full((heads, lq), float("-inf"), dtype=q.dtype)
+        seen = torch.isfinite(lse)
+        p = torch.exp(s - torch.where(seen, lse, torch.zeros_like(lse))[..., None])
+        p = torch.where(seen[..., None], p, torch.zeros_like(p))
+        outs.append((p @ vb).transpose(0, 1))
+        lses.append(lse)
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def make_case(lens_q, lens_k, heads, kv_heads, dk, dv, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q = torch.randn(tq, heads, dk, generator=gen).to(dtype)
+    k = torch.randn(tk, kv_heads, dk, generator=gen).to(dtype)
+    v = torch.randn(tk, kv_heads, dv, generator=gen).to(dtype)
+    cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + lens_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return q, k, v, cu_q, cu_k
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    finite = torch.isfinite(b)
+    assert torch.equal(finite, torch.isfinite(a)), "non-finite pattern differs"
+    assert torch.equal(a[~finite], b[~finite])
+    return ((a - b)[finite].abs().max() / b[finite].abs().max().clamp_min(1e-30)).item() if finite.any() else 0.0
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+# (lens_q, lens_k, heads, kv_heads, dk, dv, causal): ragged incl. 0 and 1, GQA, Lq > Lk and Lq < Lk, odd head dims
+CASES = [
+    ([5, 0, 1, 37, 20], [9, 3, 0, 33, 50], 2, 1, 24, 24, False),
+    ([5, 0, 1, 37, 20], [9, 3, 0, 33, 50], 2, 1, 24, 24, True),
+    ([40, 3, 17], [12, 30, 17], 4, 2, 8, 8, True),
+    ([1, 23, 6], [35, 7, 6], 3, 3, 20, 12, False),
+    ([30, 2], [16, 49], 1, 1, 32, 8, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_forward_and_backward(case, dtype, seed):
+    lens_q, lens_k, heads, kv_heads, dk, dv, causal = CASES[case]
+    q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, heads, kv_heads, dk, dv, dtype, seed)
+    scale = 1.0 / math.sqrt(dk) * 1.3
+    out = torch.full((q.shape[0], heads, dv), float("nan"), dtype=dtype)
+    lse = torch.full((heads, q.shape[0]), float("nan"), dtype=torch.float32)
+    vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), scale, causal,
+                                   out=out, lse=lse, _config=SMALL)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = reference(qr, kr, vr, cu_q, cu_k, scale, causal)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert rel_err(out, ref_out) <= TOL[dtype]
+    assert rel_err(lse, ref_lse) <= TOL[dtype]
+
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    dq, dk_, dv_ = vk.varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_q, cu_k, max(lens_q), max(lens_k),
+                                                  scale, causal, _config=SMALL)
+    gq, gk, gv = torch.autograd.grad(ref_out, (qr, kr, vr), dout.double())
+    for got, want in ((dq, gq), (dk_, gk), (dv_, gv)):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert not got.isnan().any()
+        assert rel_err(got, want) <= 2 * TOL[dtype]
+
+
+def test_default_config_and_max_seqlen_too_small(seed):
+    # default block sizes (one block per sample here) and a max_seqlen_q smaller than the real one: the kernels'
+    # grid-stride loops must still cover every query
+    lens_q, lens_k = [70, 3], [9, 66]
+    q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, 2, 2, 16, 16, torch.float32, seed)
+    out, lse = vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, 10, 10, 0.25, True)
+    ref_out, ref_lse = reference(q, k, v, cu_q, cu_k, 0.25, True)
+    assert rel_err(out, ref_out) <= 1e-5 and rel_err(lse, ref_lse) <= 1e-5
+
+
+def test_empty_inputs():
+    q, k, v, cu_q, cu_k = make_case([0, 0], [3, 0], 2, 1, 8, 8, torch.float32, 0)
+    out, lse = vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, 0, 3, 0.5, False)
+    assert out.shape == (0, 2, 8) and lse.shape == (2, 0)
+    dq, dk, dv = vk.varlen_attention_bwd_triton(out, q, k, v, out, lse, cu_q, cu_k, 0, 3, 0.5, False)
+    assert dq.shape == q.shape and torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(v))
+
+
+def test_head_dim_limit():
+    q, k, v, cu_q, cu_k = make_case([2], [2], 1, 1, 300, 8, torch.float32, 0)
+    with pytest.raises(ValueError, match="head dims"):
+        vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, 2, 2, 0.5, False)
+
+
+# ---------------------------------------------------------------- ahead-of-time compilation for real GPUs
+
+def _aot_cases():
+    cases = []
+    for dtype, tname in ((torch.float16, "fp16"), (torch.float32, "fp32")):
+        for d in (64, 8):
+            f, bw = vk.fwd_config(d, d, dtype), vk.bwd_config(d, d, dtype)
+            bd = vk._pad_dim(d)
+            common = dict(CAUSAL=True, IEEE=dtype == torch.float32, BLOCK_DK=bd, BLOCK_DV=bd, DK=d, DV=d)
+            ptr, i32 = f"*{tname}", "i32"
+            fwd_sig = dict(Q=ptr, K=ptr, V=ptr, Out=ptr, Lse="*fp32", cu_q="*i32", cu_k="*i32",
+                           **{n: i32 for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
+                                               "stride_vh", "stride_ot", "stride_oh", "total_q", "group")},
+                           qk_scale_log2="fp32")
+            cases.append(("_varlen_fwd_kernel", fwd_sig,
+                          dict(common, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"]), f, f"fwd-{tname}-d{d}"))
+            bwd_strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                           "stride_dot", "stride_doh")
+            dkdv_sig = dict(Q=ptr, K=ptr, V=ptr, dOut=ptr, Lse="*fp32", Delta="*fp32", dK=ptr, dV=ptr,
+                            cu_q="*i32", cu_k="*i32",
+                            **{n: i32 for n in bwd_strides + ("stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh",
+                                                              "total_q", "group")},
+                            sm_scale="fp32")
+            dq_sig = dict(Q=ptr, K=ptr, V=ptr, dOut=ptr, Lse="*fp32", Delta="*fp32", dQ=ptr, cu_q="*i32",
+                          cu_k="*i32", **{n: i32 for n in bwd_strides + ("stride_dqt", "stride_dqh", "total_q",
+                                                                         "group")},
+                          sm_scale="fp32")
+            bconst = dict(common, BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"])
+            cases.append(("_varlen_bwd_dkdv_kernel", dkdv_sig, bconst, bw, f"dkdv-{tname}-d{d}"))
+            cases.append(("_varlen_bwd_dq_kernel", dq_sig, bconst, bw, f"dq-{tname}-d{d}"))
+            delta_sig = dict(Out=ptr, dOut=ptr, Delta="*fp32",
+                             **{n: i32 for n in ("stride_ot", "stride_oh", "stride_dot", "stride_doh", "total_q", "H")})
+            cases.append(("_varlen_bwd_delta_kernel", delta_sig, dict(BLOCK_M=64, BLOCK_DV=bd, DV=d),
+                          dict(num_warps=4, num_stages=1), f"delta-{tname}-d{d}"))
+    return cases
+
+
+AOT = _aot_cases()
+
+_BATCH = r"""
+import importlib, json, sys
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+out = []
+for module_name, kernel_name, signature, constexprs, arch, num_warps, num_stages, divisible in json.loads(sys.stdin.read()):
+    kernel = getattr(importlib.import_module(module_name), kernel_name)
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    out.append({"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared})
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def aot_reports():
+    """Every kernel x config x arch compiled in ONE subprocess (one triton import), then assembled with ptxas -v.
+    Pointers and strides are declared 16-divisible, as the JIT specialises them for aligned tensors (Dh 64 / 8)."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+    import tempfile
+
+    from triton_aot import _ptxas
+
+    jobs = []
+    for kernel, signature, constexprs, launch, name in AOT:
+        sig = dict(signature, **{n: "constexpr" for n in constexprs})
+        aligned = [n for n, t in signature.items() if t.startswith("*") or n.startswith("stride")]
+        for arch in (80, 90):
+            jobs.append((name, arch, ["lookfast.kernels.varlen_attention", kernel, sig, constexprs, arch,
+                                      launch["num_warps"], launch["num_stages"], aligned]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _BATCH], input=json.dumps([j[2] for j in jobs]), text=True,
+                          capture_output=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = {}
+    for (name, arch, _), res in zip(jobs, json.loads(proc.stdout.strip().splitlines()[-1])):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "k.ptx")
+            with open(path, "w") as fh:
+                fh.write(res["ptx"])
+            sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+            run = subprocess.run([_ptxas(res["ptx"]), "-v", f"-arch={sm}", path, "-o", path + ".cubin"],
+                                 capture_output=True, text=True)
+        text = run.stderr + run.stdout
+        grab = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0
+        reports[name, arch] = dict(ok=run.returncode == 0, registers=grab(r"Used (\d+) registers"),
+                                   spill_stores=grab(r"(\d+) bytes spill stores"),
+                                   spill_loads=grab(r"(\d+) bytes spill loads"), shared=res["shared"], ptxas=text)
+    return reports
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("name", [c[4] for c in AOT])
+def test_aot_compiles_without_spills(aot_reports, name, arch):
+    report = aot_reports[name, arch]
+    print(name, arch, {key: report[key] for key in ("registers", "spill_stores", "spill_loads", "shared")})
+    assert report["ok"], report["ptxas"]
+    assert report["registers"] > 0
+    assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report["ptxas"]
+
+
+# ---------------------------------------------------------------- real GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_and_cuda_ops_on_gpu(dtype, causal, seed):
+    lens_q, lens_k = [5, 0, 1, 300, 129], [170, 3, 0, 300, 64]
+    q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, 4, 2, 64, 64, dtype, seed)
+    scale = 0.125
+    ref_out, ref_lse = reference(q, k, v, cu_q, cu_k, scale, causal)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    dev = [t.cuda() for t in (q, k, v, cu_q, cu_k)]
+    out, lse = vk.varlen_attention_fwd_triton(*dev, 300, 300, scale, causal)
+    assert rel_err(out.cpu(), ref_out) <= tol and rel_err(lse.cpu(), ref_lse) <= tol
+    import lookfast  # noqa: F401  (loads the extension and its schemas)
+    if hasattr(torch.ops.lookfast, "varlen_attention_fwd"):
+        out_c, lse_c = torch.ops.lookfast.varlen_attention_fwd(*dev, 300, 300, scale, causal)
+        assert rel_err(out_c.cpu(), ref_out) <= tol and rel_err(lse_c.cpu(), ref_lse) <= tol
+        qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+        r_out, _ = reference(qr, kr, vr, cu_q, cu_k, scale, causal)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(r_out, (qr, kr, vr), dout.cpu().double())
+        for impl in (vk.varlen_attention_bwd_triton, torch.ops.lookfast.varlen_attention_bwd):
+            got = impl(dout, dev[0], dev[1], dev[2], out_c, lse_c, dev[3], dev[4], 300, 300, scale, causal)
+            for g, w in zip(got, grads):
+                assert rel_err(g.cpu(), w) <= 2 * tol

@@ -4,4 +4,5 @@ CASE_MODULES = [
     "varlen_attention",
     "exit_compact",
     "dyn_perceiver",
+    "lookwhere",
 ]

@@ -1,0 +1,58 @@
+"""LookWhere's selector: a shallow ViT on a low-res copy of the image that scores every high-res patch.
+
+The image is resized to `img_size` (154 px: 11x11 patches; bilinear, align_corners=False, no antialias), run through
+3 ViT blocks and the final norm; an MLP head (D -> 4D, GELU -> m*m) turns each low-res token into an m x m block of
+scores (m = ceil(37 / 11) = 4), laid out in pixel-shuffle order into a 44x44 map, which is resized bilinearly
+(align_corners=False) to the high-res patch grid G x G. The final-normed prefix tokens (CLS, registers) are passed
+on to the extractor in place of its own.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vit import VisionTransformer
+
+
+class SelectorHead(nn.Module):
+    """w1 (D -> 4D), exact GELU, w2 (4D -> m*m): per-token scores of an m x m block of high-res patches."""
+
+    def __init__(self, dim: int, num_outputs: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, 4 * dim)
+        self.w2 = nn.Linear(4 * dim, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x)))
+
+
+class Selector(nn.Module):
+    """Scores the high-res patches. Keys: backbone.* (timm ViT), head.w1.*, head.w2.*."""
+
+    def __init__(self, *, dim: int, num_heads: int, depth: int, num_reg_tokens: int, mlp: str, patch_size: int,
+                 img_size: int, pretrain_grid: int, mlp_hidden: int | None = None, layer_scale: bool = True):
+        super().__init__()
+        self.img_size = img_size
+        self.in_grid = img_size // patch_size
+        self.multiplier = math.ceil(pretrain_grid / self.in_grid)
+        self.backbone = VisionTransformer(grid=self.in_grid, depth=depth, dim=dim, num_heads=num_heads,
+                                          patch_size=patch_size, num_reg_tokens=num_reg_tokens, mlp=mlp,
+                                          mlp_hidden=mlp_hidden, layer_scale=layer_scale)
+        self.head = SelectorHead(dim, self.multiplier * self.multiplier)
+
+    def forward(self, images: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) -> (scores (B, grid*grid) row-major, prefix tokens (B, P, D) after the final norm)."""
+        b = images.shape[0]
+        low = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        x = torch.cat([self.backbone.prefix_tokens(b), self.backbone.embed_patches(low)], dim=1)
+        x = self.backbone.forward_blocks(x)
+        p = self.backbone.num_prefix_tokens
+        n, m = self.in_grid, self.multiplier
+        blocks = self.head(x[:, p:])  # (B, n*n, m*m)
+        # pixel-shuffle order: token (h, w), output (i, j) -> map cell (h*m + i, w*m + j)
+        fine = blocks.reshape(b, n, n, m, m).permute(0, 1, 3, 2, 4).reshape(b, 1, n * m, n * m)
+        scores = F.interpolate(fine, size=(grid, grid), mode="bilinear", align_corners=False)
+        return scores.reshape(b, grid * grid), x[:, :p]

@@ -1,0 +1,28 @@
+"""The compatibility vectors' weight rule (MODELS.md): every float tensor filled from a generator seeded by
+crc32(f"{salt}:{key}"); integer buffers keep their values."""
+import math
+import zlib
+
+import torch
+
+
+def fill_state_dict(state_dict: dict, salt: int) -> dict:
+    """A new state dict with the same keys and shapes, filled by the vectors' deterministic rule."""
+    out = {}
+    for key in sorted(state_dict):
+        t = state_dict[key]
+        if not t.is_floating_point():
+            out[key] = t.clone()
+            continue
+        g = torch.Generator().manual_seed(zlib.crc32(f"{salt}:{key}".encode()))
+        n = torch.randn(t.shape, generator=g, dtype=torch.float32)
+        if key.endswith("running_var"):
+            v = 1 + 0.5 * n.abs()
+        elif key.endswith("weight") and t.dim() == 1:
+            v = 1 + 0.1 * n
+        elif key.endswith("weight"):
+            v = n / math.sqrt(t[0].numel())
+        else:
+            v = 0.02 * n
+        out[key] = v.to(t.dtype)
+    return out

@@ -3,8 +3,8 @@
 // topk_indices: partial selection per row (nth_element, then a sort of the k winners only) under the shared order
 //   predicate, rows in parallel.
 // patch_gather_embed: copies each selected patch straight from the image into a packed (rows, C*p*p) matrix (the
-//   whole image is never patchified), then embeds all rows with ONE GEMM against weight.view(D, -1).T and adds bias
-//   and pos_embed[index] in a single pass over the result.
+//   whole image is never patchified), writes bias + pos_embed[index] into the output in one pass, then embeds all
+//   rows with ONE GEMM against weight.view(D, -1).T accumulating onto it (addmm_, beta = 1).
 // patch_gather_embed_backward: grad weight / bias from one GEMM and one reduction over the re-gathered patches,
 //   grad pos_embed by index_add, grad images by scattering grad patches back, parallel over images (the patches of
 //   one image are distinct and never overlap, so no two threads touch the same pixel).
@@ -136,13 +136,14 @@ Tensor gather_rows(const Tensor& images, const Tensor& indices, const Tensor& cu
   return packed;
 }
 
-// tokens[r, :] += bias + pos_embed[indices[r], :], one pass over the GEMM's output.
-void add_bias_and_positions(Tensor& tokens, const std::optional<Tensor>& bias, const std::optional<Tensor>& pos,
-                            const Tensor& indices, const Geometry& g) {
-  if (!bias.has_value() && !pos.has_value()) return;
+// tokens[r, :] = bias + pos_embed[indices[r], :]: the GEMM then accumulates into it (beta = 1), so the additions
+// cost one write pass before the GEMM instead of a read-modify-write pass after it, and the output's pages are
+// touched here rather than inside the GEMM.
+void fill_bias_and_positions(Tensor& tokens, const std::optional<Tensor>& bias, const std::optional<Tensor>& pos,
+                             const Tensor& indices, const Geometry& g) {
   const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   const Tensor pe = pos.has_value() ? pos->contiguous() : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "patch_embed_epilogue_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "patch_embed_prologue_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* out = tokens.mutable_data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
@@ -152,12 +153,17 @@ void add_bias_and_positions(Tensor& tokens, const std::optional<Tensor>& bias, c
     at::parallel_for(0, g.rows, grain_for(d), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* row = out + r * d;
-        const scalar_t* prow = pp ? pp + idx[r] * d : nullptr;  // idx[r] was range-checked by the gather
+        if (!pp) {
+          std::memcpy(row, bp, d * sizeof(scalar_t));
+          continue;
+        }
+        const scalar_t* prow = pp + idx[r] * d;  // idx[r] was range-checked by the gather
+        if (!bp) {
+          std::memcpy(row, prow, d * sizeof(scalar_t));
+          continue;
+        }
         for (int64_t j = 0; j < d; ++j) {
-          acc_t v = static_cast<acc_t>(row[j]);
-          if (bp) v += static_cast<acc_t>(bp[j]);
-          if (prow) v += static_cast<acc_t>(prow[j]);
-          row[j] = static_cast<scalar_t>(v);
+          row[j] = static_cast<scalar_t>(static_cast<acc_t>(bp[j]) + static_cast<acc_t>(prow[j]));
         }
       }
     });
@@ -173,8 +179,12 @@ Tensor patch_gather_embed_cpu(const Tensor& images, const Tensor& indices, const
   check_offsets(cu.const_data_ptr<int32_t>(), g);
   Tensor patches = gather_rows(images, idx, cu, g);
   if (!g.embed()) return patches;
-  Tensor tokens = at::mm(patches, weight->reshape({g.embed_dim, g.patch_dim}).t());
-  if (g.rows > 0) add_bias_and_positions(tokens, bias, pos_embed, idx, g);
+  const Tensor weight_t = weight->reshape({g.embed_dim, g.patch_dim}).t();  // (K, D) view: the GEMM reads it transposed
+  if (!bias.has_value() && !pos_embed.has_value()) return at::mm(patches, weight_t);
+  Tensor tokens = at::empty({g.rows, g.embed_dim}, images.options());
+  if (g.rows == 0) return tokens;
+  fill_bias_and_positions(tokens, bias, pos_embed, idx, g);
+  tokens.addmm_(patches, weight_t);  // in place: one GEMM with beta = 1 onto bias + positions
   return tokens;
 }
 

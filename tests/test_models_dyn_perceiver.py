@@ -281,3 +281,18 @@ def test_torch_compile_fused():
         xx = torch.randn(2, 40, 5, 7).contiguous(memory_format=torch.channels_last)
         zz = torch.randn(2, 16, 24)
         torch.testing.assert_close(torch.compile(z2x_fused, fullgraph=True)(layer, xx, zz), z2x_fused(layer, xx, zz))
+
+
+def test_early_exit_fused_chunked_matches_full_model():
+    # Fused ops with exit 1 run in chunks (exit1_chunk < B): same per-sample results as the full fused model.
+    m = small_model("mobilenetV3_0x75_perceiver_t128", ops="fused", seed=8)
+    m.exit1_chunk = 3
+    torch.manual_seed(12)
+    x = torch.randn(8, 3, 40, 40)
+    full = _full_logits(m, x)
+    conf = _confidence(full)
+    v0 = conf[0].sort(descending=True).values
+    t0 = ((v0[2] + v0[3]) / 2).item()                       # 3 samples leave at exit 1
+    logits, idx = m.forward_early_exit(x, [t0, float("inf"), 0.0, 0.0])
+    assert torch.bincount(idx, minlength=4).tolist() == [3, 0, 5, 0]
+    torch.testing.assert_close(logits, full[idx, torch.arange(8)], rtol=1e-4, atol=1e-5)

@@ -27,7 +27,21 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) ->
     if conv.bias is not None:
         shift = shift + conv.bias * scale
     weight = conv.weight * scale.view(-1, 1, 1, 1)
+    if conv.kernel_size == (1, 1) and conv.groups == 1 and x.is_contiguous(memory_format=torch.channels_last):
+        return pointwise_conv(x, weight, shift, conv.stride)
     return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride=(1, 1)) -> torch.Tensor:
+    """A 1x1 convolution of a channels-last x as one GEMM over its (N*H*W, C) rows (+ bias in the GEMM).
+    PyTorch's CPU convolution sends 1x1 convs with batch < 16 on one thread to a slow im2col path that also
+    writes the bias in a separate pass; the GEMM is the same sum, done once. Returns channels-last (N, Co, H', W')."""
+    if stride != (1, 1):
+        x = x[:, :, :: stride[0], :: stride[1]]
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when x is channels-last and unstrided
+    out = torch.addmm(bias, rows, weight.view(weight.shape[0], c).t())
+    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 class ConvBNAct(nn.Sequential):

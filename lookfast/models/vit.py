@@ -62,14 +62,18 @@ class Attention(nn.Module):
         (B, D) for those rows only, while keys and values still cover every token (a last block feeding only CLS).
         """
         t, d = x.shape
-        qkv = self.qkv(x).view(t, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(1)
+        h, dh = self.num_heads, self.head_dim
         if query_rows is None:
+            q, k, v = self.qkv(x).view(t, 3, h, dh).unbind(1)
             out = lookfast.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
         else:
+            # Queries only for the kept rows; keys and values for all (the qkv weight rows are [q; k; v]).
+            w, bias = self.qkv.weight, self.qkv.bias
             b = query_rows.shape[0]
+            q = F.linear(x[query_rows], w[:d], bias[:d]).view(b, h, dh)
+            k, v = F.linear(x, w[d:], bias[d:]).view(t, 2, h, dh).unbind(1)
             cu_q = torch.arange(b + 1, dtype=torch.int32, device=x.device)
-            out = lookfast.varlen_attention(q[query_rows], k, v, cu_q, cu_seqlens, 1, max_seqlen)
+            out = lookfast.varlen_attention(q, k, v, cu_q, cu_seqlens, 1, max_seqlen)
         return self.proj(out.reshape(out.shape[0], d))
 
 

@@ -20,7 +20,7 @@ def _blocks_macs(tokens: int, depth: int, query_tokens_last: int | None = None) 
     full = tokens * per_token + 2 * tokens * tokens * DIM
     if query_tokens_last is None:
         return depth * full
-    last = tokens * 3 * DIM * DIM + query_tokens_last * (DIM * DIM + 2 * DIM * HIDDEN + 2 * tokens * DIM)
+    last = tokens * 2 * DIM * DIM + query_tokens_last * (2 * DIM * DIM + 2 * DIM * HIDDEN + 2 * tokens * DIM)
     return (depth - 1) * full + last
 
 

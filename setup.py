@@ -50,11 +50,12 @@ def _extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = ["csrc/lookfast.cpp"] + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fvisibility=hidden"]
+    # No -std flag: torch.utils.cpp_extension picks the standard the installed torch needs (C++17 or C++20).
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += rel("csrc/cuda/*.cu")
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(
             "lookfast._C",
             sources,

@@ -137,7 +137,10 @@ class DynPerceiver(nn.Module):
         return nn.Sequential(nn.Linear(num_classes, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True))
 
     def set_ops(self, ops: str) -> "DynPerceiver":
-        """Switch between "reference" and "fused" attention (weights unchanged). Returns self."""
+        """Switch between "reference" (plain PyTorch, the official module-by-module math) and "fused": attention
+        through `lookfast.cross_attention`, the fused z->x block (fused.py), BatchNorms folded into the convs
+        (eval mode), channels-last CNN, exit-1 piece in cache-sized chunks. Weights and state_dict() are unchanged.
+        Returns self."""
         if ops not in ("reference", "fused"):
             raise ValueError(f"ops must be 'reference' or 'fused', got {ops!r}")
         self.ops = ops

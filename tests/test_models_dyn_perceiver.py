@@ -90,6 +90,25 @@ def test_from_official_checkpoint_round_trip(tmp_path, fmt):
             assert torch.equal(a, b)
 
 
+class _Arbitrary:  # stands for any pickled object beyond tensors and training args
+    pass
+
+
+def test_checkpoint_unpickling_is_safe_unless_trusted(tmp_path):
+    import argparse
+
+    name = "mobilenetV3_0x75_perceiver_t128"
+    sd = dp.build(name).state_dict()
+    with_args = tmp_path / "with_args.pth"
+    torch.save({"model": sd, "args": argparse.Namespace(lr=0.1)}, with_args)  # what the official trainer writes
+    dp.from_official_checkpoint(with_args, name)
+    risky = tmp_path / "risky.pth"
+    torch.save({"model": sd, "extra": _Arbitrary()}, risky)
+    with pytest.raises(ValueError, match="trusted=True"):
+        dp.from_official_checkpoint(risky, name)
+    dp.from_official_checkpoint(risky, name, trusted=True)
+
+
 def test_bad_checkpoint_names_keys(tmp_path):
     name = "resnet50_0375_perceiver_t128"
     sd = dp.build(name).state_dict()

@@ -31,10 +31,11 @@ def build(name: str, ops: str = "reference", **kwargs) -> DynPerceiver:
 
 
 def from_official_checkpoint(path: str | os.PathLike, name: str, ops: str = "reference", prefer: str | None = None,
-                             **kwargs) -> DynPerceiver:
+                             trusted: bool = False, **kwargs) -> DynPerceiver:
     """Build `name` and load an official checkpoint file strictly. The file may hold `{"model": sd}`,
     `{"model_ema": sd}` (the EMA weights are taken when both exist, unless `prefer="model"`) or a bare state dict;
-    "module." prefixes are stripped. Raises ValueError naming missing / unexpected / mis-shaped keys."""
+    "module." prefixes are stripped. Raises ValueError naming missing / unexpected / mis-shaped keys. Files are read
+    with torch's safe unpickler; `trusted=True` allows the full one (see `checkpoint.read`)."""
     model = build(name, ops=ops, **kwargs)
-    load_strict(model, unwrap(read(path), prefer))
+    load_strict(model, unwrap(read(path, trusted), prefer))
     return model.eval()

@@ -2,6 +2,7 @@
 the "module." prefix DistributedDataParallel adds; strict, with errors that name the offending keys."""
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
 
@@ -46,11 +47,19 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Non
     model.load_state_dict(state_dict, strict=True)
 
 
-def read(path: str | os.PathLike) -> Mapping:
-    """torch.load on CPU; tensors only (weights_only), as a checkpoint file should need."""
+def read(path: str | os.PathLike, trusted: bool = False) -> Mapping:
+    """torch.load on CPU with the safe unpickler (tensors, containers and the argparse.Namespace of training args the
+    official trainer saves). A file needing anything else is refused unless `trusted=True`, which uses the full
+    unpickler: that runs code from the file, so only do it for files you trust."""
+    if trusted:
+        return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # argparse.Namespace "args" entries in training checkpoints need the full unpickler
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
         if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
             raise
-        return torch.load(path, map_location="cpu", weights_only=False)
+        raise ValueError(
+            f"{path}: the checkpoint holds Python objects beyond tensors; if you trust the file, pass trusted=True "
+            f"(full unpickling runs code from the file). Loader said: {str(exc).splitlines()[0]}"
+        ) from exc

@@ -14,7 +14,7 @@ from lookfast.models.lookwhere import LookWhere, k_from_mass
 from lookfast.models.lookwhere_fill import fill_fused, fill_reference, nearest_kept
 
 sys.path.insert(0, os.path.dirname(__file__))
-from lw_weights import fill_state_dict  # noqa: E402
+from compat_weights import fill_state_dict  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 OPS = ("reference", "fused")

@@ -30,6 +30,9 @@ def _find_library() -> str | None:
 
 def _load() -> None:
     global loaded, load_error, library_path
+    if os.environ.get("LOOKFAST_NO_EXTENSION", "") == "1":  # run as a build without the library would (tests, debugging)
+        load_error = "not loaded: LOOKFAST_NO_EXTENSION=1"
+        return
     path = _find_library()
     if path is None:
         load_error = f"no compiled library lookfast/_C*.so in {_PACKAGE_DIR} (build with `pip install --no-build-isolation .`)"

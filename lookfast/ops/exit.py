@@ -63,7 +63,6 @@ def exit_scatter_reference(out, batch_index, values):
 
 
 # ------------------------------------------------------------------------------------- fake kernels and autograd
-@torch.library.register_fake("lookfast::exit_confidence_mask")
 def _exit_confidence_mask_fake(logits, threshold, criterion):
     n = logits.shape[0]
     ctx = torch.library.get_ctx()
@@ -74,17 +73,14 @@ def _exit_confidence_mask_fake(logits, threshold, criterion):
     return keep, exited
 
 
-@torch.library.register_fake("lookfast::compact_rows")
 def _compact_rows_fake(states, keep):
     return [s.new_empty((keep.shape[0], *s.shape[1:])) for s in states]
 
 
-@torch.library.register_fake("lookfast::compact_rows_backward")
 def _compact_rows_backward_fake(grads, keep, rows):
     return [g.new_empty((rows, *g.shape[1:])) for g in grads]
 
 
-@torch.library.register_fake("lookfast::exit_scatter")
 def _exit_scatter_fake(out, batch_index, values):
     return None
 
@@ -111,7 +107,12 @@ def _compact_backward(ctx, grads):
     return result, None
 
 
-torch.library.register_autograd("lookfast::compact_rows", _compact_backward, setup_context=_compact_setup_context)
+if _ext.loaded:  # without the compiled library there is nothing to register: the public functions use the reference
+    torch.library.register_fake("lookfast::exit_confidence_mask")(_exit_confidence_mask_fake)
+    torch.library.register_fake("lookfast::compact_rows")(_compact_rows_fake)
+    torch.library.register_fake("lookfast::compact_rows_backward")(_compact_rows_backward_fake)
+    torch.library.register_fake("lookfast::exit_scatter")(_exit_scatter_fake)
+    torch.library.register_autograd("lookfast::compact_rows", _compact_backward, setup_context=_compact_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------- Triton wrappers

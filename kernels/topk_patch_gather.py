@@ -89,9 +89,11 @@ def _patch_offsets(index, image, e, grid_w, s_b, s_c, s_h, s_w, P: tl.constexpr)
 
 
 @triton.jit
-def patch_gather_kernel(img_ptr, idx_ptr, cu_ptr, out_ptr, rows, num_images, grid_w, num_patches, patch_dim,
-                        s_b, s_c, s_h, s_w, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-    """out[r, e] = pixel e of patch idx[r] of its image (raw (C, P, P) patches), zeros for an invalid index."""
+def _patch_tile(idx_ptr, cu_ptr, rows, num_images, grid_w, num_patches, patch_dim, s_b, s_c, s_h, s_w,
+                P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's (BLOCK_R packed rows, BLOCK_E patch elements) tile of the gather / scatter: the rows r and
+    their bounds mask, which of them name a valid patch, the elements e and their mask, and the image offsets of
+    every (row, element) pair."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = r < rows
     index = tl.load(idx_ptr + r, mask=mask_r, other=0)
@@ -99,7 +101,16 @@ def patch_gather_kernel(img_ptr, idx_ptr, cu_ptr, out_ptr, rows, num_images, gri
     image = _image_of_rows(cu_ptr, num_images, r)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_e = e < patch_dim
-    src = _patch_offsets(index, image, e, grid_w, s_b, s_c, s_h, s_w, P)
+    offsets = _patch_offsets(index, image, e, grid_w, s_b, s_c, s_h, s_w, P)
+    return r, mask_r, valid, e, mask_e, offsets
+
+
+@triton.jit
+def patch_gather_kernel(img_ptr, idx_ptr, cu_ptr, out_ptr, rows, num_images, grid_w, num_patches, patch_dim,
+                        s_b, s_c, s_h, s_w, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """out[r, e] = pixel e of patch idx[r] of its image (raw (C, P, P) patches), zeros for an invalid index."""
+    r, mask_r, valid, e, mask_e, src = _patch_tile(idx_ptr, cu_ptr, rows, num_images, grid_w, num_patches, patch_dim,
+                                                   s_b, s_c, s_h, s_w, P, BLOCK_R, BLOCK_E)
     pixels = tl.load(img_ptr + src, mask=valid[:, None] & mask_e[None, :], other=0.0)
     dst = r.to(tl.int64)[:, None] * patch_dim + e[None, :]
     tl.store(out_ptr + dst, pixels, mask=mask_r[:, None] & mask_e[None, :])
@@ -110,16 +121,10 @@ def patch_scatter_kernel(grad_ptr, idx_ptr, cu_ptr, img_ptr, rows, num_images, g
                          s_b, s_c, s_h, s_w, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     """image pixel of (row r, element e) = grad[r, e]. The patches of one image are distinct and never overlap, so a
     plain store (into a zero-filled image) is the gradient, with no atomics."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = r < rows
-    index = tl.load(idx_ptr + r, mask=mask_r, other=0)
-    valid = mask_r & (index >= 0) & (index < num_patches)
-    image = _image_of_rows(cu_ptr, num_images, r)
-    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    mask_e = e < patch_dim
+    r, mask_r, valid, e, mask_e, dst = _patch_tile(idx_ptr, cu_ptr, rows, num_images, grid_w, num_patches, patch_dim,
+                                                   s_b, s_c, s_h, s_w, P, BLOCK_R, BLOCK_E)
     mask = valid[:, None] & mask_e[None, :]
     g = tl.load(grad_ptr + r.to(tl.int64)[:, None] * patch_dim + e[None, :], mask=mask, other=0.0)
-    dst = _patch_offsets(index, image, e, grid_w, s_b, s_c, s_h, s_w, P)
     tl.store(img_ptr + dst, g, mask=mask)
 
 

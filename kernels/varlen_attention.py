@@ -39,8 +39,10 @@ _MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _load_tile(ptrs, row_valid, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_rows(base, row0, stride_t, offs_r, row_valid, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    # rows row0 + offs_r of a (tokens, D) view at `base` (head offset included), zero-padded to BLOCK_D columns;
     # a row-only mask when the head dim needs no padding keeps the loads vectorised
+    ptrs = base + row0 * stride_t + offs_r[:, None] * stride_t + offs_d[None, :]
     if D == BLOCK_D:
         tile = tl.load(ptrs, mask=row_valid[:, None], other=0.0)
     else:
@@ -49,11 +51,49 @@ def _load_tile(ptrs, row_valid, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(ptrs, value, row_valid, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_rows(base, row0, stride_t, offs_r, value, row_valid, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    # the inverse of _load_rows: the first D columns of `value` to rows row0 + offs_r
+    ptrs = base + row0 * stride_t + offs_r[:, None] * stride_t + offs_d[None, :]
     if D == BLOCK_D:
         tl.store(ptrs, value, mask=row_valid[:, None])
     else:
         tl.store(ptrs, value, mask=row_valid[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _sample_bounds(cu_q, cu_k, b):
+    q_start = tl.load(cu_q + b)
+    lq = tl.load(cu_q + b + 1) - q_start
+    k_start = tl.load(cu_k + b)
+    lk = tl.load(cu_k + b + 1) - k_start
+    return q_start, lq, k_start, lk
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # IEEE: exact fp32 products (the float32 contract of OPS.md); else Triton's default (TF32 for fp32 inputs)
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _key_end(m0, lq, lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    # keys past this bound are hidden from every query of the block m0 .. m0 + BLOCK_M - 1
+    n_end = lk
+    if CAUSAL:
+        n_end = tl.minimum(lk, tl.maximum(m0 + BLOCK_M + lk - lq, 0))
+    return n_end
+
+
+@triton.jit
+def _causal_mask(keep, offs_m, offs_n, lq, lk, CAUSAL: tl.constexpr):
+    # (queries, keys) mask; bottom-right alignment: key n is visible to query m when n <= m + (lk - lq)
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + (lk - lq))
+    return keep
 
 
 @triton.jit
@@ -69,42 +109,31 @@ def _varlen_fwd_kernel(
     b = tl.program_id(1)
     h = tl.program_id(2)
     kvh = h // group
-    q_start = tl.load(cu_q + b)
-    lq = tl.load(cu_q + b + 1) - q_start
-    k_start = tl.load(cu_k + b)
-    lk = tl.load(cu_k + b + 1) - k_start
+    q_start, lq, k_start, lk = _sample_bounds(cu_q, cu_k, b)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
+    q_base = Q + h.to(tl.int64) * stride_qh
     k_base = K + kvh.to(tl.int64) * stride_kh
     v_base = V + kvh.to(tl.int64) * stride_vh
     for m0 in range(pid_m * BLOCK_M, lq, tl.num_programs(0) * BLOCK_M):
         offs_m = m0 + offs_m0
         m_valid = offs_m < lq
         row0 = (q_start + m0).to(tl.int64)
-        q = _load_tile(Q + row0 * stride_qt + h.to(tl.int64) * stride_qh + offs_m0[:, None] * stride_qt
-                    + offs_dk[None, :], m_valid, offs_dk, DK, BLOCK_DK)
+        q = _load_rows(q_base, row0, stride_qt, offs_m0, m_valid, offs_dk, DK, BLOCK_DK)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        n_end = lk
-        if CAUSAL:
-            n_end = tl.minimum(lk, tl.maximum(m0 + BLOCK_M + lk - lq, 0))
+        n_end = _key_end(m0, lq, lk, CAUSAL, BLOCK_M)
         for n0 in range(0, n_end, BLOCK_N):
             offs_n = n0 + offs_n0
             n_valid = offs_n < lk
             krow0 = (k_start + n0).to(tl.int64)
-            k = _load_tile(k_base + krow0 * stride_kt + offs_n0[:, None] * stride_kt + offs_dk[None, :], n_valid, offs_dk, DK, BLOCK_DK)
-            v = _load_tile(v_base + krow0 * stride_vt + offs_n0[:, None] * stride_vt + offs_dv[None, :], n_valid, offs_dv, DV, BLOCK_DV)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = s * qk_scale_log2
-            keep = n_valid[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + (lk - lq))
+            k = _load_rows(k_base, krow0, stride_kt, offs_n0, n_valid, offs_dk, DK, BLOCK_DK)
+            v = _load_rows(v_base, krow0, stride_vt, offs_n0, n_valid, offs_dv, DV, BLOCK_DV)
+            s = _dot(q, tl.trans(k), IEEE) * qk_scale_log2
+            keep = _causal_mask(n_valid[None, :], offs_m, offs_n, lq, lk, CAUSAL)
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row with no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
@@ -112,14 +141,12 @@ def _varlen_fwd_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
         has_keys = l_i > 0.0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-        _store_tile(Out + row0 * stride_ot + h.to(tl.int64) * stride_oh + offs_m0[:, None] * stride_ot + offs_dv[None, :], out.to(Out.dtype.element_ty), m_valid, offs_dv, DV, BLOCK_DV)
+        _store_rows(Out + h.to(tl.int64) * stride_oh, row0, stride_ot, offs_m0, out.to(Out.dtype.element_ty), m_valid,
+                    offs_dv, DV, BLOCK_DV)
         lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(Lse + h.to(tl.int64) * total_q + q_start + offs_m, lse, mask=m_valid)
 
@@ -137,10 +164,8 @@ def _varlen_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_DV)
     row0 = pid.to(tl.int64) * BLOCK_M
     t_valid = offs_t < total_q
-    o = _load_tile(Out + row0 * stride_ot + h.to(tl.int64) * stride_oh + offs_l[:, None] * stride_ot
-                   + offs_d[None, :], t_valid, offs_d, DV, BLOCK_DV)
-    do = _load_tile(dOut + row0 * stride_dot + h.to(tl.int64) * stride_doh + offs_l[:, None] * stride_dot
-                    + offs_d[None, :], t_valid, offs_d, DV, BLOCK_DV)
+    o = _load_rows(Out + h.to(tl.int64) * stride_oh, row0, stride_ot, offs_l, t_valid, offs_d, DV, BLOCK_DV)
+    do = _load_rows(dOut + h.to(tl.int64) * stride_doh, row0, stride_dot, offs_l, t_valid, offs_d, DV, BLOCK_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + h.to(tl.int64) * total_q + offs_t, delta, mask=t_valid)
 
@@ -159,10 +184,7 @@ def _varlen_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     kvh = tl.program_id(2)
-    q_start = tl.load(cu_q + b)
-    lq = tl.load(cu_q + b + 1) - q_start
-    k_start = tl.load(cu_k + b)
-    lk = tl.load(cu_k + b + 1) - k_start
+    q_start, lq, k_start, lk = _sample_bounds(cu_q, cu_k, b)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -172,10 +194,8 @@ def _varlen_bwd_dkdv_kernel(
         offs_n = n0 + offs_n0
         n_valid = offs_n < lk
         krow0 = (k_start + n0).to(tl.int64)
-        k = _load_tile(K + krow0 * stride_kt + kvh.to(tl.int64) * stride_kh + offs_n0[:, None] * stride_kt
-                    + offs_dk[None, :], n_valid, offs_dk, DK, BLOCK_DK)
-        v = _load_tile(V + krow0 * stride_vt + kvh.to(tl.int64) * stride_vh + offs_n0[:, None] * stride_vt
-                    + offs_dv[None, :], n_valid, offs_dv, DV, BLOCK_DV)
+        k = _load_rows(K + kvh.to(tl.int64) * stride_kh, krow0, stride_kt, offs_n0, n_valid, offs_dk, DK, BLOCK_DK)
+        v = _load_rows(V + kvh.to(tl.int64) * stride_vh, krow0, stride_vt, offs_n0, n_valid, offs_dv, DV, BLOCK_DV)
         dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         m_begin = 0
@@ -188,37 +208,26 @@ def _varlen_bwd_dkdv_kernel(
                 offs_m = m0 + offs_m0
                 m_valid = offs_m < lq
                 row0 = (q_start + m0).to(tl.int64)
-                q = _load_tile(Q + row0 * stride_qt + h.to(tl.int64) * stride_qh + offs_m0[:, None] * stride_qt
-                            + offs_dk[None, :], m_valid, offs_dk, DK, BLOCK_DK)
-                do = _load_tile(dOut + row0 * stride_dot + h.to(tl.int64) * stride_doh + offs_m0[:, None] * stride_dot
-                             + offs_dv[None, :], m_valid, offs_dv, DV, BLOCK_DV)
+                q = _load_rows(Q + h.to(tl.int64) * stride_qh, row0, stride_qt, offs_m0, m_valid, offs_dk, DK, BLOCK_DK)
+                do = _load_rows(dOut + h.to(tl.int64) * stride_doh, row0, stride_dot, offs_m0, m_valid, offs_dv, DV,
+                                BLOCK_DV)
                 lse = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
                 delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
-                if IEEE:
-                    st = tl.dot(k, tl.trans(q), input_precision="ieee")
-                else:
-                    st = tl.dot(k, tl.trans(q))
+                st = _dot(k, tl.trans(q), IEEE)
                 keep = n_valid[:, None] & m_valid[None, :]
                 if CAUSAL:
                     keep = keep & (offs_n[:, None] <= offs_m[None, :] + (lk - lq))
                 # masked entries may hold exp2(+inf) (queries with lse = -inf); tl.where drops them before any use
                 pt = tl.where(keep, tl.exp2(st * qk_scale_log2 - lse[None, :] * 1.4426950408889634), 0.0)
-                if IEEE:
-                    dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
-                    dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
-                else:
-                    dv += tl.dot(pt.to(do.dtype), do)
-                    dpt = tl.dot(v, tl.trans(do))
+                dv += _dot(pt.to(do.dtype), do, IEEE)
+                dpt = _dot(v, tl.trans(do), IEEE)
                 dst = pt * (dpt - delta[None, :])
-                if IEEE:
-                    dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
-                else:
-                    dk += tl.dot(dst.to(q.dtype), q)
+                dk += _dot(dst.to(q.dtype), q, IEEE)
         dk = dk * sm_scale
-        _store_tile(dK + krow0 * stride_dkt + kvh.to(tl.int64) * stride_dkh + offs_n0[:, None] * stride_dkt
-                 + offs_dk[None, :], dk.to(dK.dtype.element_ty), n_valid, offs_dk, DK, BLOCK_DK)
-        _store_tile(dV + krow0 * stride_dvt + kvh.to(tl.int64) * stride_dvh + offs_n0[:, None] * stride_dvt
-                 + offs_dv[None, :], dv.to(dV.dtype.element_ty), n_valid, offs_dv, DV, BLOCK_DV)
+        _store_rows(dK + kvh.to(tl.int64) * stride_dkh, krow0, stride_dkt, offs_n0, dk.to(dK.dtype.element_ty), n_valid,
+                    offs_dk, DK, BLOCK_DK)
+        _store_rows(dV + kvh.to(tl.int64) * stride_dvh, krow0, stride_dvt, offs_n0, dv.to(dV.dtype.element_ty), n_valid,
+                    offs_dv, DV, BLOCK_DV)
 
 
 @triton.jit
@@ -235,10 +244,7 @@ def _varlen_bwd_dq_kernel(
     b = tl.program_id(1)
     h = tl.program_id(2)
     kvh = h // group
-    q_start = tl.load(cu_q + b)
-    lq = tl.load(cu_q + b + 1) - q_start
-    k_start = tl.load(cu_k + b)
-    lk = tl.load(cu_k + b + 1) - k_start
+    q_start, lq, k_start, lk = _sample_bounds(cu_q, cu_k, b)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -250,40 +256,27 @@ def _varlen_bwd_dq_kernel(
         offs_m = m0 + offs_m0
         m_valid = offs_m < lq
         row0 = (q_start + m0).to(tl.int64)
-        q = _load_tile(Q + row0 * stride_qt + h.to(tl.int64) * stride_qh + offs_m0[:, None] * stride_qt
-                    + offs_dk[None, :], m_valid, offs_dk, DK, BLOCK_DK)
-        do = _load_tile(dOut + row0 * stride_dot + h.to(tl.int64) * stride_doh + offs_m0[:, None] * stride_dot
-                     + offs_dv[None, :], m_valid, offs_dv, DV, BLOCK_DV)
+        q = _load_rows(Q + h.to(tl.int64) * stride_qh, row0, stride_qt, offs_m0, m_valid, offs_dk, DK, BLOCK_DK)
+        do = _load_rows(dOut + h.to(tl.int64) * stride_doh, row0, stride_dot, offs_m0, m_valid, offs_dv, DV, BLOCK_DV)
         lse2 = tl.load(Lse + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + h.to(tl.int64) * total_q + q_start + offs_m, mask=m_valid, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
-        n_end = lk
-        if CAUSAL:
-            n_end = tl.minimum(lk, tl.maximum(m0 + BLOCK_M + lk - lq, 0))
+        n_end = _key_end(m0, lq, lk, CAUSAL, BLOCK_M)
         for n0 in range(0, n_end, BLOCK_N):
             offs_n = n0 + offs_n0
             n_valid = offs_n < lk
             krow0 = (k_start + n0).to(tl.int64)
-            k = _load_tile(k_base + krow0 * stride_kt + offs_n0[:, None] * stride_kt + offs_dk[None, :], n_valid, offs_dk, DK, BLOCK_DK)
-            v = _load_tile(v_base + krow0 * stride_vt + offs_n0[:, None] * stride_vt + offs_dv[None, :], n_valid, offs_dv, DV, BLOCK_DV)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-                dp = tl.dot(do, tl.trans(v))
-            keep = m_valid[:, None] & n_valid[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + (lk - lq))
+            k = _load_rows(k_base, krow0, stride_kt, offs_n0, n_valid, offs_dk, DK, BLOCK_DK)
+            v = _load_rows(v_base, krow0, stride_vt, offs_n0, n_valid, offs_dv, DV, BLOCK_DV)
+            s = _dot(q, tl.trans(k), IEEE)
+            dp = _dot(do, tl.trans(v), IEEE)
+            keep = _causal_mask(m_valid[:, None] & n_valid[None, :], offs_m, offs_n, lq, lk, CAUSAL)
             p = tl.where(keep, tl.exp2(s * qk_scale_log2 - lse2[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
-            if IEEE:
-                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            else:
-                dq += tl.dot(ds.to(k.dtype), k)
+            dq += _dot(ds.to(k.dtype), k, IEEE)
         dq = dq * sm_scale
-        _store_tile(dQ + row0 * stride_dqt + h.to(tl.int64) * stride_dqh + offs_m0[:, None] * stride_dqt
-                 + offs_dk[None, :], dq.to(dQ.dtype.element_ty), m_valid, offs_dk, DK, BLOCK_DK)
+        _store_rows(dQ + h.to(tl.int64) * stride_dqh, row0, stride_dqt, offs_m0, dq.to(dQ.dtype.element_ty), m_valid,
+                    offs_dk, DK, BLOCK_DK)
 
 
 def _launch(kernel):

@@ -38,6 +38,19 @@ def require_int(name: str, value) -> int:
     return value
 
 
+def require_float_list(name: str, value, what: str) -> list[float]:
+    """`value` (a 1-D tensor or a sequence of numbers) as a list of floats; `what` says what the entries are for the
+    messages (e.g. "one per exit"). Raises ValueError for a tensor of another rank, TypeError for non-numbers."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"{name} must be 1-D ({what}), got shape {tuple(value.shape)}")
+        value = value.tolist()
+    try:
+        return [float(x) for x in value]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of numbers ({what})") from None
+
+
 def require_shape(name: str, t: torch.Tensor, shape: tuple, layout: str) -> None:
     """Raise ValueError unless t.shape == shape (layout names the axes for the message, e.g. "(D, C, p, p)")."""
     if tuple(t.shape) != tuple(shape):

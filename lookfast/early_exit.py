@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._validate import require_float_list
 from .exit_calibration import budget_proportions, calibrate_thresholds, expected_cost
 from .ops.exit import compact_rows, criterion_code, exit_compact, exit_scatter
 
@@ -88,14 +89,7 @@ class EarlyExitRunner:
         return len(self.stages)
 
     def _thresholds(self, thresholds) -> list[float]:
-        if isinstance(thresholds, torch.Tensor):
-            if thresholds.dim() != 1:
-                raise ValueError(f"thresholds must be 1-D ({self.num_exits},), got shape {tuple(thresholds.shape)}")
-            thresholds = thresholds.tolist()
-        try:
-            values = [float(t) for t in thresholds]
-        except (TypeError, ValueError):
-            raise TypeError("thresholds must be a sequence of numbers (one per exit)") from None
+        values = require_float_list("thresholds", thresholds, "one per exit")
         if len(values) != self.num_exits:
             raise ValueError(f"thresholds must hold {self.num_exits} values (one per exit), got {len(values)}")
         return values

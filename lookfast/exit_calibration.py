@@ -15,19 +15,12 @@ from typing import Sequence
 
 import torch
 
-from ._validate import FLOAT_DTYPES, require_dtype
+from ._validate import FLOAT_DTYPES, require_dtype, require_float_list
 from .ops.exit import exit_confidence_reference
 
 
 def _proportion_list(proportions, name: str = "proportions") -> list[float]:
-    if isinstance(proportions, torch.Tensor):
-        if proportions.dim() != 1:
-            raise ValueError(f"{name} must be 1-D (one value per exit), got shape {tuple(proportions.shape)}")
-        proportions = proportions.tolist()
-    try:
-        values = [float(p) for p in proportions]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a sequence of numbers (one per exit)") from None
+    values = require_float_list(name, proportions, "one per exit")
     if any(not math.isfinite(p) or p < 0 for p in values):
         raise ValueError(f"{name} must be finite and >= 0, got {values}")
     if abs(sum(values) - 1.0) > 1e-6:

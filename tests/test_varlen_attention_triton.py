@@ -230,60 +230,27 @@ def _aot_cases():
 
 AOT = _aot_cases()
 
-_BATCH = r"""
-import importlib, json, sys
-import triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-out = []
-for module_name, kernel_name, signature, constexprs, arch, num_warps, num_stages, divisible in json.loads(sys.stdin.read()):
-    kernel = getattr(importlib.import_module(module_name), kernel_name)
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
-    out.append({"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared})
-print(json.dumps(out))
-"""
-
-
 @pytest.fixture(scope="module")
 def aot_reports():
-    """Every kernel x config x arch compiled in ONE subprocess (one triton import), then assembled with ptxas -v.
+    """Every kernel x config x arch compiled in ONE subprocess (one triton import; tests/triton_aot.compile_reports).
     Pointers and strides are declared 16-divisible, as the JIT specialises them for aligned tensors (Dh 64 / 8)."""
-    import json
-    import os
-    import re
-    import subprocess
-    import sys
-    import tempfile
+    from triton_aot import compile_reports
 
-    from triton_aot import _ptxas
-
-    jobs = []
+    jobs, keys = [], []
     for kernel, signature, constexprs, launch, name in AOT:
         sig = dict(signature, **{n: "constexpr" for n in constexprs})
         aligned = [n for n, t in signature.items() if t.startswith("*") or n.startswith("stride")]
         for arch in (80, 90):
-            jobs.append((name, arch, ["lookfast.kernels.varlen_attention", kernel, sig, constexprs, arch,
-                                      launch["num_warps"], launch["num_stages"], aligned]))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _BATCH], input=json.dumps([j[2] for j in jobs]), text=True,
-                          capture_output=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+            keys.append((name, arch))
+            jobs.append(dict(module="lookfast.kernels.varlen_attention", kernel=kernel, signature=sig,
+                             constexprs=constexprs, arch=arch, num_warps=launch["num_warps"],
+                             num_stages=launch["num_stages"], divisible=aligned))
     reports = {}
-    for (name, arch, _), res in zip(jobs, json.loads(proc.stdout.strip().splitlines()[-1])):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.ptx")
-            with open(path, "w") as fh:
-                fh.write(res["ptx"])
-            sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-            run = subprocess.run([_ptxas(res["ptx"]), "-v", f"-arch={sm}", path, "-o", path + ".cubin"],
-                                 capture_output=True, text=True)
-        text = run.stderr + run.stdout
-        grab = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else 0
-        reports[name, arch] = dict(ok=run.returncode == 0, registers=grab(r"Used (\d+) registers"),
-                                   spill_stores=grab(r"(\d+) bytes spill stores"),
-                                   spill_loads=grab(r"(\d+) bytes spill loads"), shared=res["shared"], ptxas=text)
+    for key, res in zip(keys, compile_reports(jobs)):
+        failed = "error" in res
+        reports[key] = dict(ok=not failed, registers=res.get("registers", 0), spill_stores=res.get("spill_stores", 0),
+                            spill_loads=res.get("spill_loads", 0), shared=res.get("shared", 0),
+                            ptxas=res["error"] if failed else res["ptxas"])
     return reports
 
 

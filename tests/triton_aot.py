@@ -13,19 +13,6 @@ import subprocess
 import sys
 import tempfile
 
-_SCRIPT = r"""
-import importlib, json, sys
-import triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-module_name, kernel_name, signature, constexprs, arch, num_warps, num_stages = json.loads(sys.argv[1])
-kernel = getattr(importlib.import_module(module_name), kernel_name)
-src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
-print(json.dumps({"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared}))
-"""
-
-
 def _ptxas(ptx_text: str) -> str:
     # Triton bundles two assemblers; the newer one (ptxas-blackwell) accepts the newer PTX ISA versions Triton emits
     # for some targets. Pick the one whose version covers the PTX's `.version`.
@@ -52,10 +39,11 @@ import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 out = []
-for module_name, kernel_name, signature, constexprs, arch, num_warps, num_stages in json.loads(sys.stdin.read()):
+for module_name, kernel_name, signature, constexprs, arch, num_warps, num_stages, divisible in json.loads(sys.stdin.read()):
     kernel = getattr(importlib.import_module(module_name), kernel_name)
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     try:
+        attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": num_warps, "num_stages": num_stages})
         out.append({"ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared})
@@ -95,12 +83,14 @@ def _summary(text: str, shared: int) -> dict:
 def compile_reports(jobs: list) -> list:
     """Batch form of compile_report: one subprocess (one torch/triton import) compiles every job.
 
-    jobs: dicts with keys module, kernel, signature, constexprs, arch and optionally num_warps, num_stages.
+    jobs: dicts with keys module, kernel, signature, constexprs, arch and optionally num_warps, num_stages and
+    divisible (names of pointer / integer arguments declared 16-divisible, as the JIT specialises them for aligned
+    tensors and strides; none by default).
     Returns one dict per job: compile_report's keys, or {"error": message} when that job failed to compile or assemble.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     payload = json.dumps([[j["module"], j["kernel"], j["signature"], j["constexprs"], j["arch"],
-                           j.get("num_warps", 4), j.get("num_stages", 2)] for j in jobs])
+                           j.get("num_warps", 4), j.get("num_stages", 2), list(j.get("divisible", ()))] for j in jobs])
     proc = subprocess.run([sys.executable, "-c", _BATCH_SCRIPT], input=payload, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"Triton AOT batch compile failed:\n{proc.stderr[-4000:]}")
@@ -123,30 +113,9 @@ def compile_report(module: str, kernel: str, signature: dict, constexprs: dict, 
     signature: {argument name: Triton type string such as "*fp32", "i32", "constexpr"}; constexprs: {name: value}.
     Raises RuntimeError with the compiler's message when compilation fails.
     """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = json.dumps([module, kernel, signature, constexprs, arch, num_warps, num_stages])
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"Triton AOT compile of {module}.{kernel} for sm_{arch} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as fh:
-            fh.write(result["ptx"])
-        sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        out = subprocess.run([_ptxas(result["ptx"]), "-v", f"-arch={sm}", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"ptxas failed for {module}.{kernel} sm_{arch}:\n{out.stderr[-4000:]}")
-    text = out.stderr + out.stdout
-    def grab(pattern: str) -> int:
-        m = re.search(pattern, text)
-        return int(m.group(1)) if m else 0
-    return {
-        "registers": grab(r"Used (\d+) registers"),
-        "spill_stores": grab(r"(\d+) bytes spill stores"),
-        "spill_loads": grab(r"(\d+) bytes spill loads"),
-        "stack": grab(r"(\d+) bytes stack frame"),
-        "shared": result["shared"],
-        "ptxas": text,
-    }
+    job = dict(module=module, kernel=kernel, signature=signature, constexprs=constexprs, arch=arch,
+               num_warps=num_warps, num_stages=num_stages)
+    report = compile_reports([job])[0]
+    if "error" in report:
+        raise RuntimeError(f"Triton AOT compile of {module}.{kernel} for sm_{arch} failed:\n{report['error']}")
+    return report

@@ -1,11 +1,14 @@
 #pragma once
 // Argument checks of the exit-masked execution ops, shared by the CPU and CUDA kernels (host code only). The
 // Python wrappers check first with friendlier messages; these keep the kernels safe when called directly
-// (torch.ops.lookfast.*): no op reads or writes out of bounds, whatever it is given.
+// (torch.ops.lookfast.*): no op reads or writes out of bounds, whatever it is given. Also the one host-only op
+// body that is the same on both devices (compact_rows_backward, composed of ATen ops).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <vector>
 
 #include "common/exit_compact.h"
 
@@ -63,6 +66,22 @@ inline bool rows_are_contiguous(const at::Tensor& t) {
     expected *= t.size(d);
   }
   return true;
+}
+
+// compact_rows_backward on any device: the gather's adjoint, each grad's rows added into zeros at `keep`
+// (index_add_ accumulates, so repeated indices are summed). The caller sets the device guard.
+inline std::vector<at::Tensor> compact_rows_backward_impl(at::TensorList grads, const at::Tensor& keep,
+                                                          int64_t rows) {
+  TORCH_CHECK(keep.dim() == 1 && keep.scalar_type() == at::kLong, "compact_rows_backward: keep must be 1-D int64");
+  std::vector<at::Tensor> outs;
+  outs.reserve(grads.size());
+  for (const at::Tensor& g : grads) {
+    TORCH_CHECK(g.dim() >= 1 && g.size(0) == keep.size(0), "compact_rows_backward: grad rows must match keep");
+    auto sizes = g.sizes().vec();
+    sizes[0] = rows;
+    outs.push_back(at::zeros(sizes, g.options()).index_add_(0, keep, g));
+  }
+  return outs;
 }
 
 }  // namespace lookfast

@@ -3,7 +3,12 @@
 // The Python wrapper validates user input with friendly messages first; these checks guard direct calls of
 // torch.ops.lookfast.* so that no kernel can read or write out of bounds, whatever it is given.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+
+#include <array>
 #include <optional>
 
 namespace lookfast {
@@ -71,6 +76,31 @@ inline Geometry check_gather_args(const at::Tensor& images, const at::Tensor& in
                 ") with the images' dtype and device");
   }
   return g;
+}
+
+inline void check_grad_tokens(const at::Tensor& grad_tokens, const at::Tensor& images, const Geometry& g) {
+  TORCH_CHECK(grad_tokens.dim() == 2 && grad_tokens.size(0) == g.rows && grad_tokens.size(1) == g.token_dim() &&
+                  grad_tokens.scalar_type() == images.scalar_type() && grad_tokens.device() == images.device(),
+              "patch_gather_embed_backward: grad_tokens must be (total, ", g.token_dim(),
+              ") with the images' dtype and device");
+}
+
+// The embedding's parameter gradients (mask[1..3]: weight, bias, pos_embed) from the contiguous (total, D) `grad`;
+// the same ATen ops on every device. `gather_patches()` returns the (total, K) patch rows through the backend's own
+// gather kernel; it runs only when the weight gradient is asked for. Entries not asked for are left as given.
+template <typename GatherPatches>
+inline void embedding_param_grads(const at::Tensor& grad, const at::Tensor& idx, const Geometry& g,
+                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_embed,
+                                  const std::array<bool, 4>& mask, GatherPatches&& gather_patches,
+                                  at::Tensor& grad_weight, at::Tensor& grad_bias, at::Tensor& grad_pos) {
+  if (!g.embed()) return;
+  if (mask[1]) grad_weight = at::mm(grad.t(), gather_patches()).view(weight->sizes());
+  if (mask[2]) grad_bias = grad.sum(0);
+  if (mask[3] && pos_embed.has_value()) {
+    // Images share position rows: index_add_ accumulates them (serially on the CPU, with atomics on CUDA).
+    grad_pos = at::zeros({g.num_patches, g.embed_dim}, grad.options());
+    if (g.rows > 0) grad_pos.index_add_(0, idx, grad);
+  }
 }
 
 }  // namespace topk_patch_gather

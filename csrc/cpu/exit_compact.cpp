@@ -13,7 +13,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/index_select.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -133,16 +132,7 @@ std::vector<at::Tensor> compact_rows_cpu(at::TensorList states, const at::Tensor
 }
 
 std::vector<at::Tensor> compact_rows_backward_cpu(at::TensorList grads, const at::Tensor& keep, int64_t rows) {
-  TORCH_CHECK(keep.dim() == 1 && keep.scalar_type() == at::kLong, "compact_rows_backward: keep must be 1-D int64");
-  std::vector<at::Tensor> outs;
-  outs.reserve(grads.size());
-  for (const at::Tensor& g : grads) {
-    TORCH_CHECK(g.dim() >= 1 && g.size(0) == keep.size(0), "compact_rows_backward: grad rows must match keep");
-    auto sizes = g.sizes().vec();
-    sizes[0] = rows;
-    outs.push_back(at::zeros(sizes, g.options()).index_add_(0, keep, g));
-  }
-  return outs;
+  return compact_rows_backward_impl(grads, keep, rows);
 }
 
 void exit_scatter_cpu(const at::Tensor& out, const at::Tensor& batch_index, const at::Tensor& values) {

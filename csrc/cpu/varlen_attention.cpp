@@ -586,22 +586,17 @@ LF_DEFINE_FORWARD(forward_items_f64, double, double)
 LF_DEFINE_FORWARD(forward_items_f16, c10::Half, float)
 LF_DEFINE_FORWARD(forward_items_bf16, c10::BFloat16, float)
 
-inline void forward_items(const Problem& pb, const FwdItem* it, int64_t n, const float* q, const float* k,
-                          const float* v, float* o, float* lse, int64_t tq) {
-  forward_items_f32(pb, it, n, q, k, v, o, lse, tq);
-}
-inline void forward_items(const Problem& pb, const FwdItem* it, int64_t n, const double* q, const double* k,
-                          const double* v, double* o, float* lse, int64_t tq) {
-  forward_items_f64(pb, it, n, q, k, v, o, lse, tq);
-}
-inline void forward_items(const Problem& pb, const FwdItem* it, int64_t n, const c10::Half* q, const c10::Half* k,
-                          const c10::Half* v, c10::Half* o, float* lse, int64_t tq) {
-  forward_items_f16(pb, it, n, q, k, v, o, lse, tq);
-}
-inline void forward_items(const Problem& pb, const FwdItem* it, int64_t n, const c10::BFloat16* q,
-                          const c10::BFloat16* k, const c10::BFloat16* v, c10::BFloat16* o, float* lse, int64_t tq) {
-  forward_items_bf16(pb, it, n, q, k, v, o, lse, tq);
-}
+// Overloads by element type over the per-type multiversioned entry points (target_clones functions stay non-template).
+#define LF_FORWARD_OVERLOAD(NAME, scalar_t)                                                                         \
+  inline void forward_items(const Problem& pb, const FwdItem* it, int64_t n, const scalar_t* q, const scalar_t* k,  \
+                            const scalar_t* v, scalar_t* o, float* lse, int64_t tq) {                               \
+    NAME(pb, it, n, q, k, v, o, lse, tq);                                                                            \
+  }
+LF_FORWARD_OVERLOAD(forward_items_f32, float)
+LF_FORWARD_OVERLOAD(forward_items_f64, double)
+LF_FORWARD_OVERLOAD(forward_items_f16, c10::Half)
+LF_FORWARD_OVERLOAD(forward_items_bf16, c10::BFloat16)
+#undef LF_FORWARD_OVERLOAD
 
 // ------------------------------------------------------------------------------------------------ backward
 template <typename scalar_t, typename acc_t, int DIM>

@@ -15,7 +15,6 @@
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_select.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -179,17 +178,8 @@ std::vector<at::Tensor> compact_rows_cuda(at::TensorList states, const at::Tenso
 }
 
 std::vector<at::Tensor> compact_rows_backward_cuda(at::TensorList grads, const at::Tensor& keep, int64_t rows) {
-  TORCH_CHECK(keep.dim() == 1 && keep.scalar_type() == at::kLong, "compact_rows_backward: keep must be 1-D int64");
   c10::cuda::CUDAGuard guard(keep.device());
-  std::vector<at::Tensor> outs;
-  outs.reserve(grads.size());
-  for (const at::Tensor& g : grads) {
-    TORCH_CHECK(g.dim() >= 1 && g.size(0) == keep.size(0), "compact_rows_backward: grad rows must match keep");
-    auto sizes = g.sizes().vec();
-    sizes[0] = rows;
-    outs.push_back(at::zeros(sizes, g.options()).index_add_(0, keep, g));
-  }
-  return outs;
+  return compact_rows_backward_impl(grads, keep, rows);
 }
 
 void exit_scatter_cuda(const at::Tensor& out, const at::Tensor& batch_index, const at::Tensor& values) {

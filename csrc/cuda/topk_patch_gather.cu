@@ -193,10 +193,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> patch_gather_embed_backward_cuda(
     const Tensor& grad_tokens, const Tensor& images, const Tensor& indices, const Tensor& cu_seqlens, int64_t patch,
     const std::optional<Tensor>& weight, const std::optional<Tensor>& pos_embed, std::array<bool, 4> mask) {
   const Geometry g = check_gather_args(images, indices, cu_seqlens, patch, weight, std::nullopt, pos_embed);
-  TORCH_CHECK(grad_tokens.dim() == 2 && grad_tokens.size(0) == g.rows && grad_tokens.size(1) == g.token_dim() &&
-                  grad_tokens.scalar_type() == images.scalar_type() && grad_tokens.device() == images.device(),
-              "patch_gather_embed_backward: grad_tokens must be (total, ", g.token_dim(),
-              ") with the images' dtype and device");
+  check_grad_tokens(grad_tokens, images, g);
   const c10::cuda::CUDAGuard guard(images.device());
   const Tensor idx = indices.contiguous();
   const Tensor cu = cu_seqlens.contiguous();
@@ -219,15 +216,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> patch_gather_embed_backward_cuda(
       });
     }
   }
-  if (g.embed()) {
-    if (mask[1]) grad_weight = at::mm(grad.t(), gather_rows(images, idx, cu, g)).view(weight->sizes());
-    if (mask[2]) grad_bias = grad.sum(0);
-    if (mask[3] && pos_embed.has_value()) {
-      // Images share position rows: index_add_ accumulates them with atomics.
-      grad_pos = at::zeros({g.num_patches, g.embed_dim}, images.options());
-      if (g.rows > 0) grad_pos.index_add_(0, idx, grad);
-    }
-  }
+  embedding_param_grads(grad, idx, g, weight, pos_embed, mask, [&] { return gather_rows(images, idx, cu, g); },
+                        grad_weight, grad_bias, grad_pos);
   return {grad_images, grad_weight, grad_bias, grad_pos};
 }
 

@@ -75,6 +75,23 @@ __device__ __forceinline__ void stage_rows(acc_t* dst, const scalar_t* __restric
   }
 }
 
+// Key tile n0 (cnt rows) of this sample's K and V at heads offsets sk_head / sv_head into shared memory. When the
+// sample is resident (all of its keys fit one tile) the first call stages every key and later calls do nothing.
+// Block-uniform: all threads call it with the same arguments (it synchronises the block).
+template <int DP, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void stage_kv_tile(acc_t* ks, acc_t* vs, const scalar_t* __restrict__ k,
+                                              const scalar_t* __restrict__ v, const Bounds& s, int64_t n0, int cnt,
+                                              bool resident, bool& staged, int64_t sk_t, int64_t sk_head,
+                                              int64_t sv_t, int64_t sv_head, int dk, int dv) {
+  if (resident && staged) return;
+  const int rows = resident ? static_cast<int>(s.lk) : cnt;
+  __syncthreads();  // the previous tile is no longer read
+  stage_rows<DP>(ks, k, s.k0 + n0, rows, sk_t, sk_head, dk);
+  stage_rows<DP>(vs, v, s.k0 + n0, rows, sv_t, sv_head, dv);
+  __syncthreads();
+  staged = resident;
+}
+
 template <int DPT, int TPQ, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void load_row(acc_t (&dst)[DPT], const scalar_t* __restrict__ row, bool valid, int dim,
                                          int lane) {
@@ -82,6 +99,17 @@ __device__ __forceinline__ void load_row(acc_t (&dst)[DPT], const scalar_t* __re
   for (int e = 0; e < DPT; ++e) {
     const int d = e * TPQ + lane;
     dst[e] = (valid && d < dim) ? static_cast<acc_t>(row[d]) : acc_t(0);
+  }
+}
+
+// The lane's DPT elements of a row, times `factor`, to the first `dim` columns of a global row (the inverse of load_row).
+template <int DPT, int TPQ, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_row(scalar_t* __restrict__ row, const acc_t (&src)[DPT], acc_t factor, int dim,
+                                          int lane) {
+#pragma unroll
+  for (int e = 0; e < DPT; ++e) {
+    const int d = e * TPQ + lane;
+    if (d < dim) row[d] = static_cast<scalar_t>(src[e] * factor);
   }
 }
 
@@ -133,14 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_fwd_kernel(
 
     for (int64_t n0 = 0; n0 < n_end; n0 += tile_n) {
       const int cnt = static_cast<int>(n_end - n0 < tile_n ? n_end - n0 : tile_n);
-      if (!(resident && staged)) {
-        const int rows = resident ? static_cast<int>(s.lk) : cnt;
-        __syncthreads();  // the previous tile is no longer read
-        stage_rows<DP>(ks, k, s.k0 + n0, rows, sk_t, kvh * sk_h, dk);
-        stage_rows<DP>(vs, v, s.k0 + n0, rows, sv_t, kvh * sv_h, dv);
-        __syncthreads();
-        staged = resident;
-      }
+      stage_kv_tile<DP>(ks, vs, k, v, s, n0, cnt, resident, staged, sk_t, kvh * sk_h, sv_t, kvh * sv_h, dk, dv);
       for (int j0 = 0; j0 < cnt; j0 += kChunk) {
         acc_t sc[kChunk];
         acc_t cmax = osm::neg_inf<acc_t>();
@@ -176,12 +197,7 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_fwd_kernel(
     }
     if (valid) {
       const acc_t inv = osm::inv_sum(l);
-      scalar_t* orow = out + (s.q0 + i) * so_t + h * so_h;
-#pragma unroll
-      for (int e = 0; e < DPT; ++e) {
-        const int d = e * TPQ + lane;
-        if (d < dv) orow[d] = static_cast<scalar_t>(acc[e] * inv);
-      }
+      store_row<DPT, TPQ>(out + (s.q0 + i) * so_t + h * so_h, acc, inv, dv, lane);
       if (lane == 0) lse[h * total_q + s.q0 + i] = static_cast<float>(osm::log_sum_exp(m, l));
     }
   }
@@ -233,14 +249,8 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
       const int64_t n_end = osm::visible_keys(last_q, s.lq, s.lk, causal);
       for (int64_t n0 = 0; n0 < n_end; n0 += tile_n) {
         const int cnt = static_cast<int>(n_end - n0 < tile_n ? n_end - n0 : tile_n);
-        if (!(resident && staged)) {
-          const int rows = resident ? static_cast<int>(s.lk) : cnt;
-          __syncthreads();
-          stage_rows<DP>(ks, k, s.k0 + n0, rows, sk_t, kvh * sk_h, dk);
-          stage_rows<DP>(vs, v, s.k0 + n0, rows, sv_t, kvh * sv_h, dv);
-          __syncthreads();
-          staged = resident;
-        }
+        stage_kv_tile<DP>(ks, vs, k, v, s, n0, cnt, resident, staged, sk_t, kvh * sk_h, sv_t, kvh * sv_h, dk,
+                          dv);
         for (int j = 0; j < cnt; ++j) {
           const acc_t sc = dot_smem<DPT, TPQ>(qr, ks + j * DP, lane) * scale;
           const acc_t dp = dot_smem<DPT, TPQ>(dor, vs + j * DP, lane);
@@ -254,12 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
       }
     }
     if (valid) {
-      scalar_t* grow = dq + (s.q0 + i) * sq_t + h * sq_h;
-#pragma unroll
-      for (int e = 0; e < DPT; ++e) {
-        const int d = e * TPQ + lane;
-        if (d < dk) grow[d] = static_cast<scalar_t>(gq[e] * scale);
-      }
+      store_row<DPT, TPQ>(dq + (s.q0 + i) * sq_t + h * sq_h, gq, scale, dk, lane);
     }
   }
 }
@@ -324,14 +329,8 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dkdv_kernel(
       }
     }
     if (valid) {
-      scalar_t* krow = dk_out + (s.k0 + j) * sk_t + kvh * sk_h;
-      scalar_t* vrow = dv_out + (s.k0 + j) * sv_t + kvh * sv_h;
-#pragma unroll
-      for (int e = 0; e < DPT; ++e) {
-        const int d = e * TPQ + lane;
-        if (d < dk) krow[d] = static_cast<scalar_t>(gk[e] * scale);
-        if (d < dv) vrow[d] = static_cast<scalar_t>(gv[e]);
-      }
+      store_row<DPT, TPQ>(dk_out + (s.k0 + j) * sk_t + kvh * sk_h, gk, scale, dk, lane);
+      store_row<DPT, TPQ>(dv_out + (s.k0 + j) * sv_t + kvh * sv_h, gv, acc_t(1), dv, lane);
     }
   }
 }

@@ -170,7 +170,7 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def main(quick: bool, json_path: str | None, only: list[str] | None, threads: list[int] | None, plot: str | None) -> int:
     start = time.perf_counter()
-    min_seconds = 0.05 if quick else 0.3
+    min_seconds = 0.2 if quick else 0.5
     cases = load_cases(quick, only)
     threads = threads or ([1] if quick else [1, 2])
     torch.set_num_threads(1)

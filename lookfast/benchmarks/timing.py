@@ -6,9 +6,14 @@ import time
 from typing import Any, Callable
 
 
-def measure(fn: Callable[[], Any], min_seconds: float, min_rounds: int = 3, max_rounds: int = 1000) -> dict[str, float]:
-    """Time `fn()` after one warm-up call (which also triggers compilation). Returns seconds: median, min, max, mean."""
-    fn()
+def measure(fn: Callable[[], Any], min_seconds: float, min_rounds: int = 3, max_rounds: int = 1000,
+            warmup_seconds: float = 0.1) -> dict[str, float]:
+    """Time `fn()` after warming up (at least two calls and `warmup_seconds`, at most 10 calls: compilation, thread
+    pools, allocator and page-cache state settle in a fresh process). Returns seconds: median, min, max, mean."""
+    warm_start, warm_calls = time.perf_counter(), 0
+    while warm_calls < 2 or (time.perf_counter() - warm_start < warmup_seconds and warm_calls < 10):
+        fn()
+        warm_calls += 1
     samples: list[float] = []
     spent = 0.0
     while len(samples) < min_rounds or (spent < min_seconds and len(samples) < max_rounds):

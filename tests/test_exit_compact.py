@@ -410,7 +410,8 @@ def test_runner_matches_one_sample_at_a_time(criterion, seed):
             want_logits, want_exit = run_alone(stages, heads, inputs, thresholds, criterion)
             logits, exit_index = runner(inputs, thresholds)
             assert exit_index.dtype == torch.int64 and exit_index.tolist() == want_exit.tolist()
-            torch.testing.assert_close(logits, want_logits, equal_nan=True, rtol=1e-5, atol=1e-5)
+            # batched and one-sample convolutions round differently (a few 1e-5 at worst in float32)
+            torch.testing.assert_close(logits, want_logits, equal_nan=True, rtol=1e-4, atol=1e-4)
             if batch > 1:
                 assert exit_index[3] == len(stages) - 1
 
@@ -500,6 +501,9 @@ def test_calibrated_thresholds_drive_the_runner_exactly():
         per_exit.append(logits)
     p = [0.25, 0.5, 0.25]
     t = lookfast.calibrate_thresholds(torch.stack(per_exit), p)
+    # Each threshold is a calibration confidence; the runner recomputes it on a smaller batch, which may round it a
+    # few ulps lower, so leave that much room (far less than the gaps between 40 random confidences).
+    t = torch.where(torch.isfinite(t), t - 1e-6, t)
     _, exit_index = lookfast.EarlyExitRunner(stages, heads)(inputs, t)
     assert torch.bincount(exit_index, minlength=3).tolist() == [10, 20, 10]
 
@@ -518,7 +522,7 @@ def test_budget_and_expected_cost():
 @pytest.mark.parametrize("arch", [80, 90])
 def test_triton_kernels_compile_for_gpus_without_spills(arch):
     pytest.importorskip("triton")
-    from tests.triton_aot import compile_report
+    from triton_aot import compile_report
 
     module = "lookfast.kernels.exit_compact"
     jobs = [

@@ -2,6 +2,7 @@
 the pytest-benchmark suites and `python -m lookfast bench` time the same callables (no copied setup code).
 
 A suite file needs only:  def bench_<op>(benchmark, case_impl): case_impl(benchmark)
+`LOOKFAST_BENCH_QUICK=0` adds the cases `--quick` leaves out.
 """
 import importlib
 import os
@@ -17,27 +18,38 @@ def _cases_for(path: str):
     return [c for c in module.cases() if c.quick or not quick]
 
 
+_current: dict = {}
+
+
+def _implementations(case):
+    # One case's inputs alive at a time (some hold hundreds of MB); collection and the runs share the setup.
+    if _current.get("case") is not case:
+        _current.clear()
+        _current.update(case=case, impls=case.setup())
+    return _current["impls"]
+
+
 def pytest_generate_tests(metafunc):
     if "case_impl" not in metafunc.fixturenames:
         return
     params, ids = [], []
     for case in _cases_for(str(metafunc.definition.path)):
-        names = list(case.setup())  # implementation names are known only after setup; inputs are freed at once
-        for impl in names:
+        for impl in _implementations(case):  # implementation names are known only after setup
             params.append((case, impl))
             ids.append(f"{case.id}-{impl}")
-    metafunc.parametrize("case_impl_param", params, ids=ids, indirect=False)
+    metafunc.parametrize("case_impl_param", params, ids=ids)
 
 
 @pytest.fixture
 def case_impl(case_impl_param):
-    """A callable taking the `benchmark` fixture: times one implementation of one case."""
+    """A callable taking the `benchmark` fixture: times one implementation of one case (1 intra-op thread)."""
     case, impl = case_impl_param
     torch.set_num_threads(1)
-    impls = case.setup()
 
     def run(benchmark):
-        benchmark.extra_info.update({"case": case.id, "op": case.op, "shape": case.shape, "impl": impl})
-        benchmark(impls[impl])
+        benchmark.group = case.id
+        benchmark.extra_info.update({"case": case.id, "op": case.op, "shape": case.shape, "impl": impl,
+                                     "bytes": case.bytes, "flops": case.flops, "bar": case.bars.get(impl)})
+        benchmark(_implementations(case)[impl])
 
     return run

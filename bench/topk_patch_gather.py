@@ -1,6 +1,6 @@
 """pytest-benchmark suite for BENCH.md rows G1-G3 (cases from lookfast.benchmarks.cases.topk_patch_gather).
 
-Run: PYTHONPATH=. pytest bench/topk_patch_gather.py   (LOOKFAST_BENCH_QUICK=0 adds G1)
+Run: pytest bench/topk_patch_gather.py --benchmark-json=out.json   (LOOKFAST_BENCH_QUICK=0 adds G1)
 """
 
 

@@ -228,13 +228,6 @@ _varlen_attention_triton.register_autograd(
 
 
 # --------------------------------------------------------------------------------------------- public API
-@torch.compiler.assume_constant_result
-def _backend(device_type: str) -> str:
-    # Asks the dispatcher which kernels exist (a non-tensor torch call Dynamo cannot trace): under torch.compile the
-    # answer is a compile-time constant.
-    return _dispatch.backend_for(_OP, torch.device(device_type))
-
-
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -271,7 +264,7 @@ def varlen_attention(
     """
     scale = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
     causal = bool(causal)
-    backend = _backend(q.device.type)
+    backend = _dispatch.backend_for(_OP, q.device)  # a compile-time constant under torch.compile
     args = (q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
     if backend in (_dispatch.CPP, _dispatch.CUDA):
         out, lse = torch.ops.lookfast.varlen_attention_fwd(*args, max_seqlen_q, max_seqlen_k, scale, causal)

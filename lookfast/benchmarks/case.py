@@ -20,6 +20,10 @@ class Case:
     quick:   part of `--quick`.
     multi_thread: also measured with 2 intra-op threads in the full run.
     summarize: optional callable({impl: seconds}) -> list of note strings (e.g. time ratio vs MACs ratio for M1).
+    turns:   1: each implementation is timed in one stretch, one after the other. N > 1: the implementations take N
+             turns each, round-robin, for 1/N of the time budget per turn, and each median pools all turns' samples;
+             for model-sized cases, where the load of a shared machine drifts over the seconds a case takes and
+             would otherwise favour whichever implementation ran in the quieter stretch.
     """
 
     id: str
@@ -32,3 +36,4 @@ class Case:
     quick: bool = True
     multi_thread: bool = True
     summarize: Callable[[dict[str, float]], list[str]] | None = None
+    turns: int = 1

@@ -15,7 +15,7 @@ import torch
 from . import ceilings
 from .case import Case
 from .cases import CASE_MODULES
-from .timing import measure
+from .timing import measure, summarize_samples
 
 
 def load_cases(quick: bool, only: list[str] | None) -> list[Case]:
@@ -41,13 +41,26 @@ def _run_case(case: Case, threads: int, min_seconds: float, ceil: dict[str, floa
     ours = next(iter(impls))
     times: dict[str, float] = {}
     rows = []
-    for impl, fn in impls.items():
-        _progress(f"    {case.id:<8} {impl:<34} threads={threads} ...")
-        try:
-            stats = measure(fn, min_seconds)
-        except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
-            rows.append({"case": case, "impl": impl, "threads": threads, "error": f"{type(exc).__name__}: {exc}"})
+    samples: dict[str, list[float]] = {}
+    failed: dict[str, str] = {}
+    for turn in range(case.turns):
+        for impl, fn in impls.items():
+            if impl in failed:
+                continue
+            if turn == 0:
+                _progress(f"    {case.id:<8} {impl:<34} threads={threads} ...")
+            try:
+                stats = measure(fn, min_seconds / case.turns, min_rounds=1 if case.turns > 1 else 3,
+                                warmup=turn == 0)
+            except Exception as exc:  # a peer that cannot run this shape is reported, not fatal
+                failed[impl] = f"{type(exc).__name__}: {exc}"
+                continue
+            samples.setdefault(impl, []).extend(stats["samples"])
+    for impl in impls:
+        if impl in failed:
+            rows.append({"case": case, "impl": impl, "threads": threads, "error": failed[impl]})
             continue
+        stats = summarize_samples(samples[impl])
         times[impl] = stats["median"]
         rows.append({"case": case, "impl": impl, "threads": threads, "stats": stats})
     for row in rows:

@@ -47,7 +47,7 @@ def _full_case(batch: int, quick: bool) -> Case:
         return {"lookfast model, ops=fused": run(fused), "ops=reference (official math)": run(ref)}
 
     return Case(id="M1-full", op="dyn_perceiver", shape=f"{NAME} B {batch} {SIZE}px, full model", setup=setup,
-                quick=quick, multi_thread=False)
+                quick=quick, multi_thread=False, turns=3)
 
 
 def _ee_case(key: str, batch: int, calib: int, quick: bool) -> Case:
@@ -106,7 +106,7 @@ def _ee_case(key: str, batch: int, calib: int, quick: bool) -> Case:
                 f"(bar: <= {1.1 * box['macs_ratio']:.3f}, {verdict})"]
 
     return Case(id=f"M1-{key}", op="dyn_perceiver", shape=f"{NAME} B {batch} {SIZE}px, early exit {label}",
-                setup=setup, bars=bars, quick=quick, multi_thread=False, summarize=summarize)
+                setup=setup, bars=bars, quick=quick, multi_thread=False, summarize=summarize, turns=3)
 
 
 def cases() -> list[Case]:

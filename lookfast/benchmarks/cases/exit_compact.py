@@ -216,7 +216,7 @@ def _ex_case(rate: int, kind: str) -> Case:
     return Case(
         id=f"EX-{rate}" if kind == "mlp" else f"EX-conv-{rate}", op="EarlyExitRunner",
         shape=f"{shape}, {rate}% exit early",
-        setup=setup, flops=_ex_flops(kind), quick=kind == "mlp", multi_thread=False, summarize=summarize,
+        setup=setup, flops=_ex_flops(kind), quick=kind == "mlp", multi_thread=False, summarize=summarize, turns=5,
     )
 
 

@@ -99,6 +99,7 @@ def _case(size: int, batch: int, k: int, task: str, quick: bool, full_vit: bool 
         quick=quick,
         multi_thread=not full_vit,  # the full-resolution ViT takes ~1 TMAC per call: one thread count only
         summarize=_summary(size, k, task) if full_vit else None,
+        turns=3,
     )
 
 

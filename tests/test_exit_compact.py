@@ -123,6 +123,38 @@ def test_cpp_confidence_contract(criterion, dtype, seed):
         assert exited.tolist() == torch.nonzero(passes).squeeze(1).tolist()
 
 
+@needs_cpp
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("classes", [16, 17, 47, 1000])
+def test_cpp_vectorized_float32_rows(criterion, classes, seed):
+    """Contiguous float32 rows take the 16-lane path: specials in the vector body and in the scalar tail, ties at
+    the maximum (margin 0), rows read through a row stride larger than the row."""
+    rng = random.Random(seed)
+    body, tail = rng.randrange(min(classes, 16)), classes - 1
+    x = torch.randn(12, classes + 3, dtype=torch.float64) * 4
+    x[0, body] = float("nan")
+    x[1, tail] = float("nan")
+    x[2, body] = float("inf")
+    x[3, tail] = float("inf")
+    x[4] = float("-inf")
+    x[5, body] = float("-inf")
+    x[6, tail] = float("-inf")
+    x[7, :classes] = 0.5  # every class tied: max softmax 1/C, margin 0, entropy log C
+    x[8, body] = x[8, tail] = x[8, :classes].max() + 1  # two tied maxima: margin 0
+    x[9, :classes] = -200.0
+    x[9, body] = 0.0  # the others underflow exp: confidence ~1, margin ~1, entropy ~0
+    wide = x.float()[:, :classes]  # rows classes + 3 floats apart: strided rows, contiguous classes
+    conf = confidence64(wide.double(), criterion)
+    for logits in (wide, wide.contiguous()):
+        for _ in range(4):
+            thr = threshold_between(conf, rng, 1e-5)
+            keep, exited = torch.ops.lookfast.exit_confidence_mask(logits, torch.tensor(thr), ex.CRITERIA[criterion])
+            passes = conf <= thr if criterion == "entropy" else conf >= thr
+            assert keep.tolist() == torch.nonzero(~passes).squeeze(1).tolist()
+            assert exited.tolist() == torch.nonzero(passes).squeeze(1).tolist()
+    assert torch.isnan(conf[:5]).all() and not torch.isnan(conf[5:]).any()
+
+
 # ---------------------------------------------------------------------------------------------- C++ vs reference
 @needs_cpp
 @pytest.mark.parametrize("criterion", CRITERIA)

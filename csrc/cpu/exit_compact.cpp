@@ -16,14 +16,84 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "common/exit_compact.h"
 #include "common/exit_checks.h"
 #include "cpu/row_buffer_pool.h"
+#include "cpu/vector_math.h"
 
 namespace lookfast {
 namespace {
+
+using namespace cpu_vec;
+
+// RowStats of one contiguous float32 row, vectorised: the row (a few KB) is read twice from L1 instead of once
+// through the scalar online update, whose exp and branches per element cost ~5 ns (a quarter of E1's time).
+// Pass 1: lane-wise top two (ties counted) and a NaN flag; the lanes' top twos merge through RowStats::push's rule.
+// Pass 2: s and t at the final max. Same conventions as the scalar path: NaN or +inf anywhere, or no finite
+// maximum, gives NaN; a -inf logit adds nothing; exp is vexp2 (~2e-7 relative, below 2^-125 flushed to 0).
+LF_MULTIVERSION void confidence_rows_f32(const float* base, int64_t row_stride, int64_t begin, int64_t end,
+                                         int64_t classes, int64_t criterion, float threshold, uint8_t* passes) {
+  typedef Vec<float>::type V;
+  constexpr int VL = Vec<float>::size;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float inf = std::numeric_limits<float>::infinity();
+  const int64_t full = classes / VL * VL;
+  for (int64_t r = begin; r < end; ++r) {
+    const float* x = base + r * row_stride;
+    V m1 = vbroadcast(-inf), m2 = vbroadcast(-inf);
+    vint16 nan = {};
+    for (int64_t j = 0; j < full; j += VL) {
+      const V v = vload(x + j);
+      nan |= v != v;
+      const V lo = v < m1 ? v : m1;
+      m2 = vmax(m2, lo);
+      m1 = vmax(m1, v);
+    }
+    RowStats<float> st = RowStats<float>::empty();
+    bool bad = false;
+    for (int i = 0; i < VL; ++i) {
+      bad |= nan[i] != 0;
+      for (const float y : {m1[i], m2[i]}) {
+        if (y > st.m1) { st.m2 = st.m1; st.m1 = y; } else if (y > st.m2) { st.m2 = y; }
+      }
+    }
+    for (int64_t j = full; j < classes; ++j) {
+      const float y = x[j];
+      bad |= y != y;
+      if (y > st.m1) { st.m2 = st.m1; st.m1 = y; } else if (y > st.m2) { st.m2 = y; }
+    }
+    if (bad || !(st.m1 > -inf) || st.m1 == inf) {
+      passes[r] = 0;  // NaN confidence never exits
+      continue;
+    }
+    const V mx = vbroadcast(st.m1);
+    V s = {}, t = {};
+    for (int64_t j = 0; j < full; j += VL) {
+      const V d = vmax(vload(x + j) - mx, vbroadcast(-1e30f));  // -inf -> finite, so e * d is 0, not NaN
+      const V e = vexp2(d * kLog2e);
+      s += e;
+      t += e * d;
+    }
+    float ss = 0.f, tt = 0.f;
+    for (int i = 0; i < VL; ++i) {
+      ss += s[i];
+      tt += t[i];
+    }
+    for (int64_t j = full; j < classes; ++j) {
+      if (x[j] == -inf) continue;
+      const float d = x[j] - st.m1;
+      const float e = std::exp(d);
+      ss += e;
+      tt += e * d;
+    }
+    st.s = ss;
+    st.t = tt;
+    passes[r] = exit_passes<float>(st.confidence(criterion), threshold, criterion) ? 1 : 0;
+  }
+}
 
 // One state's row copy: rows of `bytes` bytes, `src_stride`/`dst_stride` bytes apart.
 struct RowCopy {
@@ -72,6 +142,18 @@ void copy_rows_parallel(const std::vector<RowCopy>& copies, const int64_t* idx, 
   });
 }
 
+// The vectorised path covers contiguous float32 rows (the models' logits); other dtypes take the scalar path.
+template <typename scalar_t>
+bool confidence_rows_vectorized(const scalar_t*, int64_t, int64_t, int64_t, int64_t, int64_t, double, uint8_t*) {
+  return false;
+}
+template <>
+bool confidence_rows_vectorized<float>(const float* base, int64_t row_stride, int64_t begin, int64_t end,
+                                       int64_t classes, int64_t criterion, double threshold, uint8_t* passes) {
+  confidence_rows_f32(base, row_stride, begin, end, classes, criterion, static_cast<float>(threshold), passes);
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor> exit_confidence_mask_cpu(const at::Tensor& logits, const at::Tensor& threshold,
                                                             int64_t criterion) {
   check_confidence_args(logits, threshold, criterion);
@@ -86,6 +168,9 @@ std::tuple<at::Tensor, at::Tensor> exit_confidence_mask_cpu(const at::Tensor& lo
     const acc_t t = static_cast<acc_t>(thr);
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(classes, 1));
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      if (s1 == 1 && confidence_rows_vectorized(base, s0, begin, end, classes, criterion, thr, passes.data())) {
+        return;
+      }
       for (int64_t i = begin; i < end; ++i) {
         const acc_t conf = row_confidence<scalar_t, acc_t>(base + i * s0, s1, classes, criterion);
         passes[i] = exit_passes<acc_t>(conf, t, criterion) ? 1 : 0;

@@ -96,6 +96,11 @@ def _embed_case(case_id: str, b: int, size: int, p: int, k: int, d: int, quick: 
     )
 
 
+COLD_BATCHES = 4
+COLD = f"lookfast, {COLD_BATCHES} batches in turn (DRAM)"
+COLD_COMPILE = f"gather torch.compile, {COLD_BATCHES} batches in turn"
+
+
 def _raw_case() -> Case:
     b, c, size, p, k = 32, 3, 224, 16, 49
     g = (size // p) ** 2
@@ -111,8 +116,19 @@ def _raw_case() -> Case:
         scores = torch.randn(b, g, generator=gen)
         src, dst = torch.randn(rows, patch_dim), torch.empty(rows, patch_dim)
         compiled = torch.compile(_gather_raw, dynamic=False)
+        # Repeated calls on one 19 MB batch keep it in the L3 cache; taking COLD_BATCHES batches in turn (77 MB)
+        # makes every call read its pixels from DRAM, as a pipeline with fresh images does.
+        ring = [images] + [torch.randn(b, c, size, size, generator=gen) for _ in range(COLD_BATCHES - 1)]
+        turn = [0]
+
+        def next_batch():
+            turn[0] = (turn[0] + 1) % COLD_BATCHES
+            return ring[turn[0]]
+
         return {
             "lookfast": lambda: lookfast.topk_patch_gather(images, scores, k, p),
+            COLD: lambda: lookfast.topk_patch_gather(next_batch(), scores, k, p),
+            COLD_COMPILE: lambda: compiled(next_batch(), scores, k, p),
             "official (patchify all, gather)": lambda: official_raw_patches(images, scores, k, p),
             "lookfast reference (eager)": lambda: _reference(images, scores, k, p),
             "gather eager": lambda: _gather_raw(images, scores, k, p),
@@ -122,9 +138,14 @@ def _raw_case() -> Case:
 
     def summarize(times):
         ceiling = ceilings.copy_bandwidth_gbs(128, 0.05)
-        gbs = nbytes / times["lookfast"] / 1e9
-        return [f"G3: {gbs:.1f} GB/s = {100 * gbs / ceiling:.0f}% of the copy ceiling {ceiling:.1f} GB/s "
-                f"(bar: >= 50%, {'met' if gbs >= 0.5 * ceiling else 'NOT met'})"]
+        notes = []
+        for label, impl in (("images in cache", "lookfast"), ("images from DRAM", COLD)):
+            if impl not in times:
+                continue
+            gbs = nbytes / times[impl] / 1e9
+            notes.append(f"G3 ({label}): {gbs:.1f} GB/s = {100 * gbs / ceiling:.0f}% of the copy ceiling "
+                         f"{ceiling:.1f} GB/s (bar: >= 50%, {'met' if gbs >= 0.5 * ceiling else 'NOT met'})")
+        return notes
 
     return Case(
         id="G3",

@@ -1,5 +1,6 @@
 """Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]`
-and `python -m lookfast info` (which backends and kernels this install has)."""
+`python -m lookfast info` (which backends and kernels this install has) and `python -m lookfast gpucheck [--json PATH]`
+(on a CUDA GPU: the GPU-marked tests and the bf16/fp16 GPU benchmark rows; see lookfast/gpucheck.py)."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", nargs="+", type=int, help="intra-op thread counts (default: 1; full run: 1 2)")
     bench.add_argument("--plot", metavar="PNG", help="write a speedup plot (needs matplotlib)")
     sub.add_parser("info", help="show the compiled backends and registered kernels")
-    args = parser.parse_args(argv)
+    sub.add_parser("gpucheck", add_help=False,
+                   help="on a CUDA GPU: run the GPU-marked tests and the bf16/fp16 GPU benchmark rows (--help for options)")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "gpucheck":
+        from .gpucheck import main as gpucheck
+
+        return gpucheck(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":
         return _info()
     from .benchmarks.run import main as run_bench

@@ -158,7 +158,7 @@ def test_low_precision_within_flash_rule(case, dtype, seed):
         assert_within_rule(g, lo, t, 3)
 
 
-def test_interpreter_runs_bf16_dots_exactly():
+def test_interpreter_runs_bf16_dots_exactly_and_rounds_to_nearest():
     # the emulation the low-precision tests rely on: a bf16 dot gives exactly the fp32 sum of exact products
     import triton
     import triton.language as tl
@@ -174,6 +174,19 @@ def test_interpreter_runs_bf16_dots_exactly():
     c = torch.empty(16, 16)
     dot_kernel[(1,)](a, b, c)
     torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-6, atol=1e-6)
+
+    # and an fp32 -> bf16 cast rounds to nearest even, as a GPU's cvt.rn.bf16.f32 (not toward zero)
+    @triton.jit
+    def cast_kernel(X, Y):
+        r = tl.arange(0, 256)
+        tl.store(Y + r, tl.load(X + r).to(tl.bfloat16))
+
+    x = torch.randn(256) * 10
+    x[:4] = torch.tensor([1.005859375, -1.005859375, 1.001953125, float("nan")])  # +-0.75 ulp, 0.25 ulp, NaN
+    y = torch.empty(256, dtype=torch.bfloat16)
+    cast_kernel[(1,)](x, y)
+    assert torch.equal(y[:3].float(), torch.tensor([1.0078125, -1.0078125, 1.0])) and y[3].isnan()
+    assert torch.equal(y[4:], x[4:].bfloat16())
 
 
 def test_default_config_and_max_seqlen_too_small(seed):

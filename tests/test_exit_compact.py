@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import lookfast
-from lookfast import _ext
+from lookfast import _backend
 from lookfast.early_exit.calibration import exits_taken
 from lookfast.ops import exit_compact as ex
 
 CRITERIA = ["max_softmax", "entropy", "margin"]
-needs_cpp = pytest.mark.skipif(not _ext.loaded, reason=f"lookfast._C not built: {_ext.load_error}")
+needs_cpp = pytest.mark.skipif(not _backend.loaded, reason=f"lookfast._C not built: {_backend.load_error}")
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -270,7 +270,8 @@ def test_triton_custom_ops(seed):
     """The GPU entry points (custom ops around the Triton launchers: fake kernels, autograd, mutation) on CPU
     tensors under the interpreter."""
     pytest.importorskip("lookfast.kernels.exit_compact")
-    mask_op, compact_op, scatter_op = ex._triton_ops()
+    mask_op, compact_op, scatter_op = (torch.ops.lookfast.exit_confidence_mask_triton,
+                                       torch.ops.lookfast.compact_rows_triton, torch.ops.lookfast.exit_scatter_triton)
     x = torch.randn(6, 5)
     thr = torch.tensor(threshold_between(ex.exit_confidence_reference(x, "margin"), random.Random(seed)),
                        dtype=torch.float64)
@@ -588,11 +589,9 @@ def test_triton_kernels_compile_for_gpus_without_spills(arch):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_gpu_backends_match_reference(backend, criterion, seed, monkeypatch):
-    from lookfast import _dispatch
-
     monkeypatch.setenv("LOOKFAST_GPU_BACKEND", backend)
     monkeypatch.delenv("LOOKFAST_BACKEND", raising=False)
-    if _dispatch.backend_for("exit_confidence_mask", torch.device("cuda")) != backend:
+    if _backend.backend_for("exit_confidence_mask", torch.device("cuda")) != {"cuda": _backend.LIBRARY}.get(backend, backend):
         pytest.skip(f"no {backend} kernels in this install")
     rng = random.Random(seed)
     for n, classes, dtype in [(257, 1000, torch.float32), (33, 37, torch.float16), (1, 5, torch.float64),

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import lookfast
-from lookfast import _dispatch, _ext
 from lookfast.ops.topk_patch_gather import patch_gather_embed_reference, topk_indices_reference
 
 from triton_aot import compile_reports
@@ -88,13 +87,6 @@ def test_reference_gather_matches_conv2d(seed):
 
 
 # --------------------------------------------------------------------------------------------------------- C++ CPU
-def test_cpu_dispatches_to_cpp(monkeypatch):
-    monkeypatch.delenv("LOOKFAST_BACKEND", raising=False)
-    assert _ext.has_kernel("topk_indices", "CPU") and _ext.has_kernel("patch_gather_embed", "CPU")
-    assert _dispatch.backend_for("topk_indices", torch.device("cpu")) == _dispatch.CPP
-    assert _dispatch.backend_for("patch_gather_embed", torch.device("cpu")) == _dispatch.CPP
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_cpp_selection(seed, dtype):
     s = tie_scores(5, 37, dtype)
@@ -373,7 +365,7 @@ def test_triton_backward_matches_reference(seed):
 
 
 def test_triton_ops_autograd_and_opcheck(seed):
-    """The triton_op wrappers (what CUDA tensors run) on CPU tensors under the interpreter."""
+    """The lookfast::<op>_triton ops (what CUDA tensors run with Triton) on CPU tensors under the interpreter."""
     pb = _grad_inputs(b=2, gh=3, gw=3, p=2, d=4)
     s = torch.randn(2, pb["g"], dtype=torch.float64)
     order = torch.ops.lookfast.topk_indices_triton(s, 3)

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import lookfast
-from lookfast import _ext
+from lookfast import _backend
 from lookfast.ops.varlen_attention import varlen_attention_reference
 
-needs_cpp = pytest.mark.skipif(not _ext.has_kernel("varlen_attention_fwd", "CPU"), reason="C++ kernel not built")
+needs_cpp = pytest.mark.skipif(not _backend.has_kernel("varlen_attention_fwd", "CPU"), reason="C++ kernel not built")
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 

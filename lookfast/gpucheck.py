@@ -263,6 +263,15 @@ def build_rows(dtype, device, only: Optional[list] = None, compile_peer: bool = 
     return [makers[i]() for i in CASE_IDS if not only or i in only]
 
 
+def _backends_that_ran(fn) -> dict:
+    """{lookfast op: backend} of the library calls one call of `fn` made (a silent fallback would show here)."""
+    from . import _backend
+
+    _backend.last_backend.clear()
+    fn()
+    return dict(_backend.last_backend)
+
+
 def run_row(row: Row, timer=cuda_time) -> dict:
     """Check every `check` peer against the row's first peer, then time every peer. Errors are recorded, not raised."""
     result = {"id": row.id, "dtype": row.dtype, "shape": row.shape, "flops": row.flops, "peers": {}}
@@ -277,6 +286,8 @@ def run_row(row: Row, timer=cuda_time) -> dict:
         entry = {}
         try:
             with _env(peer.env):
+                if peer.env.get("LOOKFAST_GPU_BACKEND"):
+                    entry["ran"] = _backends_that_ran(peer.fn)
                 if peer.check and reference is not None:
                     try:
                         row.compare(peer.fn(), reference)
@@ -351,8 +362,8 @@ def device_report() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    from . import _ext
-    info["cuda_kernels"] = {op: _ext.has_kernel(op, "CUDA") for op in _ext.registered_ops()}
+    from . import _backend
+    info["cuda_kernels"] = {op: _backend.has_kernel(op, "CUDA") for ops in _backend.FAMILIES.values() for op in ops}
     return info
 
 

@@ -10,12 +10,21 @@ import torch
 import torch.nn.functional as F
 
 import lookfast
-from test_varlen_attention_triton import make_case, reference, reference_lowp
+from lookfast import _backend
+from oracles import varlen_attention as reference
+from test_varlen_attention_triton import make_case, reference_lowp
 
 pytestmark = pytest.mark.gpu
 
 LOW = [torch.float32, torch.bfloat16, torch.float16]
 IDS = ["fp32", "bf16", "fp16"]
+
+
+def assert_ran(backend, *ops):
+    # the backend asked for is the one that ran (no silent fallback to another backend or the reference)
+    want = "triton" if backend == "triton" else "library"
+    for op in ops:
+        assert _backend.last_backend.get(op) == want, (op, _backend.last_backend)
 
 
 def within_rule(got, torch_same_dtype, truth, factor, what):
@@ -50,7 +59,9 @@ def test_varlen_attention(case, dtype, backend, seed, monkeypatch):
     q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, heads, kv_heads, width, width, dtype, seed)
     scale = 1.0 / math.sqrt(width)
     qd, kd, vd = (t.cuda().requires_grad_() for t in (q, k, v))
+    _backend.last_backend.clear()
     out = lookfast.varlen_attention(qd, kd, vd, cu_q.cuda(), cu_k.cuda(), max(lens_q), max(lens_k), scale, causal)
+    assert_ran(backend, "varlen_attention_fwd")
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     grads = torch.autograd.grad(out, (qd, kd, vd), dout.cuda())
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
@@ -83,7 +94,9 @@ def test_topk_patch_gather(dtype, backend, seed, monkeypatch):
     (images, weight, bias, pos, scores), p = _patch_problem(dtype, seed)
     k = 37
     leaves = [t.cuda().requires_grad_() for t in (images, weight, bias, pos)]
+    _backend.last_backend.clear()
     idx, tokens = lookfast.topk_patch_gather(leaves[0], scores.cuda(), k, p, *leaves[1:])
+    assert_ran(backend, "topk_indices", "patch_gather_embed")
     idx = idx.cpu()
     assert torch.equal(idx, torch.topk(scores, k, dim=1).indices)
     grad = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
@@ -121,7 +134,9 @@ def test_exit_compact_and_scatter(dtype, backend, seed, monkeypatch):
     gaps = (ordered[1:] - ordered[:-1])[n // 4: 3 * n // 4]
     j = int(gaps.argmax()) + n // 4
     threshold = float((ordered[j] + ordered[j + 1]) / 2)
+    _backend.last_backend.clear()
     keep, exited, *compact = lookfast.exit_compact(logits.cuda(), threshold, *(s.cuda() for s in states))
+    assert_ran(backend, "exit_confidence_mask", "compact_rows")
     want_keep = torch.nonzero(conf < threshold).squeeze(1)
     assert torch.equal(keep.cpu(), want_keep)
     assert torch.equal(exited.cpu(), torch.nonzero(conf >= threshold).squeeze(1))

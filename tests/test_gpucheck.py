@@ -46,6 +46,7 @@ def test_rows_check_lookfast_against_the_reference_on_cpu(case):
         assert "error" not in entry, (name, entry)
     for name, entry in checked.items():
         assert entry["check"] == "ok", (name, entry)
+        assert entry["ran"] and all(b in ("library", "triton") for b in entry["ran"].values()), entry
 
 
 def test_a_wrong_result_is_reported_as_a_mismatch():

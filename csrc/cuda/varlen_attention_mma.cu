@@ -18,8 +18,9 @@
 //   A2 (B 16, 3136 queries x 64 keys, width 8 -> DP 16, bf16): 0.2 GFLOP padded, 1.7 MB: ~1 us either way; launch
 //      and latency bound (one key tile per block, 784 blocks).
 //   A1 (B 64, 128 queries x 49 keys, width 32): 0.1 GFLOP padded, 1.4 MB: launch bound (~5 us).
-//   Shared memory per block: 3 * 64 * DP * 2 (Q, K, V) + 64 * 64 * 6 (S fp32, P) + 64 * DP * 4 (O) + 512 bytes:
-//   35 KB (DP 16) .. 105 KB (DP 128), above 48 KB through the dynamic shared-memory opt-in.
+//   Shared memory per block (rows padded against bank conflicts): 3 * 64 * (DP + 8) * 2 (Q, K, V) + 64 * 68 * 4 (S)
+//   + 64 * 72 * 2 (P) + 64 * (DP + 4) * 4 (O) + 512 bytes: 38 KB (DP 16) .. 109 KB (DP 128), above 48 KB through the
+//   dynamic shared-memory opt-in.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -46,17 +47,27 @@ constexpr float kLn2 = 0.6931471805599453f;
 __device__ __forceinline__ __half to_low(float x, __half*) { return __float2half_rn(x); }
 __device__ __forceinline__ __nv_bfloat16 to_low(float x, __nv_bfloat16*) { return __float2bfloat16_rn(x); }
 
+// Shared-memory layout. Rows are padded (wmma wants ldm a multiple of 16 bytes and fragment bases 32-byte aligned,
+// which these keep) so that the softmax and rescale loops, where lane pairs walk rows 16 apart, hit at most 2-way bank
+// conflicts instead of 32-way: the two lanes of a row take interleaved columns (2c + half).
 template <int DP>
 struct MmaSmem {
+  static constexpr int ld_in = DP + 8;       // Q, K, V rows (16-bit elements)
+  static constexpr int ld_s = kTileN + 4;    // S rows (fp32)
+  static constexpr int ld_p = kTileN + 8;    // P rows (16-bit)
+  static constexpr int ld_o = DP + 4;        // O rows (fp32)
   static constexpr size_t q = 0;                                        // kTileM x DP, input dtype
-  static constexpr size_t k = q + size_t(kTileM) * DP * 2;              // kTileN x DP
-  static constexpr size_t v = k + size_t(kTileN) * DP * 2;              // kTileN x DP
-  static constexpr size_t s = v + size_t(kTileN) * DP * 2;              // kTileM x kTileN fp32 scores
-  static constexpr size_t p = s + size_t(kTileM) * kTileN * 4;          // kTileM x kTileN probabilities, input dtype
-  static constexpr size_t o = p + size_t(kTileM) * kTileN * 2;          // kTileM x DP fp32 output accumulator
-  static constexpr size_t m = o + size_t(kTileM) * DP * 4;              // kTileM running max (log2 units)
+  static constexpr size_t k = q + size_t(kTileM) * ld_in * 2;           // kTileN x DP
+  static constexpr size_t v = k + size_t(kTileN) * ld_in * 2;           // kTileN x DP
+  static constexpr size_t s = v + size_t(kTileN) * ld_in * 2;           // kTileM x kTileN fp32 scores
+  static constexpr size_t p = s + size_t(kTileM) * ld_s * 4;            // kTileM x kTileN probabilities, input dtype
+  static constexpr size_t o = p + size_t(kTileM) * ld_p * 2;            // kTileM x DP fp32 output accumulator
+  static constexpr size_t m = o + size_t(kTileM) * ld_o * 4;            // kTileM running max (log2 units)
   static constexpr size_t l = m + size_t(kTileM) * 4;                   // kTileM running sum
   static constexpr size_t bytes = l + size_t(kTileM) * 4;
+  static_assert(k % 32 == 0 && v % 32 == 0 && s % 32 == 0 && p % 32 == 0 && o % 32 == 0, "wmma needs 32-byte bases");
+  static_assert((16 * ld_in * 2) % 32 == 0 && (16 * ld_s * 4) % 32 == 0 && (16 * ld_p * 2) % 32 == 0 &&
+                    (16 * ld_o * 4) % 32 == 0, "16-row steps keep 32-byte alignment");
 };
 
 // rows [row0, row0 + count) x [0, dim) of a (tokens, heads, dim) tensor (raw 16-bit elements) into a rows x DP tile,
@@ -66,12 +77,12 @@ __device__ __forceinline__ void stage_tile(uint16_t* dst, const uint16_t* __rest
                                            int64_t stride_t, int dim) {
   for (int idx = threadIdx.x; idx < ROWS * DP; idx += kMmaThreads) {
     const int r = idx / DP, d = idx % DP;
-    dst[idx] = (r < count && d < dim) ? src[(row0 + r) * stride_t + d] : uint16_t(0);
+    dst[r * MmaSmem<DP>::ld_in + d] = (r < count && d < dim) ? src[(row0 + r) * stride_t + d] : uint16_t(0);
   }
 }
 
 template <typename WT, int DP>
-__global__ void __launch_bounds__(kMmaThreads) varlen_fwd_mma_kernel(
+__global__ void __launch_bounds__(kMmaThreads, 1) varlen_fwd_mma_kernel(
     const uint16_t* __restrict__ q, const uint16_t* __restrict__ k, const uint16_t* __restrict__ v,
     WT* __restrict__ out, float* __restrict__ lse, const int* __restrict__ cu_q, const int* __restrict__ cu_k,
     int64_t sq_t, int64_t sq_h, int64_t sk_t, int64_t sk_h, int64_t sv_t, int64_t sv_h, int64_t so_t, int64_t so_h,
@@ -81,6 +92,7 @@ __global__ void __launch_bounds__(kMmaThreads) varlen_fwd_mma_kernel(
 #else
   namespace wmma = nvcuda::wmma;
   using L = MmaSmem<DP>;
+  constexpr int LDI = L::ld_in, LDS = L::ld_s, LDP = L::ld_p, LDO = L::ld_o;
   extern __shared__ __align__(128) unsigned char smem[];
   uint16_t* q_s = reinterpret_cast<uint16_t*>(smem + L::q);
   uint16_t* k_s = reinterpret_cast<uint16_t*>(smem + L::k);
@@ -106,7 +118,7 @@ __global__ void __launch_bounds__(kMmaThreads) varlen_fwd_mma_kernel(
   for (int64_t m0 = int64_t(blockIdx.x) * kTileM; m0 < lq; m0 += int64_t(gridDim.x) * kTileM) {
     __syncthreads();  // the previous query tile's Q and O are no longer read
     stage_tile<DP, kTileM>(q_s, q_head, q0 + m0, lq - m0, sq_t, dk);
-    for (int idx = threadIdx.x; idx < kTileM * DP; idx += kMmaThreads) o_s[idx] = 0.f;
+    for (int idx = threadIdx.x; idx < kTileM * LDO; idx += kMmaThreads) o_s[idx] = 0.f;
     for (int idx = threadIdx.x; idx < kTileM; idx += kMmaThreads) {
       m_s[idx] = neg_inf;
       l_s[idx] = 0.f;
@@ -115,7 +127,7 @@ __global__ void __launch_bounds__(kMmaThreads) varlen_fwd_mma_kernel(
     wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> qa[DP / 16];
 #pragma unroll
     for (int kf = 0; kf < DP / 16; ++kf)
-      wmma::load_matrix_sync(qa[kf], reinterpret_cast<const WT*>(q_s) + warp * 16 * DP + kf * 16, DP);
+      wmma::load_matrix_sync(qa[kf], reinterpret_cast<const WT*>(q_s) + warp * 16 * LDI + kf * 16, LDI);
 
     const int64_t i = m0 + row;  // this lane's query (>= lq: a padding row, sees no key, never stored)
     const int64_t shift = lk - lq;
@@ -138,23 +150,23 @@ __global__ void __launch_bounds__(kMmaThreads) varlen_fwd_mma_kernel(
 #pragma unroll
         for (int kf = 0; kf < DP / 16; ++kf) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::col_major> kb;
-          wmma::load_matrix_sync(kb, reinterpret_cast<const WT*>(k_s) + nf * 16 * DP + kf * 16, DP);
+          wmma::load_matrix_sync(kb, reinterpret_cast<const WT*>(k_s) + nf * 16 * LDI + kf * 16, LDI);
           wmma::mma_sync(acc, qa[kf], kb, acc);
         }
-        wmma::store_matrix_sync(s_s + warp * 16 * kTileN + nf * 16, acc, kTileN, wmma::mem_row_major);
+        wmma::store_matrix_sync(s_s + warp * 16 * LDS + nf * 16, acc, LDS, wmma::mem_row_major);
       }
       __syncwarp();
 
-      // online softmax on row `row`, columns [32 half, 32 half + 32) of the tile; scores in log2 units
+      // online softmax on row `row`, columns 2c + half of the tile; scores in log2 units
       {
         constexpr int kCols = kTileN / 2;
-        const float* srow = s_s + row * kTileN + half * kCols;
+        const float* srow = s_s + row * LDS + half;
         float x[kCols];
         float mx = neg_inf;
 #pragma unroll
         for (int c = 0; c < kCols; ++c) {
-          const int64_t j = n0 + half * kCols + c;
-          x[c] = j < n_vis ? srow[c] * scale_log2 : neg_inf;
+          const int64_t j = n0 + 2 * c + half;
+          x[c] = j < n_vis ? srow[2 * c] * scale_log2 : neg_inf;
           mx = fmaxf(mx, x[c]);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -164,17 +176,17 @@ __global__ void __launch_bounds__(kMmaThreads) varlen_fwd_mma_kernel(
         const float m_use = m_new == neg_inf ? 0.f : m_new;
         const float alpha = m_old == neg_inf ? 0.f : exp2f(m_old - m_use);
         float sum = 0.f;
-        WT* prow = p_s + row * kTileN + half * kCols;
+        WT* prow = p_s + row * LDP + half;
 #pragma unroll
         for (int c = 0; c < kCols; ++c) {
           const float pv = exp2f(x[c] - m_use);
           sum += pv;
-          prow[c] = to_low(pv, static_cast<WT*>(nullptr));
+          prow[2 * c] = to_low(pv, static_cast<WT*>(nullptr));
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        float* orow = o_s + row * DP + half * (DP / 2);
+        float* orow = o_s + row * LDO + half;
 #pragma unroll
-        for (int d = 0; d < DP / 2; ++d) orow[d] *= alpha;
+        for (int d = 0; d < DP / 2; ++d) orow[2 * d] *= alpha;
         __syncwarp();  // both lanes of the row have read m_s / l_s
         if (half == 0) {
           m_s[row] = m_new;
@@ -187,17 +199,17 @@ __global__ void __launch_bounds__(kMmaThreads) varlen_fwd_mma_kernel(
 #pragma unroll
       for (int df = 0; df < DP / 16; ++df) {
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        float* o_tile = o_s + warp * 16 * DP + df * 16;
-        wmma::load_matrix_sync(acc, o_tile, DP, wmma::mem_row_major);
+        float* o_tile = o_s + warp * 16 * LDO + df * 16;
+        wmma::load_matrix_sync(acc, o_tile, LDO, wmma::mem_row_major);
 #pragma unroll
         for (int kf = 0; kf < kTileN / 16; ++kf) {
           wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> pa;
           wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::row_major> vb;
-          wmma::load_matrix_sync(pa, p_s + warp * 16 * kTileN + kf * 16, kTileN);
-          wmma::load_matrix_sync(vb, reinterpret_cast<const WT*>(v_s) + kf * 16 * DP + df * 16, DP);
+          wmma::load_matrix_sync(pa, p_s + warp * 16 * LDP + kf * 16, LDP);
+          wmma::load_matrix_sync(vb, reinterpret_cast<const WT*>(v_s) + kf * 16 * LDI + df * 16, LDI);
           wmma::mma_sync(acc, pa, vb, acc);
         }
-        wmma::store_matrix_sync(o_tile, acc, DP, wmma::mem_row_major);
+        wmma::store_matrix_sync(o_tile, acc, LDO, wmma::mem_row_major);
       }
       __syncwarp();
     }
@@ -207,7 +219,7 @@ __global__ void __launch_bounds__(kMmaThreads) varlen_fwd_mma_kernel(
     if (i < lq) {
       const float l = l_s[row];
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      const float* orow = o_s + row * DP;
+      const float* orow = o_s + row * LDO;
       WT* dst = out + (q0 + i) * so_t + h * so_h;
       for (int d = half; d < dv; d += 2) dst[d] = to_low(orow[d] * inv, static_cast<WT*>(nullptr));
       if (half == 0) lse[h * total_q + q0 + i] = l > 0.f ? (m_s[row] + log2f(l)) * kLn2 : neg_inf;

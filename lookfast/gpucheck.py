@@ -3,7 +3,8 @@
 1. Prints the device (name, compute capability, memory), torch / CUDA / Triton versions and which lookfast ops have a
    compiled CUDA kernel.
 2. Runs the GPU-marked tests (`pytest -m gpu <tests>` through pytest.main in a subprocess, so a crash or a hung
-   kernel cannot take the benchmark down with it; 5 minutes at most).
+   kernel cannot take the benchmark down with it; 5 minutes at most): tests/test_gpu.py, the GPU tests of the per-op
+   files, and every test run on the `backend` fixture's CUDA parameters (tests/conftest.py marks those gpu).
 3. Times the GPU benchmark rows in bf16 and fp16 with CUDA events (batches of calls between two events, median of
    the batches), after checking each lookfast backend against the first peer of its row:
      A1, A2  Dyn-Perceiver cross attention (x->z and z->x shapes of BENCH.md): lookfast (CUDA C++, Triton) vs SDPA

@@ -90,6 +90,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 def pytest_collection_modifyitems(config, items):
+    # runs of the `backend` fixture on CUDA tensors need a GPU like the marked tests: mark them, so that `-m gpu`
+    # (python -m lookfast gpucheck) selects them too
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        param = callspec.params.get("backend") if callspec is not None else None
+        if isinstance(param, tuple) and len(param) == 2 and param[1] == "cuda":
+            item.add_marker(pytest.mark.gpu)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")

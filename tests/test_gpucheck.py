@@ -80,3 +80,25 @@ def test_table_ratios_are_peer_time_over_lookfasts_best():
 def test_finds_the_checkout_tests():
     assert gpucheck.find_tests() == os.path.join(ROOT, "tests")
     assert gpucheck.find_tests("/some/where") == "/some/where"
+
+
+def test_main_loop_on_cpu_rows(tmp_path, monkeypatch, capsys):
+    # main() past the GPU gate, with the device query, the rows' device and the timer swapped for CPU stand-ins: the
+    # loop, the budget bookkeeping, the table and the JSON report
+    import json
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(gpucheck, "device_report", lambda: {"device": "stand-in", "cuda_kernels": {}})
+    build = gpucheck.build_rows
+    monkeypatch.setattr(gpucheck, "build_rows",
+                        lambda dtype, device, only=None: build(dtype, torch.device("cpu"), only, compile_peer=False))
+    run = gpucheck.run_row
+    monkeypatch.setattr(gpucheck, "run_row", lambda row: run(row, timer=_fake_timer))
+    out = tmp_path / "report.json"
+    assert gpucheck.main(["--skip-tests", "--only", "A1", "E1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["id"], r["dtype"]) for r in report["bench"]] == [
+        ("A1", "bfloat16"), ("E1", "bfloat16"), ("A1", "float16"), ("E1", "float16")]
+    printed = capsys.readouterr().out
+    assert "lookfast Triton" in printed and "gpucheck passed" in printed

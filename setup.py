@@ -84,6 +84,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.8"],
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # `python -m lookfast infer` and lookfast.images: image decoding, Parquet output, the progress bar.
+        "infer": ["pillow", "pyarrow", "tqdm"],
+        # `python -m lookfast infer --ray`: the same job on Ray Data (lookfast.integrations.ray).
+        "ray": ["ray[data]>=2.9", "pillow", "pyarrow", "tqdm"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 EPILOG = """examples:
   python -m lookfast infer --model dyn_perceiver:reg800m_perceiver_t128 --checkpoint reg800m_t128.pth \\
@@ -101,7 +100,6 @@ def main(args) -> int:
         print(f"{banner}\n!! --random-weights: the model is UNTRAINED; its predictions are meaningless.\n"
               f"!! Use it to try the pipeline only; pass --checkpoint PATH for real predictions.\n{banner}",
               file=sys.stderr)
-        warnings.warn("lookfast infer is running an untrained model (--random-weights)", stacklevel=1)
     print(f"lookfast infer: {spec.describe()}", file=sys.stderr)
     try:
         run_inference(settings, args.input, args.output, resume=args.resume, threads=args.threads,

@@ -3,12 +3,13 @@ so both write the same rows.
 
     worker = Worker(settings)                   # loads the model once
     decoded = worker.decode(paths)              # (3, S, S) tensors, or ImageDecodeError for unreadable files
-    rows = worker.predict(paths, decoded)       # one row per path (see outputs.py), errors included
+    pending = worker.start(paths, decoded)      # submitted to the serving Engine (lookfast.serving)
+    rows = worker.finish(pending)               # one row per path (see outputs.py), errors included
+    worker.close()
 """
 from __future__ import annotations
 
 import os
-from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +17,6 @@ import torch
 from ..images import ImageDecodeError, decode_image, transform_for
 from ..models.spec import ModelSpec
 
-# What the model call returns per image: logits (C,) or (C, G, G) for seg, exit_index (int or None), k (int or None).
-Prediction = namedtuple("Prediction", ["logits", "exit_index", "k"])
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,7 @@ class Worker:
         if thresholds is not None and len(thresholds) == 3:
             thresholds = tuple(thresholds) + (0.0,)  # the last exit takes every image still running
         self.thresholds = thresholds
+        self._engine_obj = None
 
     # -- decoding
     def decode(self, paths) -> list:
@@ -84,65 +84,61 @@ class Worker:
                 out.append(exc)
         return out
 
-    # -- the model call (the one place that runs the model)
-    def run_model(self, images: list[torch.Tensor]) -> list[Prediction]:
-        """A list of (3, S, S) images -> one Prediction each, in order. Per image the result is the one of running
-        that image alone, up to float rounding (batched kernels round differently)."""
-        x = torch.stack(images)
-        s = self.settings
-        with torch.no_grad():
-            if self.multi_exit:
-                if self.thresholds is None:
-                    outs = self.model(x)  # every exit's logits: the full model takes the last
-                    logits, exits = outs[-1], [len(outs) - 1] * len(images)
+    # -- the model call: every image goes through the serving Engine (stage-level continuous batching for early
+    # exit, token-budget packing for ragged k), so a static batch's tail of survivors does not waste the cores.
+    def _engine(self):
+        if self._engine_obj is None:
+            from ..serving import Engine
+
+            s = self.settings
+            # Offline, throughput is what counts: a partial batch may wait longer for the next images to arrive.
+            self._engine_obj = Engine(self.model, max_batch=s.batch, thresholds=self.thresholds, k=s.k,
+                                      k_mass=s.k_mass, k_min=s.k_min, k_max=s.k_max, max_wait_ms=50.0)
+        return self._engine_obj
+
+    def start(self, paths, decoded) -> list:
+        """Submit the decoded images of `paths` to the engine; returns the pending rows for `finish`. Several
+        starts may be pending at once (that keeps every stage's batches full)."""
+        engine = self._engine()
+        pending = []
+        for path, d in zip(paths, decoded):
+            pending.append((path, engine.submit(d) if isinstance(d, torch.Tensor) else d))
+        return pending
+
+    def finish(self, pending) -> list[dict]:
+        """Wait for the images of one `start` and return their rows (see outputs.py for the columns)."""
+        rows = []
+        for path, item in pending:
+            row = _empty_row(path)
+            if isinstance(item, BaseException):
+                row["error"] = _error_text(item)
+            else:
+                error = item.exception()
+                if error is not None:
+                    row["error"] = _error_text(error)
                 else:
-                    logits, exit_index = self.model.forward_early_exit(x, self.thresholds)
-                    exits = exit_index.tolist()
-                return [Prediction(logits[i], int(exits[i]), None) for i in range(len(images))]
-            out = self.model.forward_with_intermediates(x, s.k, k_mass=s.k_mass, k_min=s.k_min, k_max=s.k_max)
-            logits, k = out[f"{self.task}_logits"], out["k"]
-            ks = k.tolist() if isinstance(k, torch.Tensor) else [int(k)] * len(images)
-            return [Prediction(logits[i], None, int(ks[i])) for i in range(len(images))]
-
-    def _run_isolated(self, images: list[torch.Tensor]) -> list:
-        """run_model on the batch; if it raises, image by image, so one bad image fails only its own row."""
-        try:
-            return self.run_model(images)
-        except Exception:  # noqa: BLE001 - the per-image pass below reports each image's own error
-            out = []
-            for image in images:
-                try:
-                    out.append(self.run_model([image])[0])
-                except Exception as exc:  # noqa: BLE001
-                    out.append(exc)
-            return out
-
-    # -- rows
-    def predict(self, paths, decoded) -> list[dict]:
-        """Rows for `paths` given their `decode` results (see outputs.py for the columns)."""
-        rows = [_empty_row(p) for p in paths]
-        good = [i for i, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
-        for i, d in enumerate(decoded):
-            if not isinstance(d, torch.Tensor):
-                rows[i]["error"] = _error_text(d)
-        batch = self.settings.batch
-        for start in range(0, len(good), batch):
-            idx = good[start:start + batch]
-            for i, pred in zip(idx, self._run_isolated([decoded[i] for i in idx])):
-                if isinstance(pred, Exception):
-                    rows[i]["error"] = _error_text(pred)
-                    continue
-                try:
-                    self._fill(rows[i], pred)
-                except Exception as exc:  # noqa: BLE001 - e.g. the mask folder is not writable
-                    rows[i] = _empty_row(paths[i])
-                    rows[i]["error"] = _error_text(exc)
+                    try:
+                        self._fill(row, item.result())
+                    except Exception as exc:  # noqa: BLE001 - e.g. the mask folder is not writable
+                        row = _empty_row(path)
+                        row["error"] = _error_text(exc)
+            rows.append(row)
         return rows
+
+    def predict(self, paths, decoded) -> list[dict]:
+        """Rows for `paths` given their `decode` results."""
+        return self.finish(self.start(paths, decoded))
 
     def __call__(self, paths) -> list[dict]:
         return self.predict(paths, self.decode(paths))
 
-    def _fill(self, row: dict, pred: Prediction) -> None:
+    def close(self) -> None:
+        """Stop the engine's worker thread (after the images submitted)."""
+        if self._engine_obj is not None:
+            self._engine_obj.close()
+            self._engine_obj = None
+
+    def _fill(self, row: dict, pred) -> None:
         row["exit_index"] = pred.exit_index if self.multi_exit else None
         row["k"] = pred.k if not self.multi_exit else None
         logits = pred.logits.float()

@@ -2,10 +2,10 @@
 show progress, and summarise."""
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from .outputs import RowWriter
@@ -58,25 +58,35 @@ def run_inference(settings: InferSettings, inputs, output, *, resume: bool = Fal
     return result
 
 
+# Batches submitted to the engine ahead of the one being collected: while the engine runs them, this thread
+# decodes the next batch, and the engine's later stages fill up with survivors of several batches.
+IN_FLIGHT_BATCHES = 2
+
+
 def _run_local(settings, todo, writer, summary, bar, threads, model):
     import torch
 
     if threads is not None:
         torch.set_num_threads(threads)
     worker = Worker(settings, model)
-    chunks = [todo[i:i + settings.batch] for i in range(0, len(todo), settings.batch)]
-    # Decoding the next batch overlaps the model call on this one (Pillow releases the GIL while it decodes).
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lookfast-decode") as pool:
-        pending = pool.submit(worker.decode, chunks[0]) if chunks else None
-        for i, chunk in enumerate(chunks):
-            decoded = pending.result()
-            if i + 1 < len(chunks):
-                pending = pool.submit(worker.decode, chunks[i + 1])
-            rows = worker.predict(chunk, decoded)
-            writer.write(rows)
-            summary.add(rows)
-            bar.update(len(rows))
+    pending = collections.deque()
+    try:
+        for start in range(0, len(todo), settings.batch):
+            chunk = todo[start:start + settings.batch]
+            pending.append(worker.start(chunk, worker.decode(chunk)))
+            while len(pending) > IN_FLIGHT_BATCHES:
+                _write(worker.finish(pending.popleft()), writer, summary, bar)
+        while pending:
+            _write(worker.finish(pending.popleft()), writer, summary, bar)
+    finally:
+        worker.close()
     return _exit_macs(worker.model)
+
+
+def _write(rows, writer, summary, bar):
+    writer.write(rows)
+    summary.add(rows)
+    bar.update(len(rows))
 
 
 def _exit_macs(model):
@@ -101,7 +111,8 @@ class Summary:
         self.exits: dict[int, int] = {}
         self.ks: list[int] = []
         self.exit_macs = None
-        self._t0 = self._t1 = None
+        self._t0 = self._t1 = self._t_first = None
+        self._first_images = 0
 
     def start(self):
         self._t0 = time.perf_counter()
@@ -110,6 +121,8 @@ class Summary:
         self._t1 = time.perf_counter()
 
     def add(self, rows):
+        if self._t_first is None and rows:  # the first rows mark the end of start-up (Ray, actors, model loading)
+            self._t_first, self._first_images = time.perf_counter(), len(rows)
         for row in rows:
             self.images += 1
             if row.get("error"):
@@ -120,11 +133,18 @@ class Summary:
             if row.get("k") is not None:
                 self.ks.append(row["k"])
 
+    def _steady_rate(self):
+        """Images per second after the first rows arrived (start-up excluded)."""
+        if self._t_first is None or self._t1 is None or self._t1 <= self._t_first:
+            return None
+        return (self.images - self._first_images) / (self._t1 - self._t_first)
+
     def as_dict(self) -> dict:
         seconds = (self._t1 or time.perf_counter()) - (self._t0 or time.perf_counter())
         out = {"images": self.images, "failed": self.failed, "already_done": self.already_done,
                "listed": self.listed, "skipped_files": self.skipped_files, "seconds": seconds,
                "images_per_s": self.images / seconds if seconds > 0 else None,
+               "steady_images_per_s": self._steady_rate(),
                "exits": dict(sorted(self.exits.items())), "mean_k": (sum(self.ks) / len(self.ks)) if self.ks else None,
                "macs_saved": None, "mean_macs": None, "full_macs": None}
         done = sum(self.exits.values())
@@ -137,6 +157,8 @@ class Summary:
     def text(self) -> str:
         d = self.as_dict()
         rate = f"{d['images_per_s']:.1f} images/s" if d["images_per_s"] else "-"
+        if d["steady_images_per_s"]:
+            rate += f", {d['steady_images_per_s']:.1f} after the first rows"
         lines = [f"lookfast infer: {d['images']} images in {d['seconds']:.1f} s ({rate}); "
                  f"{d['images'] - d['failed']} predicted, {d['failed']} failed"]
         if d["already_done"]:

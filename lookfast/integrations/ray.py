@@ -25,6 +25,7 @@ import warnings
 
 from ..infer.outputs import rows_to_table, table_to_rows
 from ..infer.predict import InferSettings, Worker
+from ..infer.run import IN_FLIGHT_BATCHES
 
 __all__ = ["Predictor", "run_on_ray", "local_cpus"]
 
@@ -55,10 +56,16 @@ class Predictor:
 
         torch.set_num_threads(max(1, int(threads)))
         self.worker = Worker(settings)
+        self.batch = settings.batch
 
     def __call__(self, batch: dict):
+        # A call brings IN_FLIGHT_BATCHES engine batches: the first is submitted before the second is decoded.
         paths = [str(p) for p in batch["path"]]
-        return rows_to_table(self.worker(paths))
+        pending = []
+        for start in range(0, len(paths), self.batch):
+            chunk = paths[start:start + self.batch]
+            pending.append(self.worker.start(chunk, self.worker.decode(chunk)))
+        return rows_to_table([row for p in pending for row in self.worker.finish(p)])
 
 
 def run_on_ray(settings: InferSettings, paths: list[str], writer, summary, bar, address: str, actors: int,
@@ -90,12 +97,12 @@ def run_on_ray(settings: InferSettings, paths: list[str], writer, summary, bar, 
         from ray.data import ActorPoolStrategy, DataContext
 
         DataContext.get_current().enable_progress_bars = False  # lookfast's own bar counts the rows written
-        blocks = max(1, min(len(paths), math.ceil(len(paths) / settings.batch)))
+        blocks = max(1, min(len(paths), math.ceil(len(paths) / (settings.batch * IN_FLIGHT_BATCHES))))
         ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
         ds = ds.map_batches(
             predictor_cls or Predictor,
             fn_constructor_kwargs={"settings": settings, "threads": per_actor},
-            batch_size=settings.batch,
+            batch_size=settings.batch * IN_FLIGHT_BATCHES,
             batch_format="numpy",
             compute=ActorPoolStrategy(size=actors),
             num_cpus=per_actor,

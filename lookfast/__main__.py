@@ -1,6 +1,6 @@
-"""Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]`,
-`python -m lookfast info` (which backends and kernels this install has) and `python -m lookfast infer` (batch
-inference over image folders; `python -m lookfast infer --help`)."""
+"""Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]
+[--dtype float32|bfloat16|all]`, `python -m lookfast info` (which backends and kernels this install has) and
+`python -m lookfast infer` (batch inference over image folders; `python -m lookfast infer --help`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,14 +10,20 @@ import sys
 def _info() -> int:
     import torch
 
-    from . import _dispatch, _ext
+    from . import _backend
 
     print(f"lookfast {__import__('lookfast').__version__}, torch {torch.__version__}")
-    print(f"compiled library: {_ext.library_path if _ext.loaded else 'not loaded: ' + str(_ext.load_error)}")
-    print(f"triton available: {_dispatch.triton_available()}")
-    for op in _ext.registered_ops():
-        keys = [k for k in ("CPU", "CUDA") if _ext.has_kernel(op, k)]
-        print(f"  lookfast::{op}: {', '.join(keys) or 'no device kernels'}")
+    print(f"compiled library: {_backend.library_path if _backend.loaded else 'not loaded: ' + str(_backend.load_error)}")
+    triton = _backend.triton_available()
+    print(f"triton available: {triton}")
+    for family, ops in _backend.FAMILIES.items():
+        print(f"{family}:")
+        for op in ops:
+            keys = [k for k in ("CPU", "CUDA") if _backend.has_kernel(op, k)]
+            print(f"  lookfast::{op}: library {', '.join(keys) or 'missing'}; "
+                  f"CPU tensors run {_backend.backend_for(op, torch.device('cpu'))}")
+        print(f"  Triton ops (lookfast::<op>_triton, lookfast.kernels.{family}): "
+              f"{'loaded on first GPU use' if triton else 'unavailable (triton not installed)'}")
     return 0
 
 
@@ -30,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--only", nargs="+", metavar="ID", help="run only these case ids (G1, A3, ...) or op names")
     bench.add_argument("--threads", nargs="+", type=int, help="intra-op thread counts (default: 1; full run: 1 2)")
     bench.add_argument("--plot", metavar="PNG", help="write a speedup plot (needs matplotlib)")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16", "all"], default=None,
+                       help="precision of the cases that have variants (ids of low-precision variants end in -bf16); "
+                            "default: bfloat16 where the CPU has AMX or AVX512-BF16, else float32")
     sub.add_parser("info", help="show the compiled backends and registered kernels")
     from .infer import cli as infer_cli
 
@@ -41,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         return infer_cli.main(args)
     from .benchmarks.run import main as run_bench
 
-    return run_bench(args.quick, args.json, args.only, args.threads, args.plot)
+    from .benchmarks.case import DTYPE_NAMES
+
+    dtypes = None
+    if args.dtype == "all":
+        dtypes = [DTYPE_NAMES["float32"], DTYPE_NAMES["bfloat16"]]
+    elif args.dtype:
+        dtypes = [DTYPE_NAMES[args.dtype]]
+    return run_bench(args.quick, args.json, args.only, args.threads, args.plot, dtypes)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ class Worker:
             thresholds = tuple(thresholds) + (0.0,)  # the last exit takes every image still running
         self.thresholds = thresholds
         self._engine_obj = None
+        self._engine()  # now, not lazily: several threads may submit (Ray actors run two calls at once)
 
     # -- decoding
     def decode(self, paths) -> list:
@@ -137,6 +138,7 @@ class Worker:
         if self._engine_obj is not None:
             self._engine_obj.close()
             self._engine_obj = None
+        self._engine()  # now, not lazily: several threads may submit (Ray actors run two calls at once)
 
     def _fill(self, row: dict, pred) -> None:
         row["exit_index"] = pred.exit_index if self.multi_exit else None

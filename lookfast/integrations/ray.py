@@ -4,9 +4,10 @@ model replicated over an actor pool.
     paths -> ray.data.from_items([{"path": ...}]) -> map_batches(Predictor, compute=ActorPoolStrategy(size=N))
           -> rows streamed back to the driver, written by the same writer as a single-process run
 
-`Predictor` is a Ray Data callable class: the model is loaded once per actor in `__init__`, each `__call__(batch)`
-decodes that batch's images (in the actor, so the paths must be readable on every node: a shared file system) and
-returns its rows as a pyarrow Table. Each actor reserves `threads` CPUs and runs torch with that many threads, so
+`Predictor` is a Ray Data callable class: the model and its serving Engine are created once per actor in `__init__`,
+each `__call__(batch)` decodes that batch's images (in the actor, so the paths must be readable on every node: a
+shared file system), submits them to the engine and returns their rows as a pyarrow Table. Two calls run at once per
+actor (threads; the engine is thread-safe), so one batch is decoded while the previous one computes. Each actor reserves `threads` CPUs and runs torch with that many threads, so
 the actors together never oversubscribe the cores. Ray Data restarts an actor that dies and retries its task
 (max_restarts / max_task_retries default to unlimited for actor pools), and the driver only receives a task's rows
 once it has succeeded, so every image is written exactly once.
@@ -56,16 +57,11 @@ class Predictor:
 
         torch.set_num_threads(max(1, int(threads)))
         self.worker = Worker(settings)
-        self.batch = settings.batch
 
     def __call__(self, batch: dict):
-        # A call brings IN_FLIGHT_BATCHES engine batches: the first is submitted before the second is decoded.
-        paths = [str(p) for p in batch["path"]]
-        pending = []
-        for start in range(0, len(paths), self.batch):
-            chunk = paths[start:start + self.batch]
-            pending.append(self.worker.start(chunk, self.worker.decode(chunk)))
-        return rows_to_table([row for p in pending for row in self.worker.finish(p)])
+        # Up to IN_FLIGHT_BATCHES calls run at once in this actor (threads), all submitting to the one engine: while
+        # it runs one batch the next one is decoded, and its later stages fill with survivors of several batches.
+        return rows_to_table(self.worker([str(p) for p in batch["path"]]))
 
 
 def run_on_ray(settings: InferSettings, paths: list[str], writer, summary, bar, address: str, actors: int,
@@ -97,14 +93,15 @@ def run_on_ray(settings: InferSettings, paths: list[str], writer, summary, bar, 
         from ray.data import ActorPoolStrategy, DataContext
 
         DataContext.get_current().enable_progress_bars = False  # lookfast's own bar counts the rows written
-        blocks = max(1, min(len(paths), math.ceil(len(paths) / (settings.batch * IN_FLIGHT_BATCHES))))
+        blocks = max(1, min(len(paths), math.ceil(len(paths) / settings.batch)))
         ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
         ds = ds.map_batches(
             predictor_cls or Predictor,
             fn_constructor_kwargs={"settings": settings, "threads": per_actor},
-            batch_size=settings.batch * IN_FLIGHT_BATCHES,
+            batch_size=settings.batch,
             batch_format="numpy",
-            compute=ActorPoolStrategy(size=actors),
+            compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=IN_FLIGHT_BATCHES,
+                                      enable_true_multi_threading=True),
             num_cpus=per_actor,
         )
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -32,6 +32,8 @@ def run_inference(settings: InferSettings, inputs, output, *, resume: bool = Fal
         settings = replace(settings, root=root)
     if settings.mask_dir is not None:
         settings = replace(settings, mask_dir=os.path.abspath(settings.mask_dir))
+        inside = settings.mask_dir + os.sep
+        paths = [p for p in paths if not p.startswith(inside)]  # masks saved inside the input are not inputs
     if actors < 1:
         raise ValueError(f"actors must be >= 1, got {actors}")
     if threads is not None and threads < 1:
@@ -43,7 +45,9 @@ def run_inference(settings: InferSettings, inputs, output, *, resume: bool = Fal
         bar = _progress_bar(len(todo), progress)
         summary.start()
         try:
-            if ray_address is None:
+            if not todo:
+                summary.exit_macs = None
+            elif ray_address is None:
                 summary.exit_macs = _run_local(settings, todo, writer, summary, bar, threads, model)
             else:
                 from ..integrations.ray import run_on_ray

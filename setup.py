@@ -88,6 +88,8 @@ setup(
         "infer": ["pillow", "pyarrow", "tqdm"],
         # `python -m lookfast infer --ray`: the same job on Ray Data (lookfast.integrations.ray).
         "ray": ["ray[data]>=2.9", "pillow", "pyarrow", "tqdm"],
+        # `python -m lookfast serve`: the HTTP server (lookfast.serving.server).
+        "serve": ["fastapi", "uvicorn", "python-multipart", "pillow"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

@@ -1,5 +1,6 @@
-"""Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]`
-and `python -m lookfast info` (which backends and kernels this install has)."""
+"""Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]`,
+`python -m lookfast info` (which backends and kernels this install has) and `python -m lookfast serve --model ...`
+(the HTTP server; needs `pip install 'lookfast[serve]'`, see lookfast/serving)."""
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", nargs="+", type=int, help="intra-op thread counts (default: 1; full run: 1 2)")
     bench.add_argument("--plot", metavar="PNG", help="write a speedup plot (needs matplotlib)")
     sub.add_parser("info", help="show the compiled backends and registered kernels")
+    from .serving.cli import add_arguments as serve_arguments
+
+    serve_arguments(sub.add_parser("serve", help="serve a model over HTTP (needs the serve extra)"))
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
+    if args.command == "serve":
+        from .serving.cli import main as serve_main
+
+        return serve_main(args)
     from .benchmarks.run import main as run_bench
 
     return run_bench(args.quick, args.json, args.only, args.threads, args.plot)

@@ -235,6 +235,13 @@ class Engine:
         if self._worker is not threading.current_thread():
             self._worker.join()
 
+    def stop_waiting(self) -> None:
+        """From now on partial batches run at once (max_wait_ms becomes 0); submissions are still taken. A server
+        calls this when it starts draining, so requests in flight do not wait for batches that will not fill."""
+        with self._cond:
+            self.max_wait_s = 0.0
+            self._cond.notify_all()
+
     @property
     def closed(self) -> bool:
         return self._closing

@@ -1,6 +1,6 @@
-"""Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]`,
-`python -m lookfast info` (which backends and kernels this install has) and `python -m lookfast serve --model ...`
-(the HTTP server; needs `pip install 'lookfast[serve]'`, see lookfast/serving)."""
+"""Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]
+[--dtype float32|bfloat16|all]`, `python -m lookfast info` (which backends and kernels this install has) and
+`python -m lookfast serve --model ...` (the HTTP server; needs `pip install 'lookfast[serve]'`, see lookfast/serving)."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--only", nargs="+", metavar="ID", help="run only these case ids (G1, A3, ...) or op names")
     bench.add_argument("--threads", nargs="+", type=int, help="intra-op thread counts (default: 1; full run: 1 2)")
     bench.add_argument("--plot", metavar="PNG", help="write a speedup plot (needs matplotlib)")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16", "all"], default=None,
+                       help="precision of the cases that have variants (ids of low-precision variants end in -bf16); "
+                            "default: bfloat16 where the CPU has AMX or AVX512-BF16, else float32")
     sub.add_parser("info", help="show the compiled backends and registered kernels")
     from .serving.cli import add_arguments as serve_arguments
 
@@ -43,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(args)
     from .benchmarks.run import main as run_bench
 
-    return run_bench(args.quick, args.json, args.only, args.threads, args.plot)
+    from .benchmarks.case import DTYPE_NAMES
+
+    dtypes = None
+    if args.dtype == "all":
+        dtypes = [DTYPE_NAMES["float32"], DTYPE_NAMES["bfloat16"]]
+    elif args.dtype:
+        dtypes = [DTYPE_NAMES[args.dtype]]
+    return run_bench(args.quick, args.json, args.only, args.threads, args.plot, dtypes)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,16 @@ SIZE = 48      # Dyn-Perceiver test images: small, the CNN and latents work at a
 LW_SMALL = dict(dim=64, num_heads=2, selector_depth=1, extractor_depth=2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while these tests run (restored after): the engine's worker and the reference runs then
+    do not oversubscribe a small shared machine, where 2 threads per process ran 10-20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _between(values: torch.Tensor, k: int) -> float:
     """A threshold passed by exactly the k largest of `values`, halfway between two of them (never equal to one:
     batched and single-image runs round differently)."""
@@ -33,7 +43,7 @@ def _between(values: torch.Tensor, k: int) -> float:
 def dp_setup():
     """A small-input Dyn-Perceiver (random rule-filled weights), 16 images and thresholds that send 6/4/3/3 of them
     to exits 1..4 (run alone, each image's exit is then well away from a threshold)."""
-    m = dp_small_model("reg800m_perceiver_t128", seed=5)
+    m = dp_small_model("reg800m_perceiver_t128", seed=5, num_classes=10)
     torch.manual_seed(21)
     x = torch.randn(16, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -76,7 +86,7 @@ def test_dyn_perceiver_matches_each_image_alone(dp_setup, max_batch):
 
 def test_dyn_perceiver_fused_ops_matches_alone(dp_setup):
     m, x, thresholds, _, _ = dp_setup
-    fused = dp_small_model("reg800m_perceiver_t128", ops="fused", seed=5)
+    fused = dp_small_model("reg800m_perceiver_t128", ops="fused", seed=5, num_classes=10)
     alone = [fused.forward_early_exit(x[i:i + 1], thresholds) for i in range(8)]
     with Engine(fused, max_batch=4, thresholds=thresholds, image_shape=(3, SIZE, SIZE)) as engine:
         preds = engine.run(list(x[:8]))

@@ -164,40 +164,47 @@ class Engine:
         """Queue one image (3, H, W) (float; moved to the model's device and dtype). Returns a Future of a
         `Prediction`. A bad image fails the returned future (ValueError/TypeError naming `image`); submitting to a
         closed engine raises RuntimeError."""
-        future: Future = Future()
+        return self._submit_all([image])[0]
+
+    def _submit_all(self, images: list) -> list[Future]:
+        # Checked outside the lock, queued under one lock hold: an offline run's images reach the first stage
+        # together, so its batches are full from the start.
         t = time.perf_counter()
-        try:
-            x = self._check_image(image)
-        except (TypeError, ValueError) as err:
-            with self._cond:
-                if self._closing:
-                    raise RuntimeError("submit on a closed Engine") from None
-                self._stats["submitted"] += 1
-                self._stats["failed"] += 1
-            _resolve(future, error=err)
-            return future
+        checked = []
+        for image in images:
+            try:
+                checked.append(self._check_image(image))
+            except (TypeError, ValueError) as err:
+                checked.append(err)
+        futures: list[Future] = [Future() for _ in images]
+        failed = []
         with self._cond:
             if self._closing:
                 raise RuntimeError("submit on a closed Engine")
-            if self.image_shape is None:
-                self.image_shape = tuple(x.shape[1:])
-            elif tuple(x.shape[1:]) != self.image_shape:
+            for future, x in zip(futures, checked):
                 self._stats["submitted"] += 1
-                self._stats["failed"] += 1
-                _resolve(future, error=ValueError(
-                    f"image must have shape {self.image_shape} (this engine's input), got {tuple(x.shape[1:])}"))
-                return future
-            self._stats["submitted"] += 1
-            self._queues[0].append(_Chunk((x,), [_Request(future, t)], [1], t))
-            self._units[0] += 1
+                if isinstance(x, torch.Tensor):
+                    if self.image_shape is None:
+                        self.image_shape = tuple(x.shape[1:])
+                    if tuple(x.shape[1:]) != self.image_shape:
+                        x = ValueError(f"image must have shape {self.image_shape} (this engine's input), "
+                                       f"got {tuple(x.shape[1:])}")
+                if isinstance(x, Exception):
+                    self._stats["failed"] += 1
+                    failed.append((future, x))
+                    continue
+                self._queues[0].append(_Chunk((x,), [_Request(future, t)], [1], t))
+                self._units[0] += 1
             self._cond.notify()
-        return future
+        for future, err in failed:
+            _resolve(future, error=err)
+        return futures
 
     def run(self, images: Iterable, return_exceptions: bool = False) -> list:
         """Offline: submit every image of `images` (an iterable of (3, H, W), or a (B, 3, H, W) tensor) and return
         their Predictions in input order. A failed image raises its error, or with return_exceptions=True its
         exception object takes its place in the list."""
-        futures = [self.submit(img) for img in images]
+        futures = self._submit_all(list(images))
         out = []
         for f in futures:
             err = f.exception()

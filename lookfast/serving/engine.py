@@ -119,7 +119,8 @@ class Engine:
     `submit(image)` returns a `concurrent.futures.Future` of a `Prediction`; it is safe from any thread. A request
     with a bad image (not a float tensor, wrong shape, NaN or infinite values) gets a future failed with a
     ValueError/TypeError; a request whose computation raises fails alone (its batch is re-run row by row), and
-    the others go on. Per image, the prediction equals running that image alone
+    the others go on. Close the engine (`close()` or a `with` block): its worker thread keeps it alive otherwise.
+    Per image, the prediction equals running that image alone
     (`model.forward_early_exit(image[None], thresholds)`, `model(image[None], k_mass=...)`) up to float rounding,
     with the same exit index. `close()` finishes every submitted request, then stops the worker.
     """
@@ -216,10 +217,11 @@ class Engine:
     def stats(self) -> dict:
         """Counters since the engine started: images submitted / done / failed, per stage the batches run, rows
         run and mean batch size (rows; and units, LookWhere's tokens), images finished per exit, rows waiting per
-        stage, latency mean/p50/p99 (s), throughput (images/s of wall time) and the worker's busy fraction."""
+        stage, rows in the batch running now, latency mean/p50/p99 (s), throughput (images/s of wall time) and the worker's busy fraction."""
         with self._cond:
             s = {k: (list(v) if isinstance(v, list) else v) for k, v in self._stats.items()}
             waiting = [sum(len(c.reqs) for c in q) for q in self._queues]
+            running = self._in_flight
             lat = sorted(self._latencies)
         wall = time.perf_counter() - self._t_start
         mean = lambda a, b: [x / y if y else 0.0 for x, y in zip(a, b)]  # noqa: E731
@@ -228,7 +230,7 @@ class Engine:
             kind=self.pipeline.kind, images_submitted=s["submitted"], images_done=s["done"],
             images_failed=s["failed"], batches_per_stage=s["batches"], rows_per_stage=s["rows"],
             mean_batch_per_stage=mean(s["rows"], s["batches"]), mean_units_per_stage=mean(s["units"], s["batches"]),
-            exits=s["exits"], waiting_per_stage=waiting,
+            exits=s["exits"], waiting_per_stage=waiting, rows_running=running,
             latency_mean_s=sum(lat) / len(lat) if lat else None, latency_p50_s=pct(0.5), latency_p99_s=pct(0.99),
             throughput_per_s=s["done"] / wall if wall > 0 else 0.0, busy_fraction=s["busy_s"] / wall if wall else 0.0,
         )
@@ -316,6 +318,7 @@ class Engine:
         return _merge(taken)
 
     def _loop(self) -> None:
+        reqs: list = []
         try:
             with torch.inference_mode():
                 while True:
@@ -336,11 +339,12 @@ class Engine:
                     with self._cond:
                         self._stats["busy_s"] += time.perf_counter() - t0
                         self._in_flight -= len(reqs)
+                    reqs = []
         except BaseException as err:  # noqa: BLE001  (a bug in the engine itself: fail everything, do not hang)
             self._worker_error = err
             with self._cond:
                 self._closing = True
-                pending = [r for q in self._queues for c in q for r in c.reqs]
+                pending = list(reqs) + [r for q in self._queues for c in q for r in c.reqs]
                 for q in self._queues:
                     q.clear()
             for r in pending:

@@ -101,6 +101,27 @@ def _static(model, images: torch.Tensor, thresholds=None):
     return run
 
 
+def _with_cpu_time(box: dict, impls: dict) -> dict:
+    """Also record each call's process CPU time (all threads: the engine's worker included). On a shared,
+    oversubscribed machine the wall time includes waiting for a core; the CPU time does not."""
+    def wrap(name, fn):
+        def run():
+            start = time.process_time()
+            result = fn()
+            box.setdefault("cpu", {}).setdefault(name, []).append(time.process_time() - start)
+            return result
+        return run
+    return {name: wrap(name, fn) for name, fn in impls.items()}
+
+
+def _cpu_notes(box: dict, ours: str) -> list[str]:
+    cpu = {k: statistics.median(v) for k, v in box.get("cpu", {}).items() if v}
+    if ours not in cpu:
+        return []
+    return ["CPU time (median, s): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+            + "; ratios to the engine: " + ", ".join(f"{k} {v / cpu[ours]:.2f}x" for k, v in cpu.items() if k != ours)]
+
+
 # ------------------------------------------------------------------------------------------------ S1
 def s1_case(n_images: int = 512) -> Case:
     box: dict = {}
@@ -127,8 +148,8 @@ def s1_case(n_images: int = 512) -> Case:
                 bars[STATIC_EE] = 1.15
                 bars[STATIC_FULL] = 1.0 / (1.05 * box["macs_ratio"])  # time ratio <= 1.05 x MACs ratio
 
-        return {ENGINE: engine, STATIC_EE: _static(model, images, thresholds),
-                STATIC_FULL: _static(model, images)}
+        return _with_cpu_time(box, {ENGINE: engine, STATIC_EE: _static(model, images, thresholds),
+                                    STATIC_FULL: _static(model, images)})
 
     def summarize(times):
         ours, full = times.get(ENGINE), times.get(STATIC_FULL)
@@ -139,7 +160,7 @@ def s1_case(n_images: int = 512) -> Case:
         return [f"exits taken {'/'.join(f'{100 * t:.0f}' for t in box['taken'])} %; engine mean batch per stage "
                 f"{batches}",
                 f"engine time / full-model time {r:.3f} vs MACs ratio {m:.3f} (bar <= {1.05 * m:.3f}, "
-                f"{'met' if r <= 1.05 * m else 'NOT met'})"]
+                f"{'met' if r <= 1.05 * m else 'NOT met'})"] + _cpu_notes(box, ENGINE)
 
     return Case(id="S1" if n_images == 512 else f"S1-n{n_images}", op="serving",
                 shape=f"dyn_perceiver {DP_NAME} {n_images} images {DP_SIZE}px, exits ~50/25/12/12 %",
@@ -191,7 +212,7 @@ def s2_case(n_images: int = 64) -> Case:
                     k = int(k_from_mass(scores, LW_K_MASS, LW_K_MIN, LW_K_MAX).max())
                     model._fused(chunk, scores, prefix, k, "cls")  # every image at the batch's largest k
 
-        return {ENGINE: engine, one: alone, padded: pad}
+        return _with_cpu_time(box, {ENGINE: engine, one: alone, padded: pad})
 
     def summarize(times):
         if "k" not in box:
@@ -200,7 +221,7 @@ def s2_case(n_images: int = 64) -> Case:
         s = box["stats"]
         return [f"k per image {min(k)}..{max(k)} (mean {statistics.fmean(k):.0f}); engine: "
                 f"{s['batches_per_stage'][1]} extractor packs of {s['mean_batch_per_stage'][1]:.1f} images / "
-                f"{s['mean_units_per_stage'][1]:.0f} tokens on average"]
+                f"{s['mean_units_per_stage'][1]:.0f} tokens on average"] + _cpu_notes(box, ENGINE)
 
     return Case(id="S2" if n_images == 64 else f"S2-n{n_images}", op="serving",
                 shape=f"lookwhere dinov2 {LW_SIZE}px {n_images} images, k_mass {LW_K_MASS} (k {LW_K_MIN}..{LW_K_MAX})",

@@ -20,8 +20,8 @@ Backward: delta = rowsum(dout * out) (one preprocessing kernel), then dk/dv per 
 over the H/Hk grouped query heads and the query blocks, and dq per (query block, sample, head) looping over key
 blocks. No atomics: every output element has exactly one writer, so the result is deterministic.
 
-The launchers take torch tensors and launch through torch.library.wrap_triton, so a torch.library.triton_op wrapping
-them traces under torch.compile; under TRITON_INTERPRET=1 they run on CPU tensors.
+The launchers take torch tensors and launch through torch.library.wrap_triton; under TRITON_INTERPRET=1 they run on
+CPU tensors. The end of this file defines them as the ops `lookfast::varlen_attention_fwd_triton` / `_bwd_triton`.
 
 Robustness: every program reads its sample's bounds from cu_seqlens, and query blocks are visited with a grid-stride
 loop, so a too-small max_seqlen_q costs speed, never correctness; key loops run to the sample's own length.
@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from lookfast.ops import varlen_attention as _family
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -409,3 +411,28 @@ def varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlen
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------- registration: lookfast::<op>_triton
+# The Triton backend of lookfast::varlen_attention_fwd / _bwd, defined when lookfast._backend first picks Triton
+# (importing this module). Opaque `custom_op`s (Inductor has nothing to fuse around a whole attention); CPU tensors
+# run the same launchers under TRITON_INTERPRET=1, how the kernels are tested without a GPU. Fake kernels and autograd
+# are the library ops' own (lookfast.ops.varlen_attention).
+@torch.library.custom_op("lookfast::varlen_attention_fwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _varlen_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return varlen_attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                       causal)
+
+
+@torch.library.custom_op("lookfast::varlen_attention_bwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _varlen_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                             causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, softmax_scale, causal)
+
+
+_family.register_backend("_triton")

@@ -13,6 +13,7 @@ from lookfast.models import dyn_perceiver as dp
 
 sys.path.insert(0, os.path.dirname(__file__))
 from compat_weights import fill_state_dict  # noqa: E402
+from oracles import rel_err
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TOL = 1e-3  # MODELS.md: max |diff| / max |ref|
@@ -26,9 +27,6 @@ def official_keys(name: str) -> list[tuple[str, tuple[int, ...]]]:
             rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
     return rows
 
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 _models: dict[str, torch.nn.Module] = {}

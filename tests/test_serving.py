@@ -334,3 +334,46 @@ def test_future_is_a_concurrent_future(dp_setup):
         f = engine.submit(x[0])
         assert isinstance(f, Future)
         assert isinstance(f.result(timeout=TIMEOUT), Prediction)
+
+
+# ------------------------------------------------------------------------------- no copy at 0 % / 100 % exits
+@pytest.mark.parametrize("where", ["runner", "engine"])
+def test_no_compaction_copy_when_nobody_or_everybody_exits(monkeypatch, where):
+    """Exit 0: nobody passes; exit 1: everybody passes. Neither may call compact_rows (the copy), and the results
+    are those of the full computation."""
+    import lookfast.early_exit.runner as runner_module
+    import lookfast.serving.pipelines as pipelines_module
+
+    calls = []
+    module = runner_module if where == "runner" else pipelines_module
+    real = module.compact_rows
+    monkeypatch.setattr(module, "compact_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stages = [lambda s: (s[0] * 2,), lambda s: (s[0] + 1,), lambda s: (s[0] * 3,)]
+    heads = [lambda s: torch.zeros(s[0].shape[0], 2),                          # confidence 0.5: nobody passes 0.9
+             lambda s: torch.stack([s[0].flatten(1)[:, 0] * 0 + 20, s[0].flatten(1)[:, 0] * 0], 1),  # ~1: all pass
+             lambda s: s[0].flatten(1)[:, :2]]
+    runner = lookfast.EarlyExitRunner(stages, heads)
+    x = torch.randn(6, 3, 2, 2)
+    if where == "runner":
+        logits, exit_index = runner((x,), [0.9, 0.9, 0.0])
+        assert exit_index.tolist() == [1] * 6
+        torch.testing.assert_close(logits, torch.tensor([[20.0, 0.0]] * 6))
+    else:
+        with Engine(runner, max_batch=6, thresholds=[0.9, 0.9, 0.0], max_wait_ms=60_000) as engine:
+            preds = engine.run(x)
+            stats = engine.stats()
+        assert [p.exit_index for p in preds] == [1] * 6 and stats["rows_per_stage"] == [6, 6, 0]
+        for p in preds:
+            torch.testing.assert_close(p.logits, torch.tensor([20.0, 0.0]))
+    assert calls == []
+    # A mixed exit does copy (else the check above would pass vacuously, e.g. if compact_rows were renamed).
+    x[:, 0, 0, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    mixed = lookfast.EarlyExitRunner(
+        stages, [lambda s: torch.stack([s[0][:, 0, 0, 0].relu() * 20, s[0][:, 0, 0, 0] * 0], 1)] + heads[1:])
+    if where == "runner":
+        _, exit_index = mixed((x,), [0.9, 0.9, 0.0])
+    else:
+        with Engine(mixed, max_batch=6, thresholds=[0.9, 0.9, 0.0]) as engine:
+            exit_index = torch.tensor([p.exit_index for p in engine.run(x)])
+    assert exit_index.tolist() == [0, 1, 0, 1, 0, 1]
+    assert calls, "a mixed exit should compact the survivors"

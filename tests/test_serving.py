@@ -22,6 +22,16 @@ SIZE = 48      # Dyn-Perceiver test images: small, the CNN and latents work at a
 LW_SMALL = dict(dim=64, num_heads=2, selector_depth=1, extractor_depth=2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while these tests run (restored after): the engine's worker and the reference runs then
+    do not oversubscribe a small shared machine, where 2 threads per process ran 10-20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _between(values: torch.Tensor, k: int) -> float:
     """A threshold passed by exactly the k largest of `values`, halfway between two of them (never equal to one:
     batched and single-image runs round differently)."""
@@ -33,7 +43,7 @@ def _between(values: torch.Tensor, k: int) -> float:
 def dp_setup():
     """A small-input Dyn-Perceiver (random rule-filled weights), 16 images and thresholds that send 6/4/3/3 of them
     to exits 1..4 (run alone, each image's exit is then well away from a threshold)."""
-    m = dp_small_model("reg800m_perceiver_t128", seed=5)
+    m = dp_small_model("reg800m_perceiver_t128", seed=5, num_classes=10)
     torch.manual_seed(21)
     x = torch.randn(16, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -76,7 +86,7 @@ def test_dyn_perceiver_matches_each_image_alone(dp_setup, max_batch):
 
 def test_dyn_perceiver_fused_ops_matches_alone(dp_setup):
     m, x, thresholds, _, _ = dp_setup
-    fused = dp_small_model("reg800m_perceiver_t128", ops="fused", seed=5)
+    fused = dp_small_model("reg800m_perceiver_t128", ops="fused", seed=5, num_classes=10)
     alone = [fused.forward_early_exit(x[i:i + 1], thresholds) for i in range(8)]
     with Engine(fused, max_batch=4, thresholds=thresholds, image_shape=(3, SIZE, SIZE)) as engine:
         preds = engine.run(list(x[:8]))
@@ -324,3 +334,46 @@ def test_future_is_a_concurrent_future(dp_setup):
         f = engine.submit(x[0])
         assert isinstance(f, Future)
         assert isinstance(f.result(timeout=TIMEOUT), Prediction)
+
+
+# ------------------------------------------------------------------------------- no copy at 0 % / 100 % exits
+@pytest.mark.parametrize("where", ["runner", "engine"])
+def test_no_compaction_copy_when_nobody_or_everybody_exits(monkeypatch, where):
+    """Exit 0: nobody passes; exit 1: everybody passes. Neither may call compact_rows (the copy), and the results
+    are those of the full computation."""
+    import lookfast.early_exit.runner as runner_module
+    import lookfast.serving.pipelines as pipelines_module
+
+    calls = []
+    module = runner_module if where == "runner" else pipelines_module
+    real = module.compact_rows
+    monkeypatch.setattr(module, "compact_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stages = [lambda s: (s[0] * 2,), lambda s: (s[0] + 1,), lambda s: (s[0] * 3,)]
+    heads = [lambda s: torch.zeros(s[0].shape[0], 2),                          # confidence 0.5: nobody passes 0.9
+             lambda s: torch.stack([s[0].flatten(1)[:, 0] * 0 + 20, s[0].flatten(1)[:, 0] * 0], 1),  # ~1: all pass
+             lambda s: s[0].flatten(1)[:, :2]]
+    runner = lookfast.EarlyExitRunner(stages, heads)
+    x = torch.randn(6, 3, 2, 2)
+    if where == "runner":
+        logits, exit_index = runner((x,), [0.9, 0.9, 0.0])
+        assert exit_index.tolist() == [1] * 6
+        torch.testing.assert_close(logits, torch.tensor([[20.0, 0.0]] * 6))
+    else:
+        with Engine(runner, max_batch=6, thresholds=[0.9, 0.9, 0.0], max_wait_ms=60_000) as engine:
+            preds = engine.run(x)
+            stats = engine.stats()
+        assert [p.exit_index for p in preds] == [1] * 6 and stats["rows_per_stage"] == [6, 6, 0]
+        for p in preds:
+            torch.testing.assert_close(p.logits, torch.tensor([20.0, 0.0]))
+    assert calls == []
+    # A mixed exit does copy (else the check above would pass vacuously, e.g. if compact_rows were renamed).
+    x[:, 0, 0, 0] = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    mixed = lookfast.EarlyExitRunner(
+        stages, [lambda s: torch.stack([s[0][:, 0, 0, 0].relu() * 20, s[0][:, 0, 0, 0] * 0], 1)] + heads[1:])
+    if where == "runner":
+        _, exit_index = mixed((x,), [0.9, 0.9, 0.0])
+    else:
+        with Engine(mixed, max_batch=6, thresholds=[0.9, 0.9, 0.0]) as engine:
+            exit_index = torch.tensor([p.exit_index for p in engine.run(x)])
+    assert exit_index.tolist() == [0, 1, 0, 1, 0, 1]
+    assert calls, "a mixed exit should compact the survivors"

@@ -119,7 +119,8 @@ class Engine:
     `submit(image)` returns a `concurrent.futures.Future` of a `Prediction`; it is safe from any thread. A request
     with a bad image (not a float tensor, wrong shape, NaN or infinite values) gets a future failed with a
     ValueError/TypeError; a request whose computation raises fails alone (its batch is re-run row by row), and
-    the others go on. Per image, the prediction equals running that image alone
+    the others go on. Close the engine (`close()` or a `with` block): its worker thread keeps it alive otherwise.
+    Per image, the prediction equals running that image alone
     (`model.forward_early_exit(image[None], thresholds)`, `model(image[None], k_mass=...)`) up to float rounding,
     with the same exit index. `close()` finishes every submitted request, then stops the worker.
     """
@@ -164,40 +165,47 @@ class Engine:
         """Queue one image (3, H, W) (float; moved to the model's device and dtype). Returns a Future of a
         `Prediction`. A bad image fails the returned future (ValueError/TypeError naming `image`); submitting to a
         closed engine raises RuntimeError."""
-        future: Future = Future()
+        return self._submit_all([image])[0]
+
+    def _submit_all(self, images: list) -> list[Future]:
+        # Checked outside the lock, queued under one lock hold: an offline run's images reach the first stage
+        # together, so its batches are full from the start.
         t = time.perf_counter()
-        try:
-            x = self._check_image(image)
-        except (TypeError, ValueError) as err:
-            with self._cond:
-                if self._closing:
-                    raise RuntimeError("submit on a closed Engine") from None
-                self._stats["submitted"] += 1
-                self._stats["failed"] += 1
-            _resolve(future, error=err)
-            return future
+        checked = []
+        for image in images:
+            try:
+                checked.append(self._check_image(image))
+            except (TypeError, ValueError) as err:
+                checked.append(err)
+        futures: list[Future] = [Future() for _ in images]
+        failed = []
         with self._cond:
             if self._closing:
                 raise RuntimeError("submit on a closed Engine")
-            if self.image_shape is None:
-                self.image_shape = tuple(x.shape[1:])
-            elif tuple(x.shape[1:]) != self.image_shape:
+            for future, x in zip(futures, checked):
                 self._stats["submitted"] += 1
-                self._stats["failed"] += 1
-                _resolve(future, error=ValueError(
-                    f"image must have shape {self.image_shape} (this engine's input), got {tuple(x.shape[1:])}"))
-                return future
-            self._stats["submitted"] += 1
-            self._queues[0].append(_Chunk((x,), [_Request(future, t)], [1], t))
-            self._units[0] += 1
+                if isinstance(x, torch.Tensor):
+                    if self.image_shape is None:
+                        self.image_shape = tuple(x.shape[1:])
+                    if tuple(x.shape[1:]) != self.image_shape:
+                        x = ValueError(f"image must have shape {self.image_shape} (this engine's input), "
+                                       f"got {tuple(x.shape[1:])}")
+                if isinstance(x, Exception):
+                    self._stats["failed"] += 1
+                    failed.append((future, x))
+                    continue
+                self._queues[0].append(_Chunk((x,), [_Request(future, t)], [1], t))
+                self._units[0] += 1
             self._cond.notify()
-        return future
+        for future, err in failed:
+            _resolve(future, error=err)
+        return futures
 
     def run(self, images: Iterable, return_exceptions: bool = False) -> list:
         """Offline: submit every image of `images` (an iterable of (3, H, W), or a (B, 3, H, W) tensor) and return
         their Predictions in input order. A failed image raises its error, or with return_exceptions=True its
         exception object takes its place in the list."""
-        futures = [self.submit(img) for img in images]
+        futures = self._submit_all(list(images))
         out = []
         for f in futures:
             err = f.exception()
@@ -209,10 +217,11 @@ class Engine:
     def stats(self) -> dict:
         """Counters since the engine started: images submitted / done / failed, per stage the batches run, rows
         run and mean batch size (rows; and units, LookWhere's tokens), images finished per exit, rows waiting per
-        stage, latency mean/p50/p99 (s), throughput (images/s of wall time) and the worker's busy fraction."""
+        stage, rows in the batch running now, latency mean/p50/p99 (s), throughput (images/s of wall time) and the worker's busy fraction."""
         with self._cond:
             s = {k: (list(v) if isinstance(v, list) else v) for k, v in self._stats.items()}
             waiting = [sum(len(c.reqs) for c in q) for q in self._queues]
+            running = self._in_flight
             lat = sorted(self._latencies)
         wall = time.perf_counter() - self._t_start
         mean = lambda a, b: [x / y if y else 0.0 for x, y in zip(a, b)]  # noqa: E731
@@ -221,7 +230,7 @@ class Engine:
             kind=self.pipeline.kind, images_submitted=s["submitted"], images_done=s["done"],
             images_failed=s["failed"], batches_per_stage=s["batches"], rows_per_stage=s["rows"],
             mean_batch_per_stage=mean(s["rows"], s["batches"]), mean_units_per_stage=mean(s["units"], s["batches"]),
-            exits=s["exits"], waiting_per_stage=waiting,
+            exits=s["exits"], waiting_per_stage=waiting, rows_running=running,
             latency_mean_s=sum(lat) / len(lat) if lat else None, latency_p50_s=pct(0.5), latency_p99_s=pct(0.99),
             throughput_per_s=s["done"] / wall if wall > 0 else 0.0, busy_fraction=s["busy_s"] / wall if wall else 0.0,
         )
@@ -234,6 +243,13 @@ class Engine:
             self._cond.notify_all()
         if self._worker is not threading.current_thread():
             self._worker.join()
+
+    def stop_waiting(self) -> None:
+        """From now on partial batches run at once (max_wait_ms becomes 0); submissions are still taken. A server
+        calls this when it starts draining, so requests in flight do not wait for batches that will not fill."""
+        with self._cond:
+            self.max_wait_s = 0.0
+            self._cond.notify_all()
 
     @property
     def closed(self) -> bool:
@@ -302,6 +318,7 @@ class Engine:
         return _merge(taken)
 
     def _loop(self) -> None:
+        reqs: list = []
         try:
             with torch.inference_mode():
                 while True:
@@ -322,11 +339,12 @@ class Engine:
                     with self._cond:
                         self._stats["busy_s"] += time.perf_counter() - t0
                         self._in_flight -= len(reqs)
+                    reqs = []
         except BaseException as err:  # noqa: BLE001  (a bug in the engine itself: fail everything, do not hang)
             self._worker_error = err
             with self._cond:
                 self._closing = True
-                pending = [r for q in self._queues for c in q for r in c.reqs]
+                pending = list(reqs) + [r for q in self._queues for c in q for r in c.reqs]
                 for q in self._queues:
                     q.clear()
             for r in pending:

@@ -25,8 +25,8 @@ class InferSettings:
 
     model: what to load. thresholds: Dyn-Perceiver early exit, 3 or 4 max-softmax thresholds (None: the full
     model, every image takes exit index 3). k / k_mass / k_min / k_max: LookWhere's patches per image (a fixed k, or
-    the score-mass rule; neither: the model's default k). batch: images per model call. mask_dir / root:
-    segmentation masks are saved as mask_dir / relpath(image, root) + ".png"."""
+    the score-mass rule; neither: the model's default k). batch: the engine's max_batch (images per stage batch).
+    mask_dir / root: segmentation masks are saved as mask_dir / relpath(image, root) + ".png"."""
 
     model: ModelSpec
     thresholds: tuple[float, ...] | None = None
@@ -71,8 +71,15 @@ class Worker:
         if thresholds is not None and len(thresholds) == 3:
             thresholds = tuple(thresholds) + (0.0,)  # the last exit takes every image still running
         self.thresholds = thresholds
-        self._engine_obj = None
-        self._engine()  # now, not lazily: several threads may submit (Ray actors run two calls at once)
+        # Every image goes through the serving Engine (stage-level continuous batching for early exit, token-budget
+        # packing for ragged k), so a static batch's tail of survivors does not waste the cores. It is thread-safe:
+        # Ray actors run two calls at once. Offline, throughput is what counts: a partial batch may wait up to 50 ms
+        # for the next images (the engine runs it at once when nothing more is queued upstream).
+        from ..serving import Engine
+
+        s = settings
+        self.engine = Engine(self.model, max_batch=s.batch, thresholds=self.thresholds, k=s.k, k_mass=s.k_mass,
+                             k_min=s.k_min, k_max=s.k_max, max_wait_ms=50.0)
 
     # -- decoding
     def decode(self, paths) -> list:
@@ -85,26 +92,10 @@ class Worker:
                 out.append(exc)
         return out
 
-    # -- the model call: every image goes through the serving Engine (stage-level continuous batching for early
-    # exit, token-budget packing for ragged k), so a static batch's tail of survivors does not waste the cores.
-    def _engine(self):
-        if self._engine_obj is None:
-            from ..serving import Engine
-
-            s = self.settings
-            # Offline, throughput is what counts: a partial batch may wait longer for the next images to arrive.
-            self._engine_obj = Engine(self.model, max_batch=s.batch, thresholds=self.thresholds, k=s.k,
-                                      k_mass=s.k_mass, k_min=s.k_min, k_max=s.k_max, max_wait_ms=50.0)
-        return self._engine_obj
-
     def start(self, paths, decoded) -> list:
         """Submit the decoded images of `paths` to the engine; returns the pending rows for `finish`. Several
         starts may be pending at once (that keeps every stage's batches full)."""
-        engine = self._engine()
-        pending = []
-        for path, d in zip(paths, decoded):
-            pending.append((path, engine.submit(d) if isinstance(d, torch.Tensor) else d))
-        return pending
+        return [(path, self.engine.submit(d) if isinstance(d, torch.Tensor) else d) for path, d in zip(paths, decoded)]
 
     def finish(self, pending) -> list[dict]:
         """Wait for the images of one `start` and return their rows (see outputs.py for the columns)."""
@@ -135,10 +126,7 @@ class Worker:
 
     def close(self) -> None:
         """Stop the engine's worker thread (after the images submitted)."""
-        if self._engine_obj is not None:
-            self._engine_obj.close()
-            self._engine_obj = None
-        self._engine()  # now, not lazily: several threads may submit (Ray actors run two calls at once)
+        self.engine.close()
 
     def _fill(self, row: dict, pred) -> None:
         row["exit_index"] = pred.exit_index if self.multi_exit else None

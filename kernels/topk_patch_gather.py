@@ -1,4 +1,4 @@
-"""Triton kernels of the fused top-k patch gather (OPS.md §1) and their launchers.
+"""Triton kernels of the fused top-k patch gather (docs/ops.md section 1) and their launchers.
 
 Roofline (per call; R = total selected rows, K = C*p*p, D = embed width, N = Gh*Gw patches, e = element bytes):
 - topk_rank_kernel: rank-based selection, every score compared with every other in its row: B*N^2 compares, reads

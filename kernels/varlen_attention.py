@@ -10,7 +10,7 @@ Roofline (per sample and head, Lq queries, Lk keys; fwd FLOPs 2*Lq*Lk*(Dh+Dv), b
   - A3 LookWhere extractor (B 16, 5+k_i ~ 165 tokens, sum L^2 ~ 5.1e5, 12 heads, Dh 64): 1.58 GFLOP forward.
     fp16: 16.2 MB of q/k/v/out -> 4.8 us of HBM vs 1.6 us of tensor-core time: memory bound, ~5 us at the roofline
     (960 programs of 64 queries, many exit at once on short samples; expect ~10 us). fp32 (IEEE dot on FMA units, the
-    1e-5 contract of OPS.md): 32 MB -> 10 us vs 24 us of FMA: compute bound, ~25-35 us. A4 backward: ~3.9 GFLOP and
+    1e-5 contract of docs/ops.md): 32 MB -> 10 us vs 24 us of FMA: compute bound, ~25-35 us. A4 backward: ~3.9 GFLOP and
     ~32 MB (fp16): ~10-20 us fp16, ~60 us fp32.
   - A2 Dyn-Perceiver z->x (B 16, 3136 queries x 64 keys, width 8, fp32): 0.10 GFLOP (0.21 with the width padded to 16
     for tl.dot), 3.4 MB (q and out dominate) -> 1.0 us of HBM vs ~3 us of FMA: compute bound at ~3 us, launch-latency
@@ -73,7 +73,7 @@ def _sample_bounds(cu_q, cu_k, b):
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    # IEEE: exact fp32 products (the float32 contract of OPS.md); else Triton's default (TF32 for fp32 inputs)
+    # IEEE: exact fp32 products (the float32 contract of docs/ops.md); else Triton's default (TF32 for fp32 inputs)
     if IEEE:
         c = tl.dot(a, b, input_precision="ieee")
     else:

@@ -16,7 +16,7 @@ from compat_weights import fill_state_dict  # noqa: E402
 from oracles import rel_err
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-TOL = 1e-3  # MODELS.md: max |diff| / max |ref|
+TOL = 1e-3  # docs/models.md: max |diff| / max |ref|
 
 
 def official_keys(name: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -166,7 +166,7 @@ def test_decomposition_equals_forward():
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("reg800m_perceiver_t128", (0.459, 1.065, 1.228, 1.298)),        # MODELS.md (the official counter)
+    ("reg800m_perceiver_t128", (0.459, 1.065, 1.228, 1.298)),        # docs/models.md (the official counter)
     ("mobilenetV3_0x75_perceiver_t128", (0.098, 0.182, 0.207, 0.266)),
 ])
 def test_exit_macs_match_published(name, expected):

@@ -1,4 +1,4 @@
-"""Exit thresholds for a compute budget: the MSDNet / Dyn-Perceiver calibration (OPS.md section 3), the budget
+"""Exit thresholds for a compute budget: the MSDNet / Dyn-Perceiver calibration (docs/ops.md section 3), the budget
 proportions it is usually fed, and the expected cost of a budget.
 
 Typical use::

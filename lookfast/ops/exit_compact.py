@@ -1,11 +1,12 @@
 """Exit-masked batched execution: `exit_compact` (who leaves at an exit, and the survivors' states compacted in one
-pass) and `exit_scatter` (rows written back to their batch positions). OPS.md section 3.
+pass) and `exit_scatter` (rows written back to their batch positions). Contract: docs/ops.md section 3.
 
 Backends (lookfast._backend): the library ops `lookfast::exit_confidence_mask` + `lookfast::compact_rows`,
 `lookfast::exit_scatter` (C++ on CPU, CUDA kernels on GPUs), their Triton twins `lookfast::<op>_triton` (defined by
-`lookfast.kernels.exit_compact` the first time Triton runs), and the pure-PyTorch reference (`exit_compact_reference`). On a GPU each `exit_compact` call synchronises with the host exactly once,
-to read the number of exits that sizes the outputs (their shapes are (m, ...) by contract); the confidences, flags,
-prefix sums and row copies stay on the device. Under torch.compile the sizes are unbacked symbolic sizes
+`lookfast.kernels.exit_compact` the first time Triton runs), and the pure-PyTorch reference
+(`exit_compact_reference`). On a GPU each `exit_compact` call synchronises with the host exactly once, to read the
+number of exits that sizes the outputs (their shapes are (m, ...) by contract); the confidences, flags, prefix sums
+and row copies stay on the device. Under torch.compile the sizes are unbacked symbolic sizes
 (`new_dynamic_size`); set `torch._dynamo.config.capture_dynamic_output_shape_ops = True` for `fullgraph=True`.
 """
 from __future__ import annotations

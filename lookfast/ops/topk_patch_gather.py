@@ -1,5 +1,5 @@
-"""Fused top-k patch gather (OPS.md §1): pick the k best patches of each image by score and turn only those into
-tokens (raw pixels, or patch-embedded + bias + position embedding), never patchifying the whole image.
+"""Fused top-k patch gather (contract: docs/ops.md section 1): pick the k best patches of each image by score and turn
+only those into tokens (raw pixels, or patch-embedded + bias + position embedding), never patchifying the whole image.
 
 Public: `topk_indices`, `topk_patch_gather`. Library ops (csrc/lookfast.cpp): `lookfast::topk_indices`,
 `lookfast::patch_gather_embed` (packed rows + cu_seqlens, so the uniform and ragged cases share one kernel) and

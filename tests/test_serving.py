@@ -377,3 +377,38 @@ def test_no_compaction_copy_when_nobody_or_everybody_exits(monkeypatch, where):
             exit_index = torch.tensor([p.exit_index for p in engine.run(x)])
     assert exit_index.tolist() == [0, 1, 0, 1, 0, 1]
     assert calls, "a mixed exit should compact the survivors"
+
+
+# ------------------------------------------------------------------------------- the optional extra stays optional
+_BLOCK_EXTRAS = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('fastapi', 'uvicorn', 'starlette', 'multipart', 'PIL'):
+            raise ImportError(f'blocked for the test: {name}')
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _run_python(code: str) -> "subprocess.CompletedProcess":
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_import_lookfast_imports_no_server_package():
+    p = _run_python("import sys, lookfast, lookfast.serving, lookfast.__main__\n"
+                    "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                    "('fastapi', 'uvicorn', 'starlette', 'multipart', 'PIL')))")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
+
+
+def test_serve_without_the_extra_says_how_to_install_it():
+    p = _run_python(_BLOCK_EXTRAS + "from lookfast.__main__ import main\n"
+                    "sys.exit(main(['serve', '--model', 'dyn_perceiver:reg800m_perceiver_t128', '--random-weights']))")
+    assert p.returncode == 2, p.stderr
+    assert "pip install 'lookfast[serve]'" in p.stderr

@@ -10,7 +10,7 @@ Scheduling rule (each step, under the engine's lock):
      and frees their memory first);
   2. otherwise a stage whose oldest row has waited `max_wait_ms` in its queue, or a later stage with nothing
      upstream of it (waiting cannot fill it), or any stage while the engine drains, runs: among those, the one
-     with the fullest batch, then the oldest;
+     holding the oldest request;
   3. otherwise the worker sleeps until the next deadline or the next request.
 """
 from __future__ import annotations
@@ -289,7 +289,10 @@ class Engine:
             upstream = upstream or bool(q)
         if not ready:
             return None
-        return max(ready, key=lambda i: (units[i] / cap(i), -queues[i][0].t_enq))
+        # Oldest request first: the partial batch holding the request submitted earliest (a deeper stage's rows are
+        # usually older). Choosing the fullest batch instead starved the deep stages' few rows under a steady
+        # stream (S3: p99 latency 5x the median).
+        return min(ready, key=lambda i: queues[i][0].reqs[0].t_submit)
 
     def _take(self, i: int) -> tuple[tuple, list]:
         cap, q = self.pipeline.capacity(i), self._queues[i]

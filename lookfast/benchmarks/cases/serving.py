@@ -319,6 +319,11 @@ def _multipart(data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+def _flag_number(t: float) -> str:
+    # argparse takes "-1.0" as a negative number but "-inf" (or "-1e308") as an unknown option.
+    return repr(t) if math.isfinite(t) or t > 0 else "-1.0"  # max-softmax confidence >= -1: everybody passes
+
+
 class _HttpServer:
     """`python -m lookfast serve` in a subprocess on a free 127.0.0.1 port (stopped with SIGTERM at exit)."""
 
@@ -331,7 +336,7 @@ class _HttpServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lookfast", "serve", "--model", f"dyn_perceiver:{DP_NAME}", "--random-weights",
              "--seed", "0", "--port", str(self.port), "--max-batch", str(BATCH), "--threads", str(threads),
-             "--log-level", "warning", "--thresholds", *map(repr, thresholds)],
+             "--log-level", "warning", "--thresholds", *map(_flag_number, thresholds)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         atexit.register(self.stop)
         deadline = time.monotonic() + 300

@@ -42,11 +42,11 @@ def test_nan_or_inf_query_gives_nan_not_zeros(dtype, bad):
     torch.testing.assert_close(out[good].double(), ref[good].double(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # float32 compute: 1e300 overflows
 def test_overflowing_softmax_scale_gives_nan_as_softmax_does(dtype):
     q, k, v = torch.randn(6, 2, 8, dtype=dtype), torch.randn(5, 2, 8, dtype=dtype), torch.randn(5, 2, 8, dtype=dtype)
     cu_q, cu_k = _cu(0, 2, 6), _cu(0, 0, 5)  # sample 0 sees no key: zeros, whatever the scale
-    scale = 1e300 if dtype != torch.float64 else 1e308
+    scale = 1e300
     out = lookfast.varlen_attention(q, k, v, cu_q, cu_k, 4, 5, softmax_scale=scale)
     ref, _ = varlen_attention_reference(q, k, v, cu_q, cu_k, scale)
     assert torch.equal(out.isnan(), ref.isnan())

@@ -277,9 +277,10 @@ def exit_scatter(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Ten
 
     Args:
         out: (N, ...) tensor of any dtype.
-        batch_index: (k,) int64 destination rows, each in [0, N). Duplicates: the LAST occurrence wins on the CPU
-            (the C++ kernel copies only each row's last writer, so no row is ever a mix of two values); on GPUs one
-            of them wins.
+        batch_index: (k,) int64 destination rows, each in [0, N). Duplicates: on the CPU the LAST occurrence wins
+            (the C++ kernel copies only each row's last writer, so no row is ever a mix of two values). On GPUs
+            (CUDA, Triton) pass distinct rows: duplicates are written concurrently and a row may mix their values
+            (detecting them would cost a host sync per call). `EarlyExitRunner` never produces duplicates.
         values: (k, ...) with out's trailing shape and dtype, on out's device.
     Refused (ValueError), as by `index_copy_`: an `out` whose rows share memory (expanded), and `values` that
     overlap `out`'s memory. Negative strides cannot occur (torch has none); other strides are fine.

@@ -13,16 +13,16 @@ from __future__ import annotations
 import ctypes
 import functools
 
-from . import _ext
+from . import _backend
 
 __all__ = ["cpu_pool_empty_cache", "cpu_pool_cached_bytes"]
 
 
 @functools.lru_cache(maxsize=None)
 def _lib():
-    if not _ext.loaded or _ext.library_path is None:
+    if not _backend.loaded or _backend.library_path is None:
         return None
-    lib = ctypes.CDLL(_ext.library_path)  # the library torch already loaded: dlopen returns the same handle
+    lib = ctypes.CDLL(_backend.library_path)  # the library torch already loaded: dlopen returns the same handle
     for name in ("lookfast_cpu_pool_empty_cache", "lookfast_cpu_pool_cached_bytes"):
         getattr(lib, name).restype = ctypes.c_size_t
         getattr(lib, name).argtypes = []

@@ -249,7 +249,7 @@ def test_runner_refuses_nan_thresholds_but_ignores_the_last():
 
 # ------------------------------------------------------------------------ 7. the CPU buffer pool
 def test_cpu_pool_is_capped_and_can_be_emptied():
-    if not lookfast._ext.loaded:
+    if not lookfast._backend.loaded:
         pytest.skip("the pool lives in the compiled library")
     cap = 256 << 20  # the default (LOOKFAST_CPU_POOL_MB unset in CI)
     state = torch.randn(64, 1 << 18)  # 64 MiB

@@ -1,4 +1,4 @@
-"""Exit thresholds for a compute budget: the MSDNet / Dyn-Perceiver calibration (OPS.md section 3), the budget
+"""Exit thresholds for a compute budget: the MSDNet / Dyn-Perceiver calibration (docs/ops.md section 3), the budget
 proportions it is usually fed, and the expected cost of a budget.
 
 Typical use::
@@ -127,19 +127,6 @@ def calibrate_thresholds(exit_logits, proportions) -> torch.Tensor:
         left |= _passes(exit_logits[e], thresholds[e].item())
     thresholds[exits - 1] = -math.inf
     return thresholds
-
-
-def exits_taken(exit_logits, thresholds) -> torch.Tensor:
-    """(n,) int64: the exit each sample of `exit_logits` (E, n, classes) takes under max-softmax `thresholds` (E,),
-    decided by `exit_compact` (the runner's exit test)."""
-    if not isinstance(exit_logits, torch.Tensor):
-        exit_logits = torch.stack(list(exit_logits))
-    exits, n, classes = exit_logits.shape
-    t = torch.as_tensor(thresholds, dtype=torch.float64).reshape(exits).tolist()
-    passes = torch.ones(exits, n, dtype=torch.bool, device=exit_logits.device)
-    for e in range(exits - 1):
-        passes[e] = _passes(exit_logits[e], t[e])
-    return passes.to(torch.int64).argmax(0)
 
 
 def budget_proportions(num_exits: int, q: float) -> torch.Tensor:

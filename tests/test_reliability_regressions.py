@@ -86,13 +86,22 @@ def test_nan_gradients_are_nan_not_dropped():
 
 # ------------------------------------------------------------------------ 2. exit_scatter: torn rows, aliasing
 def test_exit_scatter_duplicates_never_tear_a_row_and_the_last_wins():
-    row = 1 << 20  # 4 MiB float32 rows: the parallel copies raced on such rows (50-77 of 100 calls torn)
-    values = torch.stack([torch.full((row,), 1.0), torch.full((row,), 2.0), torch.full((row,), 3.0)])
-    index = torch.tensor([1, 1, 0])
-    for _ in range(30):
-        out = torch.zeros(3, row)
-        lookfast.exit_scatter(out, index, values)
-        assert torch.equal(out[1], values[1]) and torch.equal(out[0], values[2]) and (out[2] == 0).all()
+    # 4 MiB float32 rows, each destination written twice, the two writes half the index apart: parallel_for hands
+    # the halves to different threads, which raced at 978b5a8 (50-77 of 100 calls left a torn row).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        row, dests = 1 << 20, 4
+        values = torch.arange(2 * dests, dtype=torch.float32)[:, None].expand(2 * dests, row).contiguous()
+        index = torch.arange(2 * dests) % dests  # 0 1 2 3 0 1 2 3: the second of each pair must win
+        for _ in range(20):
+            out = torch.full((dests + 1, row), -1.0)
+            lookfast.exit_scatter(out, index, values)
+            for r in range(dests):
+                assert torch.equal(out[r], values[dests + r]), f"row {r} is torn or lost the last write"
+            assert (out[dests] == -1).all()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_exit_scatter_duplicates_strided_path_last_wins():

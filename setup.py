@@ -92,7 +92,14 @@ setup(
     install_requires=["torch>=2.6", "numpy", "ninja"],
     extras_require={
         "triton": ["triton>=3.8"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "httpx"],
+        # `python -m lookfast infer` and lookfast.images: image decoding, Parquet output, the progress bar.
+        "infer": ["pillow", "pyarrow", "tqdm"],
+        # `python -m lookfast infer --ray`: the same job on Ray Data (lookfast.integrations.ray). Tested with 2.60
+        # (ActorPoolStrategy's max_concurrent_calls_per_actor and enable_true_multi_threading).
+        "ray": ["ray[data]>=2.60", "pillow", "pyarrow", "tqdm"],
+        # `python -m lookfast serve`: the HTTP server (lookfast.serving.server).
+        "serve": ["fastapi", "uvicorn", "python-multipart", "pillow"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

@@ -282,7 +282,8 @@ def _varlen_bwd_dq_kernel(
 
 
 def _launch(kernel):
-    # wrap_triton lets torch.compile trace the launch inside a torch.library.triton_op; in eager it just launches
+    # The ops at the end of this file are opaque custom_ops: torch.compile never traces in here, so wrap_triton just
+    # launches (as in eager). It stays so the launchers also work inside a traced triton_op.
     return torch.library.wrap_triton(kernel)
 
 

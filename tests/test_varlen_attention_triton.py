@@ -103,17 +103,33 @@ def test_head_dim_limit():
         vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, 2, 2, 0.5, False)
 
 
-# ---------------------------------------------------------------- the CUDA kernel's shared softmax math, on the host
+
+def test_triton_ops_registration(seed):
+    """lookfast::varlen_attention_fwd_triton / _bwd_triton (what CUDA tensors run with Triton) under the interpreter:
+    schema, fake kernels and autograd registration, as the library ops."""
+    q, k, v, cu_q, cu_k = make_case([3, 0, 5], [4, 2, 1], 2, 1, 8, 8, torch.float32, seed)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    args = (q, k, v, cu_q, cu_k, 5, 4, 0.3, True)
+    torch.library.opcheck(torch.ops.lookfast.varlen_attention_fwd_triton, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, lse = torch.ops.lookfast.varlen_attention_fwd_triton(*args)
+    torch.library.opcheck(torch.ops.lookfast.varlen_attention_bwd_triton,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k, 5,
+                           4, 0.3, True), test_utils=("test_schema", "test_faketensor"))
+
+# ---------------------------------------------------- the CUDA kernel's softmax steps and the shared mask rule, on the host
 
 _HEADER_CHECK = r"""
 #include <cstdio>
-#include "common/online_softmax.h"
+#include "common/varlen_attention.h"
+#include "cuda/online_softmax.cuh"
 namespace osm = lookfast::online_softmax;
+using lookfast::varlen::causal_key_end;
 int main() {
   // one query, scores in blocks of 3 (the first block fully masked), values v_j = j; causal bound 7 of 9 keys
   const double s[9] = {-1e300, -1e300, -1e300, 0.5, 2.0, -1.0, 3.0, 0.25, 9.0};
   const long lk = 9, lq = 4, i = 1;
-  const long visible = osm::visible_keys(i, lq, lk, true);  // i + lk - lq + 1 = 7
+  const long visible = causal_key_end(i, lq, lk, true);  // i + lk - lq + 1 = 7
   double m = osm::neg_inf<double>(), l = 0, acc = 0;
   for (int j0 = 0; j0 < 9; j0 += 3) {
     double sc[3], cmax = osm::neg_inf<double>();
@@ -131,7 +147,7 @@ int main() {
   }
   std::printf("%ld %.17g %.17g %.17g %.17g %ld %ld\n", visible, acc * osm::inv_sum(l), osm::log_sum_exp(m, l),
               osm::log_sum_exp(osm::neg_inf<double>(), 0.0), osm::inv_sum(0.0),
-              osm::visible_keys(0, 9, 3, true), osm::visible_keys(5, 2, 3, false));
+              causal_key_end(0, 9, 3, true), causal_key_end(5, 2, 3, false));
 }
 """
 

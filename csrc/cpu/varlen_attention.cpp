@@ -392,7 +392,7 @@ LF_INLINE void forward_tile(const Problem& pb, const acc_t* qt, const acc_t* kp,
       for (int64_t j = 0; j < nb; ++j) mx = vmax(mx, vload(st + j * VL));
     }
     mx = vmax(mx, m);
-    const V ms = mx == neg_inf ? V{} : mx;  // varlen::safe_max, lane-wise
+    const V ms = mx == neg_inf ? V{} : mx;  // a fully masked lane subtracts 0: exp2(-inf) stays 0, never NaN
     if (j0 > 0) {
       const V alpha = vexp2(m - ms);  // 0 where m was -inf (exp2 flushes), 1 where the max did not move
       l = l * alpha;

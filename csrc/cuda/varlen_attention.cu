@@ -5,7 +5,8 @@
 // warp shuffles. The other side (keys and values, or queries and output gradients) is staged tile by tile in shared
 // memory, converted to the accumulation type once, and read as warp broadcasts. Small key sets (Dyn-Perceiver z->x:
 // 16..256 keys of width 8..98) fit in one tile: K/V are loaded once per block and the queries stream past them.
-// Softmax is online (running max and sum in registers, shared with the CPU kernel via common/online_softmax.h).
+// Softmax is online (running max and sum in registers, cuda/online_softmax.cuh; the masking rule and conventions are
+// shared with the CPU kernel through common/varlen_attention.h).
 //
 // Backward (race-free, deterministic, no atomics): (1) the dq kernel, per query, also computes
 // delta = rowsum(dout * out) and stores it in an fp32/fp64 scratch (H, total_q); (2) the dk/dv kernel, per key,
@@ -34,7 +35,8 @@
 #include <tuple>
 #include <type_traits>
 
-#include "common/online_softmax.h"
+#include "common/varlen_attention.h"
+#include "cuda/online_softmax.cuh"
 
 namespace lookfast {
 namespace {
@@ -155,9 +157,9 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_fwd_kernel(
       acc[e] = 0;
     }
     acc_t m = osm::neg_inf<acc_t>(), l = 0;
-    const int64_t n_vis = valid ? osm::visible_keys(i, s.lq, s.lk, causal) : 0;
+    const int64_t n_vis = valid ? varlen::causal_key_end(i, s.lq, s.lk, causal) : 0;
     const int64_t last_q = (m0 + QPB < s.lq ? m0 + QPB : s.lq) - 1;
-    const int64_t n_end = osm::visible_keys(last_q, s.lq, s.lk, causal);
+    const int64_t n_end = varlen::causal_key_end(last_q, s.lq, s.lk, causal);
 
     for (int64_t n0 = 0; n0 < n_end; n0 += tile_n) {
       const int cnt = static_cast<int>(n_end - n0 < tile_n ? n_end - n0 : tile_n);
@@ -244,9 +246,9 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
 #pragma unroll
       for (int e = 0; e < DPT; ++e) gq[e] = 0;
       const acc_t row_lse = valid ? static_cast<acc_t>(lse[h * total_q + s.q0 + i]) : acc_t(0);
-      const int64_t n_vis = valid ? osm::visible_keys(i, s.lq, s.lk, causal) : 0;
+      const int64_t n_vis = valid ? varlen::causal_key_end(i, s.lq, s.lk, causal) : 0;
       const int64_t last_q = (m0 + QPB < s.lq ? m0 + QPB : s.lq) - 1;
-      const int64_t n_end = osm::visible_keys(last_q, s.lq, s.lk, causal);
+      const int64_t n_end = varlen::causal_key_end(last_q, s.lq, s.lk, causal);
       for (int64_t n0 = 0; n0 < n_end; n0 += tile_n) {
         const int cnt = static_cast<int>(n_end - n0 < tile_n ? n_end - n0 : tile_n);
         stage_kv_tile<DP>(ks, vs, k, v, s, n0, cnt, resident, staged, sk_t, kvh * sk_h, sv_t, kvh * sv_h, dk,

@@ -20,7 +20,7 @@ from .. import _backend
 from .._validate import (FLOAT_DTYPES, INT32_MAX, require_dim, require_dtype, require_int_range,
                          require_same_device, require_tensor)
 
-__all__ = ["varlen_attention", "cross_attention", "varlen_attention_reference"]
+__all__ = ["varlen_attention", "cross_attention", "varlen_attention_reference", "varlen_attention_fwd", "check_cu_seqlens"]
 
 _OP = "varlen_attention_fwd"
 
@@ -85,12 +85,19 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     softmax_scale = float(softmax_scale)
     if not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
-    if not torch.compiler.is_compiling() and (
-        q.device.type == "cpu" or _env_flag("LOOKFAST_CHECK_CU_SEQLENS")
-    ):
-        _check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
-        _check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     return softmax_scale
+
+
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q: int,
+                     max_seqlen_k: int) -> None:
+    """The values of cu_seqlens against the row counts and max lengths (ValueError naming the argument). Reads them on
+    the host: done for CPU tensors, and for CUDA tensors only with LOOKFAST_CHECK_CU_SEQLENS=1 (a device sync);
+    skipped while torch.compile traces. Callers running many attentions over one layout (a model's blocks) check once."""
+    if torch.compiler.is_compiling():
+        return
+    if cu_seqlens_q.device.type == "cpu" or _env_flag("LOOKFAST_CHECK_CU_SEQLENS"):
+        _check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
+        _check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k")
 
 
 def _env_flag(name: str) -> bool:
@@ -101,7 +108,7 @@ def _env_flag(name: str) -> bool:
 
 # --------------------------------------------------------------------------------------------- reference
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal=False):
-    """Pure-PyTorch oracle: per-sample softmax(q k^T * scale) v in float32 (float64 for float64 inputs).
+    """Pure-PyTorch reference: per-sample softmax(q k^T * scale) v in float32 (float64 for float64 inputs).
 
     Returns (out (total_q, H, Dv) in q's dtype, lse (H, total_q) float32). Differentiable through plain torch.
     Queries that see no key output exact zeros and lse = -inf (whatever v holds). NaN semantics are softmax's: a NaN
@@ -109,8 +116,7 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scal
     that see that key.
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    total_q, heads, _ = q.shape
-    kv_heads, dv = k.shape[1], v.shape[2]
+    heads, kv_heads, dv = q.shape[1], k.shape[1], v.shape[2]
     group = heads // kv_heads
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
@@ -134,8 +140,7 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scal
         lses.append(torch.where(empty[None, :], torch.full_like(lse, float("-inf")), lse))
     if not outs:
         return q.new_zeros(0, heads, dv), torch.zeros(heads, 0, dtype=torch.float32, device=q.device)
-    out = torch.cat(outs, 0) if outs else q.new_zeros(total_q, heads, dv)
-    return out.to(q.dtype), torch.cat(lses, 1).to(torch.float32)
+    return torch.cat(outs, 0).to(q.dtype), torch.cat(lses, 1).to(torch.float32)
 
 
 def _reference_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
@@ -228,11 +233,22 @@ def varlen_attention(
     call, so it is done only with LOOKFAST_CHECK_CU_SEQLENS=1 (the GPU kernels stay in bounds regardless).
     """
     scale = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
-    causal = bool(causal)
-    out, lse = _backend.call(_OP, q.device, _reference_fwd, q.contiguous(), k.contiguous(), v.contiguous(),
-                             cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, scale,
-                             causal)
+    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))
     return (out, lse) if return_lse else out
+
+
+def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                         softmax_scale: float, causal: bool):
+    """`varlen_attention` without the checks: the library op `lookfast::varlen_attention_fwd` (or its Triton twin, or
+    the reference, as lookfast._backend chooses) on validated arguments, returning (out, lse).
+
+    For callers that run many attentions over one layout and validated it once (the models' blocks, after
+    `check_cu_seqlens`): the arguments must satisfy `varlen_attention`'s contract, softmax_scale a float, causal a
+    bool. Differentiable like `varlen_attention`."""
+    return _backend.call(_OP, q.device, _reference_fwd, q.contiguous(), k.contiguous(), v.contiguous(),
+                         cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
+                         softmax_scale, causal)
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None):
@@ -287,5 +303,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_length
         keep = (torch.arange(len_k, device=q.device)[None, :] < lengths[:, None]).reshape(-1)
         k_packed = k.reshape(batch * len_k, k.shape[2], k.shape[3])[keep]
         v_packed = v.reshape(batch * len_k, v.shape[2], v.shape[3])[keep]
-    out = varlen_attention(q_packed, k_packed, v_packed, cu_q, cu_k, len_q, len_k)
+    scale = _validate(q_packed, k_packed, v_packed, cu_q, cu_k, len_q, len_k, None)
+    if kv_lengths is not None:  # without kv_lengths the offsets are multiples of the lengths: nothing to check
+        check_cu_seqlens(cu_q, cu_k, q_packed.shape[0], k_packed.shape[0], len_q, len_k)
+    out, _ = varlen_attention_fwd(q_packed, k_packed, v_packed, cu_q, cu_k, len_q, len_k, scale, False)
     return out.reshape(batch, len_q, heads, v.shape[3])

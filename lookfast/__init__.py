@@ -1,7 +1,8 @@
 """lookfast: kernels for sparse token compute in efficient vision models.
 
 Public ops (each validates its inputs and dispatches to the compiled library, Triton or the reference, see
-`lookfast._backend`): see `lookfast.ops` and the README. Importing lookfast never imports triton. Models live in `lookfast.models`.
+`lookfast._backend`): see `lookfast.ops` and the README. Importing lookfast never imports triton. Models live in
+`lookfast.models`.
 """
 from __future__ import annotations
 

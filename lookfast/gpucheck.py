@@ -7,7 +7,7 @@
    files, and every test run on the `backend` fixture's CUDA parameters (tests/conftest.py marks those gpu).
 3. Times the GPU benchmark rows in bf16 and fp16 with CUDA events (batches of calls between two events, median of
    the batches), after checking each lookfast backend against the first peer of its row:
-     A1, A2  Dyn-Perceiver cross attention (x->z and z->x shapes of BENCH.md): lookfast (CUDA C++, Triton) vs SDPA
+     A1, A2  Dyn-Perceiver cross attention (x->z, z->x shapes: docs/benchmarks.md): lookfast (CUDA C++, Triton) vs SDPA
              with the flash backend (`sdpa_kernel(SDPBackend.FLASH_ATTENTION)`) and SDPA's default choice; samples
              have equal lengths here, so padded SDPA is the plain batched call.
      A3      LookWhere extractor self-attention, ragged (16 images of 5 + k_i tokens, 12 heads, Dh 64): lookfast vs

@@ -48,8 +48,9 @@ def test_matches_float64_oracle(seed, grid, k):
         want = oracle(keep, values, grid, ln)
         # weights are float32 (as the official code): agreement to float32 rounding of the weights
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        # the reference's torch.sqrt can be one float32 ulp off the correctly rounded root the kernel takes
         ref = nearest_patch_fill_reference(keep, values, grid, ln)
-        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_ties_go_to_the_earlier_slot():

@@ -70,11 +70,14 @@ void fill_image(const int64_t* keep, const scalar_t* values, scalar_t* out, int6
         offer(nb, found, (dr * dr + dc * dc) * k + j);
       }
       float w[kMaxNeighbours];
-      float total = 0.f;
+      // The normaliser is summed in the order torch's CPU sum uses for a short row (4 interleaved partial sums,
+      // then left to right), so these weights equal the official formulation's bit for bit.
+      float part[4] = {0.f, 0.f, 0.f, 0.f};
       for (int64_t i = 0; i < found; ++i) {
         w[i] = 1.f / (std::sqrt(static_cast<float>(nb.key[i] / k)) + kEps);
-        total += w[i];
+        part[i % 4] += w[i];
       }
+      const float total = ((part[0] + part[1]) + part[2]) + part[3];
       acc_t* acc = line.data() + col * c;
       std::fill(acc, acc + c, acc_t(0));
       for (int64_t i = 0; i < found; ++i) {

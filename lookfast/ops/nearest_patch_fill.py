@@ -2,7 +2,8 @@
 inverse-distance-weighted mean of its K nearest kept patches (LookWhere's segmentation fill).
 
 Public: `nearest_patch_fill`. Library op (csrc/lookfast.cpp): `lookfast::nearest_patch_fill` (C++ CPU kernel in
-csrc/cpu/nearest_patch_fill.cpp); other devices and `LOOKFAST_BACKEND=reference` run `nearest_patch_fill_reference`.
+csrc/cpu/nearest_patch_fill.cpp); GPUs (a CPU-only op in `lookfast._backend.CPU_ONLY`) and `LOOKFAST_BACKEND=reference`
+run `nearest_patch_fill_reference`.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .. import _dispatch
+from .. import _backend
 from .._validate import FLOAT_DTYPES, require_dim, require_dtype, require_int, require_same_device, require_tensor
 
 __all__ = ["nearest_patch_fill", "nearest_patch_fill_reference", "nearest_kept"]
@@ -72,14 +73,6 @@ def nearest_patch_fill_reference(keep: torch.Tensor, values: torch.Tensor, grid:
 
 
 # ---------------------------------------------------------------------------------------------- library op plumbing
-def _library_has(name: str) -> bool:
-    try:
-        getattr(torch.ops.lookfast, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
 def _fake(keep, values, grid, lengths, neighbours):
     return values.new_empty((values.shape[0], values.shape[2], grid, grid))
 
@@ -108,9 +101,7 @@ def _backward(ctx, grad):
     return None, out.to(ctx.values_dtype), None, None, None
 
 
-if _library_has("nearest_patch_fill"):
-    torch.library.register_fake("lookfast::nearest_patch_fill")(_fake)
-    torch.library.register_autograd("lookfast::nearest_patch_fill", _backward, setup_context=_setup_context)
+_backend.register("nearest_patch_fill", _fake, _backward, _setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------- public
@@ -154,7 +145,5 @@ def nearest_patch_fill(keep: torch.Tensor, values: torch.Tensor, grid: int, leng
         if lengths.shape != (keep.shape[0],):
             raise ValueError(f"lengths must be (B,) = ({keep.shape[0]},), got shape {tuple(lengths.shape)}")
         lengths = lengths.to(torch.int64)
-    backend = _dispatch.backend_for("nearest_patch_fill", values.device)
-    if backend == _dispatch.CPP:
-        return torch.ops.lookfast.nearest_patch_fill(keep, values, grid, lengths, neighbours)
-    return nearest_patch_fill_reference(keep, values, grid, lengths, neighbours)
+    return _backend.call("nearest_patch_fill", values.device, nearest_patch_fill_reference, keep, values, grid,
+                         lengths, neighbours)

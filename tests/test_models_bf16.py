@@ -84,6 +84,7 @@ def test_dyn_perceiver_early_exit_and_calibration_bf16(seed):
     logits, exit_index = model.forward_early_exit(x, thresholds)
     assert logits.dtype == BF16
     assert torch.bincount(exit_index, minlength=4).tolist() == [3, 3, 3, 3]
+    assert model.exit_macs() == small_model(DP, ops="fused", seed=5).exit_macs()  # the MACs probe runs in bf16 too
     picked = full[exit_index, torch.arange(12)]
     assert rel_err(logits, picked.float()) <= 3e-2
 

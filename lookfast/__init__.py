@@ -39,6 +39,7 @@ from .early_exit import (  # noqa: E402
     exit_scatter,
     expected_cost,
 )
+from .memory import cpu_pool_cached_bytes, cpu_pool_empty_cache  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -53,4 +54,6 @@ __all__ = [
     "calibrate_thresholds",
     "budget_proportions",
     "expected_cost",
+    "cpu_pool_empty_cache",
+    "cpu_pool_cached_bytes",
 ]

@@ -2,7 +2,8 @@
 the pytest-benchmark suites and `python -m lookfast bench` time the same callables (no copied setup code).
 
 A suite file needs only:  def bench_<op>(benchmark, case_impl): case_impl(benchmark)
-`LOOKFAST_BENCH_QUICK=0` adds the cases `--quick` leaves out.
+`LOOKFAST_BENCH_QUICK=0` adds the cases `--quick` leaves out. `LOOKFAST_BENCH_DTYPE=float32|bfloat16|all` picks the
+precision variants as `--dtype` does (default: bf16 where the CPU has AMX or AVX512-BF16, else float32).
 """
 import importlib
 import os
@@ -15,7 +16,13 @@ def _cases_for(path: str):
     op = os.path.splitext(os.path.basename(path))[0]
     module = importlib.import_module(f"lookfast.benchmarks.cases.{op}")
     quick = os.environ.get("LOOKFAST_BENCH_QUICK", "1") == "1"
-    return [c for c in module.cases() if c.quick or not quick]
+    from lookfast.benchmarks import ceilings
+    from lookfast.benchmarks.case import DTYPE_NAMES
+
+    choice = os.environ.get("LOOKFAST_BENCH_DTYPE", "")
+    dtypes = (list(DTYPE_NAMES.values()) if choice == "all" else [DTYPE_NAMES[choice]] if choice
+              else ceilings.default_dtypes())
+    return [c for c in module.cases() if (c.quick or not quick) and (c.dtype is None or c.dtype in dtypes)]
 
 
 _current: dict = {}

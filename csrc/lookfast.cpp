@@ -43,5 +43,11 @@ TORCH_LIBRARY(lookfast, m) {
   // In place: out[batch_index[j]] = values[j].
   m.def("exit_scatter(Tensor(a!) out, Tensor batch_index, Tensor values) -> ()");
 
+  // ---------------------------------------------------------------- nearest_patch_fill (lookfast/ops/nearest_patch_fill.py)
+  // Every cell of a grid x grid map: the inverse-distance-weighted mean of the values of its `neighbours` nearest kept
+  // patches (keep (B, k) int64 ids in row-major grid order, values (B, k, C); lengths (B,) int64 valid counts or None).
+  // Returns (B, C, grid, grid) in values' dtype, accumulated in fp32 (fp64 for fp64). Ties go to the earlier slot.
+  m.def("nearest_patch_fill(Tensor keep, Tensor values, int grid, Tensor? lengths, int neighbours) -> Tensor");
+
   // ---------------------------------------------------------------- end of schemas
 }

@@ -31,6 +31,7 @@ _alias_source_kernels()
 from . import _backend  # noqa: E402  (loads the compiled library before the ops register fake kernels and autograd)
 from .ops.topk_patch_gather import topk_indices, topk_patch_gather  # noqa: E402
 from .ops.varlen_attention import cross_attention, varlen_attention  # noqa: E402
+from .ops.nearest_patch_fill import nearest_patch_fill  # noqa: E402
 from .early_exit import (  # noqa: E402
     EarlyExitRunner,
     budget_proportions,
@@ -47,6 +48,7 @@ __all__ = [
     "topk_patch_gather",
     "varlen_attention",
     "cross_attention",
+    "nearest_patch_fill",
     "exit_compact",
     "exit_scatter",
     "EarlyExitRunner",

@@ -25,6 +25,9 @@ def _info() -> int:
             keys = [k for k in ("CPU", "CUDA") if _backend.has_kernel(op, k)]
             print(f"  lookfast::{op}: library {', '.join(keys) or 'missing'}; "
                   f"CPU tensors run {_backend.backend_for(op, torch.device('cpu'))}")
+        if all(op in _backend.CPU_ONLY for op in ops):
+            print("  CPU-only: GPU tensors run the pure-PyTorch reference")
+            continue
         print(f"  Triton ops (lookfast::<op>_triton, lookfast.kernels.{family}): "
               f"{'loaded on first GPU use' if triton else 'unavailable (triton not installed)'}")
     return 0

@@ -37,7 +37,11 @@ FAMILIES = {
     "topk_patch_gather": ("topk_indices", "patch_gather_embed", "patch_gather_embed_backward"),
     "varlen_attention": ("varlen_attention_fwd", "varlen_attention_bwd"),
     "exit_compact": ("exit_confidence_mask", "compact_rows", "compact_rows_backward", "exit_scatter"),
+    "nearest_patch_fill": ("nearest_patch_fill",),
 }
+# Library ops with a CPU kernel only: on a GPU their reference (a few batched torch ops, GPU-friendly) runs, with no
+# warning and no Triton lookup; check_cuda_build does not ask them for a CUDA kernel.
+CPU_ONLY = frozenset({"nearest_patch_fill"})
 _FAMILY_OF = {op: family for family, ops in FAMILIES.items() for op in ops}
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -210,7 +214,7 @@ def backend_for(op: str, device: torch.device) -> str:
                                "running the pure-PyTorch reference, which can be much slower")
         return REFERENCE
     if device.type == "cuda":
-        return _gpu_backend(op)
+        return REFERENCE if op in CPU_ONLY else _gpu_backend(op)
     warn_once(f"{device.type}:{op}", f"lookfast: no kernel for device type {device.type!r}; using the reference")
     return REFERENCE
 

@@ -237,6 +237,120 @@ def _reference_public(images, scores, counts, p, weight, bias, pos):
     return idx, patch_gather_embed_reference(images, idx, cu, p, weight, bias, pos), cu
 
 
+# ---------------------------------------------------------------------------- bf16 / fp16: the accuracy rule, autocast
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _low_problem(dtype, layout, seed_offset=0):
+    """Realistic widths (K = 3*14*14 = 588 products per token, D 96), ragged counts with 0 and 1, a non-trivial
+    image layout; the float64 copies hold exactly the low-precision values (the truth sees the same inputs)."""
+    pb = make_problem(b=4, c=3, gh=4, gw=6, p=14, d=96, dtype=dtype, layout=layout)
+    pb["scores"] = torch.randn(4, pb["g"])
+    pb["counts"] = torch.tensor([5, 0, 1, pb["g"]])
+    return pb
+
+
+def _torch_tokens(images, weight, bias, pos, idx, cu, p):
+    """Plain PyTorch in the inputs' dtype, what a user writes: unfold every patch, gather, F.linear, + positions."""
+    b, c = images.shape[:2]
+    patches = F.unfold(images, p, stride=p).transpose(1, 2)  # (B, G, C*p*p)
+    image_of_row = torch.repeat_interleave(torch.arange(b), (cu[1:] - cu[:-1]).long(), output_size=idx.shape[0])
+    rows = patches[image_of_row, idx]
+    return F.linear(rows, weight.reshape(weight.shape[0], -1), bias) + pos[idx]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
+def test_low_precision_forward_rule(seed, dtype, layout):
+    """Error vs float64 math at most 2x torch's own in the same dtype; and every token rounded once: the fp32
+    accumulation of bias + positions + products, rounded to `dtype`, agrees with the rounded float64 truth except
+    where the truth sits within fp32 noise of a rounding boundary (two roundings would disagree on ~1/4 of them)."""
+    pb = _low_problem(dtype, layout)
+    p = pb["p"]
+    idx, tokens, cu = lookfast.topk_patch_gather(pb["images"], pb["scores"], pb["counts"], p, pb["weight"],
+                                                 pb["bias"], pb["pos"])
+    assert tokens.dtype == dtype and tokens.shape == (int(pb["counts"].sum()), 96)
+    truth = patch_gather_embed_reference(pb["images"].double(), idx, cu, p, pb["weight"].double(),
+                                         pb["bias"].double(), pb["pos"].double())
+    plain = _torch_tokens(pb["images"], pb["weight"], pb["bias"], pb["pos"], idx, cu, p)
+    ours_err, torch_err = rel_err(tokens, truth), rel_err(plain, truth)
+    assert ours_err <= 2 * torch_err, (ours_err, torch_err)
+    mismatch = (tokens != truth.to(dtype)).double().mean().item()
+    assert mismatch <= 0.02, mismatch
+    # no bias / no positions / neither: the same one-rounding path
+    for bias, pos in ((None, pb["pos"]), (pb["bias"], None), (None, None)):
+        _, t2, _ = lookfast.topk_patch_gather(pb["images"], pb["scores"], pb["counts"], p, pb["weight"], bias, pos)
+        want = patch_gather_embed_reference(pb["images"].double(), idx, cu, p, pb["weight"].double(),
+                                            None if bias is None else bias.double(),
+                                            None if pos is None else pos.double())
+        assert (t2 != want.to(dtype)).double().mean().item() <= 0.02
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_backward_rule(seed, dtype):
+    """Gradients vs float64 math at most 3x torch's own (unfold + linear + positions) in the same dtype. Positions
+    shared by several images accumulate in fp32 (rounded once)."""
+    pb = _low_problem(dtype, "channels_last")
+    p = pb["p"]
+    # every image keeps the same first patches, so position rows are shared by 3 images
+    scores = torch.arange(pb["g"], 0, -1, dtype=torch.float32).repeat(4, 1)
+    counts = torch.tensor([7, 0, 7, 7])
+    grads = {}
+    for name in ("ours", "torch", "truth"):
+        cast = (lambda t: t.detach().double()) if name == "truth" else (lambda t: t.detach().clone())
+        leaves = [cast(pb[key]).requires_grad_() for key in ("images", "weight", "bias", "pos")]
+        if name == "ours":
+            _, tokens, _ = lookfast.topk_patch_gather(leaves[0], scores, counts, p, *leaves[1:])
+        else:
+            idx, cu = packed_layout(topk_indices_reference(scores, 7), counts.tolist())
+            tokens = _torch_tokens(*leaves, idx, cu, p)
+        g = torch.Generator().manual_seed(seed)
+        tokens.backward(torch.randn(tokens.shape, generator=g).to(dtype).to(tokens.dtype))
+        grads[name] = [t.grad for t in leaves]
+    for label, ours, plain, truth in zip(("images", "weight", "bias", "pos"), grads["ours"], grads["torch"],
+                                         grads["truth"]):
+        assert ours.dtype == dtype
+        assert rel_err(ours, truth) <= 3 * rel_err(plain, truth) + 1e-6, label
+
+
+def test_autocast_runs_the_embedding_in_the_autocast_dtype(seed):
+    """Under torch.autocast the op behaves as nn.Linear: float32 inputs run in bf16 (the same result as casting
+    them by hand), gradients reach the float32 leaves in float32; raw patches stay in the images' dtype."""
+    pb = _low_problem(torch.float32, "contiguous")
+    leaves = [pb[key].detach().clone().requires_grad_() for key in ("images", "weight", "bias", "pos")]
+    with torch.autocast("cpu", torch.bfloat16):
+        idx, tokens = lookfast.topk_patch_gather(leaves[0], pb["scores"], 5, pb["p"], *leaves[1:])
+        _, raw = lookfast.topk_patch_gather(leaves[0], pb["scores"], 5, pb["p"])
+    assert tokens.dtype == torch.bfloat16 and raw.dtype == torch.float32
+    cast = [t.detach().to(torch.bfloat16) for t in leaves]
+    _, want = lookfast.topk_patch_gather(cast[0], pb["scores"], 5, pb["p"], *cast[1:])
+    assert torch.equal(tokens, want)
+    tokens.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_opcheck_and_compile_low_precision(seed, dtype):
+    pb = make_problem(b=2, gh=3, gw=5, p=4, d=16, dtype=dtype)
+    s = torch.randn(2, pb["g"])
+    idx = torch.ops.lookfast.topk_indices(s, 4).reshape(-1)
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32)
+    args = (pb["images"], idx, cu, pb["p"], pb["weight"], pb["bias"], pb["pos"])
+    torch.library.opcheck(torch.ops.lookfast.patch_gather_embed, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    grad = torch.randn(8, 16).to(dtype)
+    torch.library.opcheck(torch.ops.lookfast.patch_gather_embed_backward,
+                          (grad, pb["images"], idx, cu, pb["p"], pb["weight"], pb["pos"], [True, True, True, True]))
+
+    def f(images, weight, bias, pos):
+        with torch.autocast("cpu", torch.bfloat16):
+            return lookfast.topk_patch_gather(images, s, 5, 4, weight, bias, pos)[1] * 2
+
+    f32 = [pb[key].float() for key in ("images", "weight", "bias", "pos")]
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(*f32), f(*f32))
+
+
 # -------------------------------------------------------------------------------------------------- opcheck, compile
 def test_opcheck_cpp_ops(seed):
     pb = _grad_inputs()

@@ -6,6 +6,8 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/index_add.h>
+#include <ATen/ops/_to_copy.h>
 #include <c10/util/Exception.h>
 
 #include <array>
@@ -100,9 +102,12 @@ inline void embedding_param_grads(const at::Tensor& grad, const at::Tensor& idx,
   if (mask[1]) grad_weight = at::mm(grad.t(), gather_patches()).view(weight->sizes());
   if (mask[2]) grad_bias = grad.sum(0);
   if (mask[3] && pos_embed.has_value()) {
-    // Images share position rows: index_add_ accumulates them (serially on the CPU, with atomics on CUDA).
-    grad_pos = at::zeros({g.num_patches, g.embed_dim}, grad.options());
-    if (g.rows > 0) grad_pos.index_add_(0, idx, grad);
+    // Images share position rows: index_add_ accumulates them (serially on the CPU, with atomics on CUDA). In
+    // bf16/fp16 the sums run in fp32 and are rounded once: rows of B images would otherwise round B - 1 times.
+    const bool reduced = grad.scalar_type() == at::kBFloat16 || grad.scalar_type() == at::kHalf;
+    grad_pos = at::zeros({g.num_patches, g.embed_dim}, grad.options().dtype(reduced ? at::kFloat : grad.scalar_type()));
+    if (g.rows > 0) grad_pos.index_add_(0, idx, reduced ? grad.to(at::kFloat) : grad);
+    if (reduced) grad_pos = grad_pos.to(grad.scalar_type());
   }
 }
 

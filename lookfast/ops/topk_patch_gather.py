@@ -185,6 +185,8 @@ def topk_patch_gather(images: torch.Tensor, scores: torch.Tensor, k: Union[int, 
     k:          int in 0..Gh*Gw, or a (B,) int32/int64 tensor of per-image counts (ragged).
     patch_size: p.
     weight:     (D, C, p, p) patch-embedding conv weight, images' dtype; None -> raw pixel patches.
+                Under torch.autocast (CPU or CUDA) images, weight, bias and pos_embed run in the autocast dtype, as
+                nn.Linear does (float32 inputs are cast); raw patches stay in the images' dtype.
     bias:       (D,) or None (needs weight).
     pos_embed:  (Gh*Gw, D) or (1, Gh*Gw, D) or None (needs weight); row idx is added to the token of patch idx.
 
@@ -192,10 +194,17 @@ def topk_patch_gather(images: torch.Tensor, scores: torch.Tensor, k: Union[int, 
     (B, k, D) = conv2d(images, weight, bias, stride=p) at those patches + pos_embed[indices], or (B, k, C*p*p) raw
     patches in (C, p, p) order without weight. For a k tensor: indices (total,), tokens (total, D or C*p*p) packed
     image after image, and cu_seqlens (B+1,) int32. Gradients flow to images, weight, bias and pos_embed.
+
+    Precision: float64 and float32 compute in their own dtype. bfloat16/float16: the gather copies the stored
+    values; the embedding GEMM multiplies the low-precision operands on the CPU's matrix engine (AMX or
+    AVX512-BF16 through oneDNN where present) with fp32 accumulation; bias and positions are added in fp32 and each
+    token is rounded once to the output dtype. The backward accumulates in fp32 as well (weight/bias/positions
+    gradients rounded once).
     """
     require_tensor("images", images)
     require_dim("images", images, 4, "(B, C, H, W)")
     require_dtype("images", images, FLOAT_DTYPES)
+    images, weight, bias, pos_embed = _autocast(images, weight, bias, pos_embed)
     patch_size = require_int("patch_size", patch_size)
     if patch_size <= 0:
         raise ValueError(f"patch_size must be positive, got {patch_size}")
@@ -219,6 +228,25 @@ def topk_patch_gather(images: torch.Tensor, scores: torch.Tensor, k: Union[int, 
     cu_seqlens = torch.arange(b + 1, dtype=torch.int32, device=images.device) * k
     tokens = _gather(images, order.reshape(-1), cu_seqlens, patch_size, weight, bias, pos2d)
     return order, tokens.reshape(b, k, tokens.shape[-1])
+
+
+def _autocast(images, weight, bias, pos_embed):
+    """Under torch.autocast the embedding behaves as nn.Linear / conv2d do there: images, weight, bias and
+    pos_embed run in the autocast dtype (float32 and float64 tensors are cast; the others are left as given and
+    then must match). Raw patches (no weight) are a gather, which autocast leaves in the input dtype."""
+    if weight is None:
+        return images, weight, bias, pos_embed
+    device = images.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return images, weight, bias, pos_embed
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        if t is None or not isinstance(t, torch.Tensor) or t.device.type != device:
+            return t
+        return t.to(dtype) if t.dtype in (torch.float32, torch.float64) else t
+
+    return cast(images), cast(weight), cast(bias), cast(pos_embed)
 
 
 def _check_embedding(images, p, num_patches, weight, bias, pos_embed) -> Optional[torch.Tensor]:

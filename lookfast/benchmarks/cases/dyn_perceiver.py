@@ -9,12 +9,16 @@ budget (`budget_proportions(4, 0.5)`: 53/27/13/7 %). Cases:
   model. The bar: early-exit time / full time <= 1.1 x the MACs ratio, where the MACs ratio is the counted MACs of
   the exits the benchmark batch actually took (`exit_macs`) over the full model's MACs. The official code's ratio is
   1.0 whatever the exits, since it runs everything and picks exits afterwards ("official (full model, pick exits)").
+
+bf16 variants (ids ending in -bf16): M1-full-bf16 times lookfast fused with bf16 weights against the official
+computation in bf16 both ways (weights cast; float32 weights under `torch.autocast("cpu", torch.bfloat16)`), bar
+>= 2x each; M1-ee*-bf16 run the early-exit cases with bf16 weights (calibration on bf16 logits), same MACs bar.
 """
 from __future__ import annotations
 
 import torch
 
-from ..case import Case
+from ..case import Case, dtype_variants
 
 NAME = "reg800m_perceiver_t128"
 SIZE = 224
@@ -22,15 +26,40 @@ BUDGETS = {"ee25": ("25/25/25/25 %", [0.25, 0.25, 0.25, 0.25]), "eeB": ("budget 
 FULL, OFFICIAL = "full model (fused ops)", "official (full model, pick exits)"
 
 
-def _model(ops: str):
+def _model(ops: str, dtype: torch.dtype = torch.float32):
     from lookfast.models import dyn_perceiver as dp
 
     torch.manual_seed(0)  # same random weights for every instance; timing does not depend on their values
-    return dp.build(NAME, ops=ops)
+    return dp.build(NAME, ops=ops).eval().to(dtype)
 
 
-def _images(batch: int, seed: int) -> torch.Tensor:
-    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+def _images(batch: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _full_case_bf16(batch: int, quick: bool) -> Case:
+    bf16 = torch.bfloat16
+
+    def setup():
+        fused, ref = _model("fused", bf16), _model("reference", bf16)
+        fused32, ref32 = _model("fused"), _model("reference")
+        x32 = _images(batch, 1)
+        x = x32.to(bf16)
+
+        def run(m, images, autocast=False):
+            def fn():
+                with torch.no_grad(), torch.autocast("cpu", bf16, enabled=autocast):
+                    return m(images)
+            return fn
+
+        return {"lookfast fused (bf16 weights)": run(fused, x),
+                "official bf16 (cast weights)": run(ref, x),
+                "official bf16 (autocast)": run(ref32, x32, True),
+                "lookfast fused (autocast)": run(fused32, x32, True)}
+
+    return Case(id="M1-full", op="dyn_perceiver", shape=f"{NAME} B {batch} {SIZE}px, full model, bf16", setup=setup,
+                bars={"official bf16 (cast weights)": 2.0, "official bf16 (autocast)": 2.0},
+                quick=quick, multi_thread=False, turns=3)
 
 
 def _full_case(batch: int, quick: bool) -> Case:
@@ -50,7 +79,7 @@ def _full_case(batch: int, quick: bool) -> Case:
                 quick=quick, multi_thread=False, turns=3)
 
 
-def _ee_case(key: str, batch: int, calib: int, quick: bool) -> Case:
+def _ee_case(key: str, batch: int, calib: int, quick: bool, dtype: torch.dtype = torch.float32) -> Case:
     label, proportions = BUDGETS[key]
     box: dict = {}
     bars: dict[str, float] = {}
@@ -58,9 +87,9 @@ def _ee_case(key: str, batch: int, calib: int, quick: bool) -> Case:
     def setup():
         import lookfast
 
-        m, ref = _model("fused"), _model("reference")
-        x = _images(batch, 1)
-        xc = x if calib == batch else _images(calib, 2)
+        m, ref = _model("fused", dtype), _model("reference", dtype)
+        x = _images(batch, 1, dtype)
+        xc = x if calib == batch else _images(calib, 2, dtype)
         with torch.no_grad():
             calib_logits = torch.stack(m(xc))
         p = proportions if proportions is not None else lookfast.budget_proportions(4, 0.5).tolist()
@@ -106,13 +135,15 @@ def _ee_case(key: str, batch: int, calib: int, quick: bool) -> Case:
         return [f"exits taken {taken} %: time ratio {r:.3f} vs MACs ratio {box['macs_ratio']:.3f} "
                 f"(bar: <= {1.1 * box['macs_ratio']:.3f}, {verdict})"]
 
-    return Case(id=f"M1-{key}", op="dyn_perceiver", shape=f"{NAME} B {batch} {SIZE}px, early exit {label}",
+    suffix = "" if dtype == torch.float32 else f", {str(dtype).replace('torch.', '')}"
+    return Case(id=f"M1-{key}", op="dyn_perceiver", shape=f"{NAME} B {batch} {SIZE}px, early exit {label}{suffix}",
                 setup=setup, bars=bars, quick=quick, multi_thread=False, summarize=summarize, turns=3)
 
 
 def cases() -> list[Case]:
     out = []
     for batch, calib, quick in ((8, 8, True), (64, 64, False)):
-        out.append(_full_case(batch, quick))
-        out += [_ee_case(key, batch, calib, quick) for key in BUDGETS]
+        out += dtype_variants(lambda dt: _full_case(batch, quick) if dt == torch.float32 else _full_case_bf16(batch, quick))
+        out += [case for key in BUDGETS
+                for case in dtype_variants(lambda dt: _ee_case(key, batch, calib, quick, dt))]
     return out

@@ -3,12 +3,20 @@
 lookfast's fused ops against the same model with reference ops (the official computation: embed every patch,
 gather, dense sort for the fill), and at 1036 px the full-resolution ViT-B/14 (same extractor, all 5476 patches),
 whose time ratio is reported beside its MACs ratio.
+
+bf16 variants (ids ending in -bf16) at 1036 px, k 274, B 1, cls and seg: lookfast fused with bf16 weights against
+the official computation in bf16 both ways a user would run it (weights cast to bf16; float32 weights under
+`torch.autocast("cpu", torch.bfloat16)`) and the same under `torch.compile` with `freezing` on (inductor folds the
+weights as constants, its best inference mode). Bars: >= 2x the official bf16 (each way, so >= 2x the faster) and
+>= 1.3x the compiled one; a note gives the extractor's achieved GFLOP/s (its 12 blocks on the packed tokens, timed
+alone) against the bf16 matrix-multiply ceiling (bar: >= 50%).
 """
 from __future__ import annotations
 
 import torch
 
-from ..case import Case
+from .. import ceilings
+from ..case import Case, dtype_variants
 
 PATCH, DIM, HIDDEN, DEPTH, PREFIX = 14, 768, 3072, 12, 5
 SELECTOR_TOKENS, SELECTOR_DEPTH = 121, 3
@@ -103,11 +111,131 @@ def _case(size: int, batch: int, k: int, task: str, quick: bool, full_vit: bool 
     )
 
 
+OURS_BF16 = "lookfast fused (bf16 weights)"
+EXTRACTOR_BF16 = "lookfast extractor only (bf16)"
+
+
+def extractor_macs(k: int, task: str) -> int:
+    """Multiply-accumulates of the extractor's blocks alone (the part that runs on the matrix engine)."""
+    return _blocks_macs(PREFIX + k, DEPTH, query_tokens_last=1 if task == "cls" else None)
+
+
+def _setup_bf16(size: int, k: int, task: str, with_compile: bool):
+    def build():
+        import copy
+
+        from lookfast.models.lookwhere import LookWhere
+
+        torch.manual_seed(0)
+        model32 = LookWhere.from_config(high_res_size=size, k=k, num_classes=1000 if task == "cls" else 150,
+                                        task=task).eval()
+        model16 = copy.deepcopy(model32).to(torch.bfloat16)
+        images = torch.randn(1, 3, size, size)
+        images16 = images.to(torch.bfloat16)
+
+        def run(model, ops, x, autocast=False):
+            def call():
+                model.ops = ops
+                with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                    return model(x)
+            return call
+
+        impls = {
+            OURS_BF16: run(model16, "fused", images16),
+            "official bf16 (cast weights)": run(model16, "reference", images16),
+            "official bf16 (autocast)": run(model32, "reference", images, autocast=True),
+            "lookfast fused (autocast)": run(model32, "fused", images, autocast=True),
+        }
+        ext = model16.extractor
+        with torch.inference_mode():
+            scores, prefix = model16.selector(images16, model16.grid)
+            _, tokens = __import__("lookfast").topk_patch_gather(images16, scores, k, PATCH,
+                                                                 ext.patch_embed.proj.weight,
+                                                                 ext.patch_embed.proj.bias, ext.pos_embed)
+        length = PREFIX + k
+        x0 = torch.cat([prefix, tokens], dim=1).reshape(length, DIM)
+        cu = torch.tensor([0, length], dtype=torch.int32)
+
+        def extractor():
+            with torch.inference_mode():
+                x = x0
+                for block in ext.blocks[:-1]:
+                    x = block.forward_packed(x, cu, length)
+                return ext.blocks[-1].forward_packed(x, cu, length, query_rows=cu[:1].long() if task == "cls" else None)
+
+        impls[EXTRACTOR_BF16] = extractor
+        if with_compile:
+            import torch._inductor.config as inductor_config
+
+            ref_cast, ref_auto = copy.deepcopy(model16), copy.deepcopy(model32)
+            ref_cast.ops = ref_auto.ops = "reference"
+            compiled_cast, compiled_auto = torch.compile(ref_cast), torch.compile(ref_auto)
+
+            def run_compiled(fn, x, autocast):
+                def call():
+                    with inductor_config.patch(freezing=True), torch.no_grad(), \
+                            torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                        return fn(x)
+                return call
+
+            impls["official bf16 cast, torch.compile (freezing)"] = run_compiled(compiled_cast, images16, False)
+            impls["official autocast, torch.compile (freezing)"] = run_compiled(compiled_auto, images, True)
+        return impls
+
+    return build
+
+
+def _summary_bf16(k: int, task: str):
+    def summarize(times: dict[str, float]) -> list[str]:
+        notes = []
+        ext = times.get(EXTRACTOR_BF16)
+        if ext:
+            ceiling = ceilings.matmul_gflops(1024, 0.2, torch.bfloat16)
+            rate = 2 * extractor_macs(k, task) / ext / 1e9
+            notes.append(f"extractor: {rate:.1f} GFLOP/s = {100 * rate / ceiling:.0f}% of the bf16 mm ceiling "
+                         f"{ceiling:.1f} GFLOP/s (bar: >= 50%, {'met' if rate >= 0.5 * ceiling else 'NOT met'})")
+        official = [times[n] for n in ("official bf16 (cast weights)", "official bf16 (autocast)") if n in times]
+        if official and times.get(OURS_BF16):
+            notes.append(f"lookfast bf16 vs the faster official bf16: {min(official) / times[OURS_BF16]:.2f}x "
+                         "(bar >= 2x)")
+        return notes
+
+    return summarize
+
+
+def _case_bf16(size: int, k: int, task: str, quick: bool, with_compile: bool) -> Case:
+    bars = {"official bf16 (cast weights)": 2.0, "official bf16 (autocast)": 2.0}
+    if with_compile:
+        bars.update({"official bf16 cast, torch.compile (freezing)": 1.3,
+                     "official autocast, torch.compile (freezing)": 1.3})
+    return Case(
+        id=f"M2-{task}{size}",
+        op="lookwhere",
+        shape=f"dinov2 {task} {size}px B1 k{k} bf16",
+        setup=_setup_bf16(size, k, task, with_compile),
+        flops=2 * lookwhere_macs(size, k, task),
+        bars=bars,
+        quick=quick,
+        multi_thread=False,
+        summarize=_summary_bf16(k, task),
+        turns=3,
+    )
+
+
+def _variants(size: int, k: int, task: str, quick: bool, full_vit: bool = False, with_compile: bool = True):
+    """float32: the original case; bfloat16: the bf16 peers above."""
+    def make(dtype):
+        if dtype == torch.float32:
+            return _case(size, 1, k, task, quick=quick, full_vit=full_vit)
+        return _case_bf16(size, k, task, quick=quick, with_compile=with_compile)
+    return dtype_variants(make)
+
+
 def cases() -> list[Case]:
     return [
         _case(518, 1, 136, "cls", quick=True),
-        _case(1036, 1, 274, "cls", quick=False, full_vit=True),
-        _case(1036, 1, 274, "seg", quick=False),
+        *_variants(1036, 274, "cls", quick=False, full_vit=True),
+        *_variants(1036, 274, "seg", quick=False),
         _case(518, 8, 136, "cls", quick=False),
         _case(518, 8, 136, "seg", quick=False),
     ]

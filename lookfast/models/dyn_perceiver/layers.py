@@ -22,11 +22,16 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) ->
     the same affine map, without a separate pass over the output."""
     if not fold or bn.training:
         return bn(conv(x))
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
+    # The fold runs in float32 (float64 stays) and is rounded once to the weights' dtype: a bf16 model's folded
+    # weights then carry one rounding, as its stored ones do (a bf16 fold would round at every step).
+    dt = conv.weight.dtype
+    f32 = (lambda t: t) if dt == torch.float64 else (lambda t: t.float())
+    scale = f32(bn.weight) * torch.rsqrt(f32(bn.running_var) + bn.eps)
+    shift = f32(bn.bias) - f32(bn.running_mean) * scale
     if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    weight = conv.weight * scale.view(-1, 1, 1, 1)
+        shift = shift + f32(conv.bias) * scale
+    weight = (f32(conv.weight) * scale.view(-1, 1, 1, 1)).to(dt)
+    shift = shift.to(dt)
     if conv.kernel_size == (1, 1) and conv.groups == 1 and x.is_contiguous(memory_format=torch.channels_last):
         return pointwise_conv(x, weight, shift, conv.stride)
     return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -49,8 +49,8 @@ def exit_macs(model, input_size: int | None = None) -> list[int]:
     model.eval()
     model.set_ops("reference")  # count the module-by-module path (fused blocks bypass the Linear / Conv modules)
     try:
-        device = next(model.parameters()).device
-        images = torch.zeros(1, 3, size, size, device=device)
+        param = next(model.parameters())  # the probe image in the model's device and dtype (a bf16 model too)
+        images = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
         cumulative = []
         x, z, y1 = model.forward_exit1(images)
         cumulative.append(total[0])

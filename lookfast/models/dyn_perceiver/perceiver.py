@@ -21,6 +21,10 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     if fused:
         import lookfast
 
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            # Under autocast the projections run in the autocast dtype but a float32 key bias promotes k back to
+            # float32; the attention then runs in the projections' dtype, as SDPA does under autocast.
+            k, v = k.to(q.dtype), v.to(q.dtype)
         return lookfast.cross_attention(q, k, v).reshape(b, lq, -1)
     scale = q.shape[-1] ** -0.5
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

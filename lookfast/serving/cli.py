@@ -5,6 +5,10 @@ import argparse
 import sys
 import warnings
 
+RANDOM_WEIGHTS_WARNING = (
+    "RANDOM WEIGHTS: the model was built with random weights (--random-weights), its predictions are meaningless. "
+    "Give --checkpoint PATH to serve a trained model.")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="FAMILY:NAME",
@@ -12,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="official checkpoint file of the model")
     p.add_argument("--random-weights", action="store_true",
                    help="no checkpoint: random weights, for trying the server out (predictions are meaningless)")
-    p.add_argument("--seed", type=int, help="with --random-weights: seed torch's generator first (reproducible weights)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="with --random-weights: the seed of the weights (default 0; the same seed builds the same "
+                        "weights in every process)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--ops", choices=("fused", "reference"), default="fused", help="model implementation")
@@ -42,30 +48,33 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from ..images import transform_for
+    from ..models.spec import ModelSpec, split_model_name
     from .engine import Engine
-    from .model_spec import RANDOM_WEIGHTS_WARNING, load_model, parse_model_spec
 
     try:
-        family, name = parse_model_spec(args.model)
+        if (args.checkpoint is None) == (not args.random_weights):
+            raise ValueError("give either --checkpoint PATH or --random-weights (exactly one)")
+        family, _ = split_model_name(args.model)
         if family == "dyn_perceiver":
             for flag in ("k", "k_mass", "k_max", "max_tokens"):
                 if getattr(args, flag) is not None:
                     raise ValueError(f"--{flag.replace('_', '-')} applies to lookwhere models, not {args.model}")
         elif args.thresholds is not None:
             raise ValueError(f"--thresholds applies to dyn_perceiver models, not {args.model}")
+        options = {"ops": args.ops}
+        if family == "lookwhere":
+            options.update(high_res_size=args.high_res_size, k=args.k if args.k is not None else 136,
+                           num_classes=args.num_classes)
+        spec = ModelSpec.parse(args.model, args.checkpoint, args.random_weights, options, seed=args.seed)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         if args.random_weights:
             banner = "!" * 100
             print(f"{banner}\n!! WARNING: {RANDOM_WEIGHTS_WARNING}\n{banner}", file=sys.stderr, flush=True)
             warnings.warn(RANDOM_WEIGHTS_WARNING, stacklevel=1)
-        if args.seed is not None:
-            torch.manual_seed(args.seed)
-        model = load_model(args.model, args.checkpoint, args.random_weights, ops=args.ops,
-                           high_res_size=args.high_res_size, k=args.k if args.k is not None else 136,
-                           num_classes=args.num_classes)
+        model = spec.load()
         kw = {}
-        if family == "lookwhere":
+        if spec.family == "lookwhere":
             kw = dict(k=args.k, k_mass=args.k_mass, k_min=args.k_min, k_max=args.k_max, max_tokens=args.max_tokens)
         engine = Engine(model, max_batch=args.max_batch, thresholds=args.thresholds, max_wait_ms=args.max_wait_ms,
                         **kw)

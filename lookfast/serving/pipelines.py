@@ -93,8 +93,8 @@ class MultiExitPipeline:
 class LookWherePipeline:
     """LookWhere in two stages: selector (fixes k per image), then the extractor on packed ragged tokens.
 
-    The computation is the model's own (`LookWhere.forward_with_intermediates` split at the point where k is known),
-    so each image's result equals `model(image[None], k=..., k_mass=..., ...)` run alone."""
+    The computation is the model's own: stage 0 is `LookWhere.select`, stage 1 `LookWhere.extract`, the two halves
+    of its forward, so each image's result equals `model(image[None], k=..., k_mass=..., ...)` run alone."""
 
     kind = "lookwhere"
     num_stages = 2
@@ -111,7 +111,7 @@ class LookWherePipeline:
                 raise ValueError(f"k must be in 1..{n} (patches in the high-res grid), got {k}")
         if k_mass is not None:
             # Validated once here with the model's own checks, on a dummy score row.
-            model._resolve_k(torch.zeros(1, n), None, k_mass, k_min, k_max)
+            model.resolve_k(torch.zeros(1, n), None, k_mass, k_min, k_max)
         self.k, self.k_mass, self.k_min, self.k_max = k, k_mass, k_min, k_max
         self.prefix = model.extractor.num_prefix_tokens
         self.max_batch = max_batch
@@ -137,18 +137,14 @@ class LookWherePipeline:
         model = self.model
         if stage == 0:
             images = state[0]
-            model._check_images(images)
-            scores, prefix = model.selector(images, model.grid)
-            if self.k_mass is not None:
-                k = model._resolve_k(scores, None, self.k_mass, self.k_min, self.k_max)
-            else:
-                k = torch.full((n,), self.k if self.k is not None else model.k, dtype=torch.int64)
+            (scores, prefix), k = model.select(images, self.k, k_mass=self.k_mass, k_min=self.k_min, k_max=self.k_max)
+            if not isinstance(k, torch.Tensor):  # one k for all: a row each, so batches can be regrouped
+                k = torch.full((n,), k, dtype=torch.int64)
             return StepResult([], None, 0, None, None, (images, scores, prefix, k))
         images, scores, prefix, k = state
         # Fixed k runs the dense path (as model(x, k=int) does); k_mass the packed ragged path (as alone).
         k_arg = k if self.k_mass is not None else int(k[0])
-        run = model._reference if model.ops == "reference" else model._fused
-        out = run(images, scores, prefix, k_arg, model.task)
+        out = model.extract(images, scores, prefix, k_arg)
         return StepResult(list(range(n)), out[f"{model.task}_logits"], 1, k.tolist(), [], None)
 
 
@@ -157,7 +153,7 @@ def _is_dyn_perceiver(model: Any) -> bool:
 
 
 def _is_lookwhere(model: Any) -> bool:
-    return hasattr(model, "selector") and hasattr(model, "extractor") and hasattr(model, "_resolve_k")
+    return all(hasattr(model, name) for name in ("selector", "extractor", "select", "extract"))
 
 
 def build_pipeline(model, thresholds, k, k_mass, k_min, k_max, max_batch, max_tokens, criterion):

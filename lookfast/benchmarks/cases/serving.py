@@ -184,7 +184,6 @@ def s2_case(n_images: int = 64) -> Case:
     one, padded = "one image at a time", f"padded B{BATCH} at the batch's largest k"
 
     def setup():
-        from lookfast.models.lookwhere import k_from_mass
         from lookfast.serving import Engine
 
         model = _lw_model()
@@ -208,9 +207,8 @@ def s2_case(n_images: int = 64) -> Case:
         def pad():
             with torch.inference_mode():
                 for chunk in images.split(BATCH):
-                    scores, prefix = model.selector(chunk, model.grid)
-                    k = int(k_from_mass(scores, LW_K_MASS, LW_K_MIN, LW_K_MAX).max())
-                    model._fused(chunk, scores, prefix, k, "cls")  # every image at the batch's largest k
+                    (scores, prefix), k = model.select(chunk, **kw)
+                    model.extract(chunk, scores, prefix, int(k.max()))  # every image at the batch's largest k
 
         return _with_cpu_time(box, {ENGINE: engine, one: alone, padded: pad})
 

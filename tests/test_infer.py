@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("PIL", reason="lookfast infer needs the infer extra (pip install 'lookfast[infer]')")
 pytest.importorskip("pyarrow", reason="lookfast infer needs the infer extra (pip install 'lookfast[infer]')")
 
-from infer_data import DP_SPEC, LW_SPEC, N_IMAGES, assert_same_rows, decoded, make_folder, split_thresholds  # noqa: E402
+from image_files import N_IMAGES  # noqa: E402
+from infer_data import DP_SPEC, LW_SPEC, assert_same_rows, decoded, split_thresholds  # noqa: E402
 from lookfast.__main__ import main as cli  # noqa: E402
 from lookfast.infer import InferSettings, read_rows, run_inference  # noqa: E402
 from lookfast.infer.outputs import RowWriter  # noqa: E402
@@ -26,13 +27,6 @@ from lookfast.infer.sources import list_images  # noqa: E402
 from lookfast.models.spec import ModelSpec  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    good, corrupt = make_folder(str(root))
-    return str(root), good, corrupt
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..early_exit.runner import EarlyExitRunner, _as_state
+from ..early_exit.runner import EarlyExitRunner, _state_rows
 from ..ops.exit_compact import compact_rows, exit_compact
 
 
@@ -37,15 +37,6 @@ class StepResult:
     k: list[int] | None
     keep: list[int] | None
     state: tuple | None
-
-
-def _tensor_rows(state: tuple, n: int, what: str) -> list[int]:
-    slots = [j for j, t in enumerate(state) if isinstance(t, torch.Tensor)]
-    for j in slots:
-        if state[j].dim() == 0 or state[j].shape[0] != n:
-            raise ValueError(f"{what}: state[{j}] must have {n} rows (one per sample still running), "
-                             f"got shape {tuple(state[j].shape)}")
-    return slots
 
 
 class MultiExitPipeline:
@@ -67,13 +58,10 @@ class MultiExitPipeline:
 
     def run(self, stage: int, state: tuple, n: int) -> StepResult:
         runner, last = self.runner, self.num_stages - 1
-        state = _as_state(runner.stages[stage](state), f"stages[{stage}]")
-        logits, state = runner._split_head(stage, state)
-        if logits.shape[0] != n:
-            raise ValueError(f"heads[{stage}] returned {logits.shape[0]} rows of logits for {n} samples")
+        logits, state = runner._run_exit(stage, state, n)
         if stage == last:
             return StepResult(list(range(n)), logits, stage, None, [], None)
-        slots = _tensor_rows(state, n, f"after heads[{stage}]")
+        slots = _state_rows(state, n, stage)
         if self.thresholds is None:
             return StepResult([], None, stage, None, None, state)
         keep, exited = exit_compact(logits, self.thresholds[stage], criterion=runner.criterion)

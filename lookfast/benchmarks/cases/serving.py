@@ -54,10 +54,10 @@ STATIC_FULL = "static B32 full model (official)"
 
 # ------------------------------------------------------------------------------------------------ shared setup
 def _dp_model():
-    from lookfast.models import dyn_perceiver as dp
+    from lookfast.models.spec import ModelSpec
 
-    torch.manual_seed(0)  # the server of S3 builds the same weights with --seed 0
-    return dp.build(DP_NAME, ops="fused")
+    # The spec S3's server builds from `--random-weights --seed 0`: the same weights, by the same code.
+    return ModelSpec("dyn_perceiver", DP_NAME, random_weights=True, seed=0, options={"ops": "fused"}).load()
 
 
 def _png_images(n: int, seed: int) -> list[bytes]:

@@ -89,17 +89,11 @@ class LookWherePipeline:
 
     def __init__(self, model, k, k_mass, k_min: int, k_max: int | None, max_batch: int, max_tokens: int | None):
         self.model = model
-        n = model.grid * model.grid
-        if k is not None and k_mass is not None:
-            raise ValueError("give either k or k_mass, not both")
-        if k is not None:
-            if isinstance(k, bool) or not isinstance(k, int):
-                raise TypeError(f"k must be an int (one k for every image; use k_mass for ragged k), got {type(k).__name__}")
-            if not 1 <= k <= n:
-                raise ValueError(f"k must be in 1..{n} (patches in the high-res grid), got {k}")
-        if k_mass is not None:
-            # Validated once here with the model's own checks, on a dummy score row.
-            model.resolve_k(torch.zeros(1, n), None, k_mass, k_min, k_max)
+        # One k for every image: a tensor k (one per image) has no meaning for a stream of requests.
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+            raise TypeError(f"k must be an int (one k for every image; use k_mass for ragged k), got {type(k).__name__}")
+        # Validated once here by the model's own rule (what select will do per batch), on a dummy score row.
+        model.resolve_k(torch.zeros(1, model.grid * model.grid), k, k_mass, k_min, k_max)
         self.k, self.k_mass, self.k_min, self.k_max = k, k_mass, k_min, k_max
         self.prefix = model.extractor.num_prefix_tokens
         self.max_batch = max_batch

@@ -51,12 +51,16 @@ class MultiExitPipeline:
         self.max_batch = max_batch
 
     def capacity(self, stage: int) -> int:
+        """Units one batch of `stage` may hold: max_batch images."""
         return self.max_batch
 
     def weights(self, stage: int, state: tuple, n: int) -> list[int]:
+        """Units of each of the n rows of `state` at `stage`: 1 per image."""
         return [1] * n
 
     def run(self, stage: int, state: tuple, n: int) -> StepResult:
+        """stages[stage] then heads[stage] on `state` (n rows): the rows whose confidence passes the stage's
+        threshold finish (all of them at the last stage), the others go on with their compacted state."""
         runner, last = self.runner, self.num_stages - 1
         logits, state = runner._run_exit(stage, state, n)
         if stage == last:
@@ -108,14 +112,18 @@ class LookWherePipeline:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
     def capacity(self, stage: int) -> int:
+        """Units one batch may hold: max_batch images (selector), max_tokens tokens (extractor)."""
         return self.max_batch if stage == 0 else self.max_tokens
 
     def weights(self, stage: int, state: tuple, n: int) -> list[int]:
+        """Units of each row: 1 per image at the selector, its prefix + k tokens at the extractor."""
         if stage == 0:
             return [1] * n
         return (state[3] + self.prefix).tolist()
 
     def run(self, stage: int, state: tuple, n: int) -> StepResult:
+        """Stage 0: state (images,) -> every row goes on with (images, scores, prefix, k (n,) int64). Stage 1: that
+        state (rows regrouped from any stage-0 batches) -> every row finishes with its logits and k."""
         model = self.model
         if stage == 0:
             images = state[0]

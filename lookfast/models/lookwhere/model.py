@@ -63,6 +63,8 @@ class LookWhereConfig:
     pretrain_grid: int = 37         # extractor position table of the checkpoint: 518 px
 
     def resolved(self) -> "LookWhereConfig":
+        """This config with num_reg_tokens, mlp and mlp_hidden filled from lw_type, after checking every field
+        (ValueError naming the field: lw_type, high_res_size, task, ops, depths, k)."""
         if self.lw_type not in TYPES and (self.num_reg_tokens is None or self.mlp is None):
             raise ValueError(f"lw_type must be one of {sorted(TYPES)} (or give num_reg_tokens and mlp), got {self.lw_type!r}")
         defaults = TYPES.get(self.lw_type, {})

@@ -87,17 +87,17 @@ def main(args: argparse.Namespace) -> int:
         if (args.checkpoint is None) == (not args.random_weights):
             raise ValueError("give either --checkpoint PATH or --random-weights (exactly one)")
         family, _ = split_model_name(args.model)
-        if family == "dyn_perceiver":
-            for flag in ("k", "k_mass", "k_max", "max_tokens"):
-                if getattr(args, flag) is not None:
-                    raise ValueError(f"--{flag.replace('_', '-')} applies to lookwhere models, not {args.model}")
-        elif args.thresholds is not None:
-            raise ValueError(f"--thresholds applies to dyn_perceiver models, not {args.model}")
         options = {"ops": args.ops}
         if family == "lookwhere":
             options.update(high_res_size=args.high_res_size, k=args.k if args.k is not None else 136,
                            num_classes=args.num_classes)
         spec = ModelSpec.parse(args.model, args.checkpoint, args.random_weights, options, seed=args.seed)
+        if spec.family == "dyn_perceiver":
+            for flag in ("k", "k_mass", "k_max", "max_tokens"):
+                if getattr(args, flag) is not None:
+                    raise ValueError(f"--{flag.replace('_', '-')} applies to lookwhere models, not {args.model}")
+        elif args.thresholds is not None:
+            raise ValueError(f"--thresholds applies to dyn_perceiver models, not {args.model}")
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         if args.random_weights:

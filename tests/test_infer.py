@@ -310,6 +310,10 @@ def test_lookwhere_checkpoint_loading_through_the_spec(tmp_path):
     x = torch.randn(2, 3, 70, 70)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+    # The type named in the spec must be the one the file holds (as `serve --model lookwhere:franca` checks).
+    assert ModelSpec.parse("lookwhere:dinov2", checkpoint=path, options=options).load().config.lw_type == "dinov2"
+    with pytest.raises(ValueError, match="holds a dinov2 LookWhere"):
+        ModelSpec.parse("lookwhere:franca", checkpoint=path, options=options).load()
     del nested["head"]
     torch.save(nested, path)
     with pytest.warns(UserWarning, match="no classifier head"):

@@ -1,7 +1,9 @@
 """Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]
 [--dtype float32|bfloat16|all]`, `python -m lookfast info` (which backends and kernels this install has) and
-`python -m lookfast serve --model ...` (the HTTP server; needs `pip install 'lookfast[serve]'`, see lookfast/serving) and
-`python -m lookfast infer` (batch inference over image folders; `python -m lookfast infer --help`)."""
+`python -m lookfast serve --model ...` (the HTTP server; needs `pip install 'lookfast[serve]'`, see lookfast/serving),
+`python -m lookfast infer` (batch inference over image folders; `python -m lookfast infer --help`) and
+`python -m lookfast gpucheck [--json PATH]` (on a CUDA GPU: the GPU-marked tests and the bf16/fp16 GPU benchmark rows;
+see lookfast/gpucheck.py)."""
 from __future__ import annotations
 
 import argparse
@@ -47,7 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     from .infer import cli as infer_cli
 
     infer_cli.add_parser(sub)
-    args = parser.parse_args(argv)
+    sub.add_parser("gpucheck", add_help=False,
+                   help="on a CUDA GPU: run the GPU-marked tests and the bf16/fp16 GPU benchmark rows (--help for options)")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "gpucheck":
+        from .gpucheck import main as gpucheck
+
+        return gpucheck(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":
         return _info()
     if args.command == "serve":

@@ -13,6 +13,10 @@
 // loops over the H/Hk query heads that share its kv head and over the query tiles that can see it. Every output
 // element has exactly one writer. Probabilities are recomputed from the saved log-sum-exp.
 //
+// bf16/fp16 forwards with head dims <= 128 on sm_80+ run on the tensor cores instead (varlen_attention_mma.cu: wmma
+// fragments, fp32 accumulation and softmax statistics, roofline there; LOOKFAST_CUDA_MMA=0 selects this file's SIMT
+// kernel). The backward of every dtype is this file's SIMT kernel (fp32 accumulation for bf16/fp16).
+//
 // Roofline on an H100 SXM (3.35 TB/s HBM; ~67 TFLOP/s fp32 FMA, which these kernels use: no tensor cores):
 //   fwd FLOPs = 2 * sum_b Lq_b * Lk_b * (Dh + Dv) * H; bytes ~ q + out + lse, plus K/V once per block.
 //   A2 (B 16, 3136 queries x 64 keys, width 8, fp32): 0.10 GFLOP + 3.2M exps, 3.4 MB (q/out) -> 1.0 us of HBM,
@@ -37,6 +41,7 @@
 
 #include "common/varlen_attention.h"
 #include "cuda/online_softmax.cuh"
+#include "cuda/varlen_attention_mma.h"
 
 namespace lookfast {
 namespace {
@@ -412,6 +417,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(const at::Tensor& q
   at::Tensor out = at::empty({total_q, heads, dv}, q.options());
   at::Tensor lse = at::empty({heads, total_q}, q.options().dtype(at::kFloat));
   if (total_q == 0 || batch == 0 || heads == 0) return {out, lse};
+  // bf16/fp16 on tensor cores when the head dims and the GPU allow it
+  if (varlen_attention_fwd_mma(q, k, v, cu_q, cu_k, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, causal)) {
+    return {out, lse};
+  }
   const int group = static_cast<int>(heads / k.size(1));
   const auto stream = c10::cuda::getCurrentCUDAStream();
 

@@ -39,6 +39,8 @@ Example, a Dyn-Perceiver-like model (CNN features x, latent z; the last exit als
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable, Sequence
 
 import torch
@@ -104,6 +106,10 @@ class EarlyExitRunner:
         values = require_float_list("thresholds", thresholds, "one per exit")
         if len(values) != self.num_exits:
             raise ValueError(f"thresholds must hold {self.num_exits} values (one per exit), got {len(values)}")
+        nan = [i for i, t in enumerate(values[:-1]) if math.isnan(t)]  # the last one is ignored
+        if nan:
+            raise ValueError(f"thresholds[{nan[0]}] is NaN: nobody would ever leave at that exit (no confidence "
+                             "compares true with NaN); use +inf for an exit nobody takes")
         return values
 
     def _split_head(self, i: int, state: tuple) -> tuple[torch.Tensor, tuple]:

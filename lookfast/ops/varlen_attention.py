@@ -17,7 +17,8 @@ import math
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, require_dim, require_dtype, require_int, require_same_device, require_tensor
+from .._validate import (FLOAT_DTYPES, INT32_MAX, require_dim, require_dtype, require_int_range,
+                         require_same_device, require_tensor)
 
 __all__ = ["varlen_attention", "cross_attention", "varlen_attention_reference", "varlen_attention_fwd", "check_cu_seqlens"]
 
@@ -33,8 +34,10 @@ def _check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, max_seqlen
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values[:-1], values[1:])]
-    if any(n < 0 for n in lengths):
-        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    bad = next((i for i, n in enumerate(lengths) if n < 0), None)
+    if bad is not None:  # name the first offending pair, never the whole (possibly huge) tensor
+        raise ValueError(f"{name} must be non-decreasing, got {name}[{bad}] = {values[bad]} > "
+                         f"{name}[{bad + 1}] = {values[bad + 1]}")
     if values[-1] != total:
         raise ValueError(f"{name} must end at the number of packed rows ({total}), got {values[-1]}")
     longest = max(lengths, default=0)
@@ -68,10 +71,13 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
         raise ValueError(f"q head dim {q.shape[2]} != k head dim {k.shape[2]}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
-    require_int("max_seqlen_q", max_seqlen_q)
-    require_int("max_seqlen_k", max_seqlen_k)
-    if max_seqlen_q < 0 or max_seqlen_k < 0:
-        raise ValueError(f"max_seqlen_q/max_seqlen_k must be >= 0, got {max_seqlen_q}, {max_seqlen_k}")
+    # Lengths and offsets are int32 (FlashAttention's layout): larger ints would otherwise fail deep in the
+    # dispatcher with a message naming no argument.
+    require_int_range("max_seqlen_q", max_seqlen_q, 0, INT32_MAX, " (int32 sequence lengths)")
+    require_int_range("max_seqlen_k", max_seqlen_k, 0, INT32_MAX, " (int32 sequence lengths)")
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[0] > INT32_MAX:
+            raise ValueError(f"{name} has {t.shape[0]} packed rows; int32 cu_seqlens address at most 2**31 - 1")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[2]) if q.shape[2] > 0 else 1.0
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
@@ -105,7 +111,9 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scal
     """Pure-PyTorch reference: per-sample softmax(q k^T * scale) v in float32 (float64 for float64 inputs).
 
     Returns (out (total_q, H, Dv) in q's dtype, lse (H, total_q) float32). Differentiable through plain torch.
-    Queries that see no key output zeros and lse = -inf.
+    Queries that see no key output exact zeros and lse = -inf (whatever v holds). NaN semantics are softmax's: a NaN
+    or +inf score, or only -inf scores, make that query's output NaN; a NaN in v makes NaN the outputs of the queries
+    that see that key.
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     heads, kv_heads, dv = q.shape[1], k.shape[1], v.shape[2]
@@ -124,8 +132,10 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scal
         empty = ~visible.any(1)  # (Lq,) rows that see no key
         s = s.masked_fill(~visible, float("-inf"))
         s_safe = torch.where(empty[None, :, None], torch.zeros_like(s), s)  # softmax of a fully masked row is NaN
-        p = torch.softmax(s_safe, dim=-1) * (~empty)[None, :, None].to(compute)
-        outs.append(torch.matmul(p, vs).transpose(0, 1))
+        p = torch.softmax(s_safe, dim=-1)
+        # A query that sees no key outputs exact zeros, even when v holds NaN (0 * NaN would leak it).
+        o = torch.where(empty[None, :, None], torch.zeros((), dtype=compute, device=q.device), torch.matmul(p, vs))
+        outs.append(o.transpose(0, 1))
         lse = torch.logsumexp(s_safe, dim=-1) if len_k > 0 else s_safe.new_zeros(heads, len_q)
         lses.append(torch.where(empty[None, :], torch.full_like(lse, float("-inf")), lse))
     if not outs:
@@ -211,7 +221,13 @@ def varlen_attention(
 
     Returns:
         out (total_q, H, Dv) in q's dtype, or (out, lse) with return_lse. A query that sees no key (zero-key sample,
-        or masked out by causality) gets zeros and lse = -inf. Differentiable in q, k and v (not through lse).
+        or masked out by causality) gets exact zeros and lse = -inf, whatever v holds. Differentiable in q, k and v
+        (not through lse).
+
+    NaN and inf (every backend, every dtype), as softmax(q k^T * scale) v computes them: a query whose scores hold
+    a NaN or +inf (NaN/inf in q or in a key it sees, or q.k * softmax_scale overflowing the compute type: float32
+    for half types) outputs NaN, with lse NaN (NaN scores) or +inf/NaN; a NaN or inf in v makes NaN the outputs of
+    the queries that see that key (lse stays finite). Nothing is silently dropped: a diverging run shows NaN.
 
     cu_seqlens values are checked on the host for CPU tensors; for CUDA tensors that would sync the device on every
     call, so it is done only with LOOKFAST_CHECK_CU_SEQLENS=1 (the GPU kernels stay in bounds regardless).
@@ -260,6 +276,10 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_length
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k has {k.shape[1]} keys per sample but v has {v.shape[1]}")
     len_k = k.shape[1]
+    for name, t, rows in (("q", q, "B*Lq"), ("k", k, "B*Lk")):
+        if t.shape[0] * t.shape[1] > INT32_MAX:
+            raise ValueError(f"{name} {tuple(t.shape)} packs {rows} = {t.shape[0] * t.shape[1]} rows, more than the "
+                             f"int32 offsets of the varlen kernels address (2**31 - 1); split the batch")
     step_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
     cu_q = step_q * len_q
     q_packed = q.reshape(batch * len_q, heads, q.shape[3])

@@ -117,7 +117,9 @@ class LookWhere(nn.Module):
     def from_official_checkpoint(cls, path, high_res_size: int, k: int, num_classes: int, task: str = "cls",
                                  ops: str = "reference", **overrides) -> "LookWhere":
         """Load the authors' `lookwhere_{dinov2,franca}.pt` (type read from its contents, not its name)."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        from ..checkpoint_io import load_checkpoint_file
+
+        checkpoint = load_checkpoint_file(path)
         return cls.from_official_state_dict(checkpoint, high_res_size, k, num_classes, task, ops, **overrides)
 
     @classmethod
@@ -278,6 +280,9 @@ class LookWhere(nn.Module):
         if (h, w) != (size, size):
             raise ValueError(f"images must be {size}x{size} (the model's high_res_size), got {h}x{w}; "
                              "build the model with high_res_size matching the input")
+        from ..checkpoint_io import check_finite_images
+
+        check_finite_images(images)
 
     def resolve_k(self, scores: torch.Tensor, k=None, k_mass: float | None = None, k_min: int = 1,
                   k_max: int | None = None):

@@ -116,6 +116,16 @@ def seed():
     return value
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A generated image folder (image_files.make_folder), one per test module: (root, good paths, corrupt paths)."""
+    from image_files import make_folder
+
+    root = tmp_path_factory.mktemp("images")
+    good, corrupt = make_folder(str(root))
+    return str(root), good, corrupt
+
+
 class Backend:
     """One backend the public functions can run on: `name` ("reference", "library", "triton"), the `device` its
     tensors live on, and `ran(op)`: whether the latest call of library op `op` ran on this backend."""

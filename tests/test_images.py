@@ -15,22 +15,13 @@ import torch
 PIL = pytest.importorskip("PIL", reason="the images module needs Pillow (pip install 'lookfast[infer]')")
 from PIL import Image  # noqa: E402
 
+from image_files import encode, random_rgb  # noqa: E402
+
 from lookfast import images  # noqa: E402
 from lookfast.images import EvalTransform, ImageDecodeError, decode_image  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
-
-
-def _random_rgb(rng, h, w):
-    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-
-
-def _encode(array, fmt="PNG", mode=None, **save):
-    buf = io.BytesIO()
-    image = Image.fromarray(array) if mode is None else Image.fromarray(array).convert(mode)
-    image.save(buf, format=fmt, **save)
-    return buf.getvalue()
 
 
 def _normalised(pixels_hwc):
@@ -57,8 +48,8 @@ def test_official_constants():
 ])
 def test_crop_offsets_and_normalisation_exact(w, h, left, top):
     rng = np.random.default_rng([w, h, 7])
-    pixels = _random_rgb(rng, h, w)
-    x = decode_image(_encode(pixels), images.dyn_perceiver_transform())
+    pixels = random_rgb(rng, h, w)
+    x = decode_image(encode(pixels), images.dyn_perceiver_transform())
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32 and x.is_contiguous()
     expected = _normalised(pixels[top:top + 224, left:left + 224])
     np.testing.assert_allclose(x.double().numpy(), expected, rtol=0, atol=2e-6)
@@ -70,7 +61,7 @@ def test_resize_keeps_flat_colour_and_output_shape(w, h):
     colour = np.array([200, 17, 90], dtype=np.uint8)
     pixels = np.broadcast_to(colour, (h, w, 3)).copy()
     for t in (images.dyn_perceiver_transform(), images.lookwhere_transform(182)):
-        x = decode_image(_encode(pixels), t)
+        x = decode_image(encode(pixels), t)
         assert x.shape == (3, t.crop, t.crop)
         expected = (colour / 255.0 - MEAN) / STD
         np.testing.assert_allclose(x.double().numpy(), np.broadcast_to(expected[:, None, None], x.shape), atol=2e-6)
@@ -83,7 +74,7 @@ def test_resize_of_a_smooth_ramp_matches_the_ramp():
     w, h = 512, 512
     ramp = (np.arange(w) * 255.0 / (w - 1))
     pixels = np.broadcast_to(np.round(ramp).astype(np.uint8)[None, :, None], (h, w, 3)).copy()
-    x = decode_image(_encode(pixels), images.dyn_perceiver_transform())
+    x = decode_image(encode(pixels), images.dyn_perceiver_transform())
     source_col = (16 + np.arange(224) + 0.5) * 2 - 0.5
     expected = (np.interp(source_col, np.arange(w), ramp) / 255.0 - MEAN[0]) / STD[0]
     got = x[0, 100].double().numpy()
@@ -92,44 +83,44 @@ def test_resize_of_a_smooth_ramp_matches_the_ramp():
 
 def test_lookwhere_square_and_non_square():
     rng = np.random.default_rng(3)
-    pixels = _random_rgb(rng, 182, 182)  # already high_res_size: untouched
-    x = decode_image(_encode(pixels), images.lookwhere_transform(182))
+    pixels = random_rgb(rng, 182, 182)  # already high_res_size: untouched
+    x = decode_image(encode(pixels), images.lookwhere_transform(182))
     np.testing.assert_allclose(x.double().numpy(), _normalised(pixels), atol=2e-6)
-    pixels = _random_rgb(rng, 182, 200)  # wider: centre square, left offset (200 - 182) / 2 = 9
-    x = decode_image(_encode(pixels), images.lookwhere_transform(182))
+    pixels = random_rgb(rng, 182, 200)  # wider: centre square, left offset (200 - 182) / 2 = 9
+    x = decode_image(encode(pixels), images.lookwhere_transform(182))
     np.testing.assert_allclose(x.double().numpy(), _normalised(pixels[:, 9:191]), atol=2e-6)
 
 
 def test_modes_formats_and_sources(tmp_path):
     rng = np.random.default_rng(11)
-    pixels = _random_rgb(rng, 256, 256)
+    pixels = random_rgb(rng, 256, 256)
     t = images.dyn_perceiver_transform()
     crop = pixels[16:240, 16:240]
     # Greyscale: expanded to three equal channels (PIL's L -> RGB).
-    grey = decode_image(_encode(pixels, mode="L"), t)
+    grey = decode_image(encode(pixels, mode="L"), t)
     g = np.asarray(Image.fromarray(pixels).convert("L"))[16:240, 16:240]
     np.testing.assert_allclose(grey.double().numpy(), _normalised(np.repeat(g[..., None], 3, 2)), atol=2e-6)
     # RGBA: alpha dropped, colour kept.
     rgba = np.concatenate([pixels, rng.integers(0, 256, (256, 256, 1), dtype=np.uint8)], 2)
-    x = decode_image(_encode(rgba), t)
+    x = decode_image(encode(rgba), t)
     np.testing.assert_allclose(x.double().numpy(), _normalised(crop), atol=2e-6)
     # JPEG from a path (str and pathlib): lossy, so compare with what Pillow decodes, cropped by hand.
-    data = _encode(pixels, fmt="JPEG", quality=90)
+    data = encode(pixels, fmt="JPEG", quality=90)
     path = tmp_path / "a.jpg"
     path.write_bytes(data)
     decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[16:240, 16:240]
     for source in (path, str(path), data, bytearray(data), memoryview(data)):
         np.testing.assert_allclose(decode_image(source, t).double().numpy(), _normalised(decoded), atol=2e-6)
     # Palette PNG.
-    pal = decode_image(_encode(pixels, mode="P"), t)
+    pal = decode_image(encode(pixels, mode="P"), t)
     p = np.asarray(Image.fromarray(pixels).convert("P").convert("RGB"))[16:240, 16:240]
     np.testing.assert_allclose(pal.double().numpy(), _normalised(p), atol=2e-6)
 
 
 def test_corrupt_and_unreadable_images_raise_one_error_type(tmp_path):
     t = images.dyn_perceiver_transform()
-    good = _encode(_random_rgb(np.random.default_rng(5), 64, 64))
-    jpeg = _encode(_random_rgb(np.random.default_rng(6), 64, 64), fmt="JPEG")
+    good = encode(random_rgb(np.random.default_rng(5), 64, 64))
+    jpeg = encode(random_rgb(np.random.default_rng(6), 64, 64), fmt="JPEG")
     cases = {
         "empty": b"",
         "text": b"this is not an image",
@@ -157,7 +148,7 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="bytes or a path"):
         decode_image(123, t)
     with pytest.raises(TypeError, match="EvalTransform"):
-        decode_image(_encode(np.zeros((8, 8, 3), np.uint8)), "224")
+        decode_image(encode(np.zeros((8, 8, 3), np.uint8)), "224")
     with pytest.raises(ValueError, match="resize"):
         EvalTransform(0, 224)
     with pytest.raises(ValueError, match="std"):

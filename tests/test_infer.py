@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("PIL", reason="lookfast infer needs the infer extra (pip install 'lookfast[infer]')")
 pytest.importorskip("pyarrow", reason="lookfast infer needs the infer extra (pip install 'lookfast[infer]')")
 
-from infer_data import DP_SPEC, LW_SPEC, N_IMAGES, assert_same_rows, decoded, make_folder, split_thresholds  # noqa: E402
+from image_files import N_IMAGES  # noqa: E402
+from infer_data import DP_SPEC, LW_SPEC, assert_same_rows, decoded, split_thresholds  # noqa: E402
 from lookfast.__main__ import main as cli  # noqa: E402
 from lookfast.infer import InferSettings, read_rows, run_inference  # noqa: E402
 from lookfast.infer.outputs import RowWriter  # noqa: E402
@@ -26,13 +27,6 @@ from lookfast.infer.sources import list_images  # noqa: E402
 from lookfast.models.spec import ModelSpec  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    good, corrupt = make_folder(str(root))
-    return str(root), good, corrupt
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +310,10 @@ def test_lookwhere_checkpoint_loading_through_the_spec(tmp_path):
     x = torch.randn(2, 3, 70, 70)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+    # The type named in the spec must be the one the file holds (as `serve --model lookwhere:franca` checks).
+    assert ModelSpec.parse("lookwhere:dinov2", checkpoint=path, options=options).load().config.lw_type == "dinov2"
+    with pytest.raises(ValueError, match="holds a dinov2 LookWhere"):
+        ModelSpec.parse("lookwhere:franca", checkpoint=path, options=options).load()
     del nested["head"]
     torch.save(nested, path)
     with pytest.warns(UserWarning, match="no classifier head"):

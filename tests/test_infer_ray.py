@@ -11,7 +11,8 @@ pytest.importorskip("PIL", reason="lookfast infer needs the infer extra (pip ins
 pytest.importorskip("pyarrow", reason="lookfast infer needs the infer extra (pip install 'lookfast[infer]')")
 ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra (pip install 'lookfast[ray]')")
 
-from infer_data import DP_SPEC, LW_SPEC, N_IMAGES, assert_same_rows, decoded, make_folder, split_thresholds  # noqa: E402
+from image_files import N_IMAGES  # noqa: E402
+from infer_data import DP_SPEC, LW_SPEC, assert_same_rows, decoded, split_thresholds  # noqa: E402
 from lookfast.infer import InferSettings, read_rows, run_inference  # noqa: E402
 from lookfast.integrations.ray import Predictor  # noqa: E402
 
@@ -25,13 +26,6 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    good, corrupt = make_folder(str(root))
-    return str(root), good, corrupt
 
 
 @pytest.fixture(scope="module")

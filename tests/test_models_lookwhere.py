@@ -228,6 +228,30 @@ def test_k_mass_rule(small_model, seed):
     assert k_from_mass(scores, 1.0, 1, 3).tolist() == [3, 3]
 
 
+@pytest.mark.parametrize("ops", OPS)
+def test_select_then_extract_on_regrouped_rows_equals_forward(small_model, ops, seed):
+    """The two stages the serving engine runs separately: select on one batch, extract on rows of several selects
+    regrouped in another order (as the engine packs them) gives each image forward's own result."""
+    small_model.ops, small_model.task = ops, "cls"
+    a, b = torch.randn(3, 3, 182, 182), torch.randn(2, 3, 182, 182)
+    with torch.no_grad():
+        (sa, pa), ka = small_model.select(a, k_mass=0.4, k_min=2, k_max=60)
+        (sb, pb), kb = small_model.select(b, k_mass=0.4, k_min=2, k_max=60)
+        assert ka.dtype == kb.dtype == torch.int64 and ka.shape == (3,) and kb.shape == (2,)
+        order = [(b, sb, pb, kb, 1), (a, sa, pa, ka, 2), (a, sa, pa, ka, 0)]
+        pick = lambda j: torch.stack([o[j][o[4]] for o in order])  # noqa: E731
+        out = small_model.extract(pick(0), pick(1), pick(2), pick(3))
+        for row, (x, _, _, _, i) in enumerate(order):
+            alone = small_model(x[i:i + 1], k_mass=0.4, k_min=2, k_max=60)
+            torch.testing.assert_close(out["cls_logits"][row], alone[0], rtol=1e-4, atol=1e-5)
+        (_, _), k = small_model.select(a)
+        assert k == small_model.k  # no k given: the model's int k (the dense path)
+    with pytest.raises(ValueError, match="k_mass"):
+        small_model.select(a, k_mass=1.5)
+    with pytest.raises(ValueError, match="182x182"):
+        small_model.select(torch.randn(1, 3, 196, 196))
+
+
 # ---------------------------------------------------------------- compile and checkpoints
 @pytest.mark.parametrize("task", ["cls", "seg"])
 def test_torch_compile_fused(small_model, task, seed):

@@ -4,7 +4,6 @@ error and the server keeps serving, concurrent clients, and SIGTERM drains a req
 a few dozen requests, loopback only."""
 from __future__ import annotations
 
-import io
 import os
 import signal
 import socket
@@ -21,7 +20,7 @@ for _module in ("fastapi", "uvicorn", "multipart", "httpx", "PIL"):
                                         "pip install -e '.[serve]' httpx")
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from image_files import image_bytes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DP_MODEL = "mobilenetV3_0x5_perceiver_t128"  # the smallest Dyn-Perceiver: quick to build and run at 224 px
@@ -32,14 +31,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _image_bytes(seed: int, size=(400, 300), fmt="PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 class Server:
@@ -106,7 +97,7 @@ def test_predict_matches_the_model_in_process(dp_server, dp_local, fmt):
     from lookfast.images import decode_image
 
     model, transform = dp_local
-    data = _image_bytes(1 if fmt == "PNG" else 2, fmt=fmt)
+    data = image_bytes(1 if fmt == "PNG" else 2, fmt=fmt)
     r = _post(dp_server.url, data, name=f"x.{fmt.lower()}")
     assert r.status_code == 200, r.text
     body = r.json()
@@ -131,15 +122,15 @@ def test_healthz(dp_server):
 
 @pytest.mark.parametrize("data, field, status, message", [
     (b"this is not an image", "file", 400, "cannot decode"),
-    (_image_bytes(3)[:200], "file", 400, "cannot decode"),       # a truncated PNG
+    (image_bytes(3)[:200], "file", 400, "cannot decode"),       # a truncated PNG
     (b"", "file", 400, "empty"),
-    (_image_bytes(4), "image", 422, "field 'file'"),             # wrong form field
+    (image_bytes(4), "image", 422, "field 'file'"),             # wrong form field
 ], ids=["garbage", "truncated", "empty", "wrong-field"])
 def test_malformed_upload_gets_4xx_and_the_server_keeps_serving(dp_server, data, field, status, message):
     r = _post(dp_server.url, data, field=field)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
-    ok = _post(dp_server.url, _image_bytes(5))
+    ok = _post(dp_server.url, image_bytes(5))
     assert ok.status_code == 200 and len(ok.json()["top5"]) == 5
 
 
@@ -153,7 +144,7 @@ def test_concurrent_clients(dp_server, dp_local):
     from lookfast.images import decode_image
 
     model, transform = dp_local
-    images = [_image_bytes(10 + i) for i in range(8)]
+    images = [image_bytes(10 + i) for i in range(8)]
     results: dict[int, httpx.Response] = {}
 
     def client(i):
@@ -179,7 +170,7 @@ def test_sigterm_drains_a_request_in_flight():
                     "--max-batch", "8", "--max-wait-ms", "20000", "--threads", "1")
     try:
         box = {}
-        thread = threading.Thread(target=lambda: box.setdefault("r", _post(server.url, _image_bytes(6))))
+        thread = threading.Thread(target=lambda: box.setdefault("r", _post(server.url, image_bytes(6))))
         thread.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -207,7 +198,7 @@ def test_lookwhere_server_with_k_mass():
     server = Server("--model", "lookwhere:dinov2", "--random-weights", "--seed", "0", "--high-res-size", "182",
                     "--num-classes", "10", "--k-mass", "0.3", "--k-min", "4", "--max-batch", "4", "--threads", "1")
     try:
-        r = _post(server.url, _image_bytes(7, size=(250, 182)))
+        r = _post(server.url, image_bytes(7, size=(250, 182)))
         assert r.status_code == 200, r.text
         body = r.json()
         assert isinstance(body["k"], int) and 4 <= body["k"] <= 169 and body["exit_index"] == 1

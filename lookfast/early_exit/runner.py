@@ -65,6 +65,17 @@ def _as_state(value: Any, what: str) -> tuple:
     raise TypeError(f"{what} must return a tensor or a tuple (the state), got {type(value).__name__}")
 
 
+def _state_rows(state: tuple, n: int, i: int) -> list[int]:
+    """Positions of the tensors in `state` (what compaction copies), after checking each has the n rows of the samples
+    still running after heads[i]. Shared with lookfast.serving's multi-exit pipeline, which runs the same stages."""
+    slots = [j for j, t in enumerate(state) if isinstance(t, torch.Tensor)]
+    for j in slots:
+        if state[j].dim() == 0 or state[j].shape[0] != n:
+            raise ValueError(f"state[{j}] after heads[{i}] must have {n} rows (one per sample still running), "
+                             f"got shape {tuple(state[j].shape)}")
+    return slots
+
+
 class EarlyExitRunner:
     """Runs a multi-exit model on a batch with real early exits. See the module docstring for the model contract.
 
@@ -113,6 +124,15 @@ class EarlyExitRunner:
             raise ValueError(f"heads[{i}] must return logits of shape (n, classes), got {tuple(logits.shape)}")
         return logits, state
 
+    def _run_exit(self, i: int, state: tuple, n: int) -> tuple[torch.Tensor, tuple]:
+        """stages[i] then heads[i] on the state of the n samples still running: (logits (n, classes), state). The
+        one place both this runner and lookfast.serving's multi-exit pipeline run a stage."""
+        state = _as_state(self.stages[i](state), f"stages[{i}]")
+        logits, state = self._split_head(i, state)
+        if logits.shape[0] != n:
+            raise ValueError(f"heads[{i}] returned {logits.shape[0]} rows of logits for {n} samples")
+        return logits, state
+
     def __call__(self, inputs, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
         state = _as_state(inputs, "inputs")
         first = next((t for t in state if isinstance(t, torch.Tensor)), None)
@@ -124,11 +144,8 @@ class EarlyExitRunner:
         exit_index = torch.full((batch,), last, dtype=torch.int64, device=device)
         out = None
         for i in range(self.num_exits):
-            state = _as_state(self.stages[i](state), f"stages[{i}]")
-            logits, state = self._split_head(i, state)
             n = rows.shape[0]
-            if logits.shape[0] != n:
-                raise ValueError(f"heads[{i}] returned {logits.shape[0]} rows of logits for {n} samples")
+            logits, state = self._run_exit(i, state, n)
             if out is None:
                 out = logits.new_full((batch, logits.shape[1]), float("nan"))
             elif logits.shape[1] != out.shape[1]:
@@ -136,11 +153,7 @@ class EarlyExitRunner:
             if i == last:
                 exit_scatter(out, rows, logits.to(out.dtype))
                 break
-            slots = [j for j, t in enumerate(state) if isinstance(t, torch.Tensor)]
-            for j in slots:
-                if state[j].dim() == 0 or state[j].shape[0] != n:
-                    raise ValueError(f"state[{j}] after heads[{i}] must have {n} rows (one per sample still "
-                                     f"running), got shape {tuple(state[j].shape)}")
+            slots = _state_rows(state, n, i)
             keep, exited = exit_compact(logits, thr[i], criterion=self.criterion)
             if exited.shape[0] == 0:
                 continue  # nobody left: the state stays as it is, no copy

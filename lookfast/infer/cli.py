@@ -16,6 +16,7 @@ EPILOG = """examples:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the `infer` subcommand (its flags, help and examples) to an argparse `subparsers` and return its parser."""
     p = subparsers.add_parser(
         "infer", help="predict every image of a folder or glob pattern into Parquet / JSON Lines",
         description="Decode images with the model's official evaluation transform, run them (with early exit or "
@@ -81,6 +82,8 @@ def _model_options(args) -> dict:
 
 
 def main(args) -> int:
+    """Run `python -m lookfast infer` with the parsed `args`. Returns the exit status: 0 done, 2 bad arguments or
+    inputs (one line on stderr, nothing written), 130 interrupted (the rows written so far are kept)."""
     from ..models.spec import ModelSpec
     from .predict import InferSettings
     from .run import run_inference

@@ -47,6 +47,8 @@ def _pa():
 
 
 def arrow_schema():
+    """The pyarrow schema of the rows: path string, top5 list<struct<class int64, prob float32>>, exit_index int64,
+    k int64, mask string, error string (each but path may be null). Needs pyarrow (ImportError says how to get it)."""
     pa = _pa()
     pair = pa.struct([("class", pa.int64()), ("prob", pa.float32())])
     return pa.schema([("path", pa.string()), ("top5", pa.list_(pair)), ("exit_index", pa.int64()),
@@ -183,6 +185,8 @@ class RowWriter:
 
     # -- both
     def write(self, rows: list[dict]) -> None:
+        """Append rows (dicts with the COLUMNS keys) and add their paths to `done`. JSON Lines: written and flushed
+        at once; Parquet: buffered, a part file written every flush_rows rows or flush_seconds seconds."""
         for row in rows:
             self.done.add(row["path"])
         self.rows_written += len(rows)
@@ -195,6 +199,7 @@ class RowWriter:
             self._write_part()
 
     def close(self) -> None:
+        """Write what is buffered (Parquet: a last part file) and close. Safe to call twice."""
         if self.format == "jsonl":
             if not self._file.closed:
                 self._file.close()

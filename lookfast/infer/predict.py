@@ -122,6 +122,7 @@ class Worker:
         return self.finish(self.start(paths, decoded))
 
     def __call__(self, paths) -> list[dict]:
+        """Decode and predict `paths` (a list of str): one row per path, in order; a failure fills that row's error."""
         return self.predict(paths, self.decode(paths))
 
     def close(self) -> None:

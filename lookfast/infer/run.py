@@ -119,12 +119,15 @@ class Summary:
         self._first_images = 0
 
     def start(self):
+        """Mark the start of the run (the clock of `seconds`)."""
         self._t0 = time.perf_counter()
 
     def stop(self):
+        """Mark the end of the run."""
         self._t1 = time.perf_counter()
 
     def add(self, rows):
+        """Count rows just written: images, failures (rows with an error), exits taken and k."""
         if self._t_first is None and rows:  # the first rows mark the end of start-up (Ray, actors, model loading)
             self._t_first, self._first_images = time.perf_counter(), len(rows)
         for row in rows:
@@ -144,6 +147,9 @@ class Summary:
         return (self.images - self._first_images) / (self._t1 - self._t_first)
 
     def as_dict(self) -> dict:
+        """The counts as the dict run_inference returns: images, failed, already_done, listed, skipped_files,
+        seconds, images_per_s, steady_images_per_s (after the first rows), exits ({exit index: images}), mean_k, and
+        (Dyn-Perceiver) macs_saved, mean_macs, full_macs (None where they do not apply)."""
         seconds = (self._t1 or time.perf_counter()) - (self._t0 or time.perf_counter())
         out = {"images": self.images, "failed": self.failed, "already_done": self.already_done,
                "listed": self.listed, "skipped_files": self.skipped_files, "seconds": seconds,
@@ -159,6 +165,7 @@ class Summary:
         return out
 
     def text(self) -> str:
+        """The counts as the lines printed at the end of `lookfast infer`."""
         d = self.as_dict()
         rate = f"{d['images_per_s']:.1f} images/s" if d["images_per_s"] else "-"
         if d["steady_images_per_s"]:

@@ -59,6 +59,7 @@ class Predictor:
         self.worker = Worker(settings)
 
     def __call__(self, batch: dict):
+        """batch {"path": array of str} -> pyarrow Table of one row per path, in order (arrow_schema())."""
         # Up to IN_FLIGHT_BATCHES calls run at once in this actor (threads), all submitting to the one engine: while
         # it runs one batch the next one is decoded, and its later stages fill with survivors of several batches.
         return rows_to_table(self.worker([str(p) for p in batch["path"]]))

@@ -27,6 +27,16 @@ import torch
 FAMILIES = ("dyn_perceiver", "lookwhere")
 
 
+def split_model_name(model: str) -> tuple[str, str]:
+    """"family:name" -> (family, name), the family lower-cased with "-" read as "_" ("Dyn-Perceiver:x" ->
+    ("dyn_perceiver", "x")); name is "" when there is no ":". Checks nothing else (ModelSpec.parse does); raises
+    ValueError when `model` is not a non-empty str."""
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model must be 'family:name' (e.g. dyn_perceiver:reg800m_perceiver_t128), got {model!r}")
+    family, _, name = model.partition(":")
+    return family.strip().lower().replace("-", "_"), name
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """family: "dyn_perceiver" | "lookwhere"; name: the Dyn-Perceiver config or the LookWhere type ("" = from the
@@ -45,10 +55,7 @@ class ModelSpec:
               options: dict | None = None, seed: int = 0) -> "ModelSpec":
         """Parse "family:name" (see the module docstring). Raises ValueError for an unknown family or config, a
         missing checkpoint file, or neither/both of checkpoint and random_weights."""
-        if not isinstance(model, str) or not model:
-            raise ValueError(f"model must be 'family:name' (e.g. dyn_perceiver:reg800m_perceiver_t128), got {model!r}")
-        family, _, name = model.partition(":")
-        family = family.strip().lower().replace("-", "_")
+        family, name = split_model_name(model)
         if family not in FAMILIES:
             raise ValueError(f"model {model!r}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
         if family == "dyn_perceiver":
@@ -102,11 +109,15 @@ class ModelSpec:
                     model = LookWhere.from_official_state_dict(
                         checkpoint, opts.pop("high_res_size"), opts.pop("k"), opts.pop("num_classes"),
                         opts.pop("task", "cls"), opts.pop("ops"), **opts)
+                    if self.name and model.config.lw_type != self.name:
+                        raise ValueError(f"model lookwhere:{self.name} but the checkpoint {self.checkpoint!r} holds "
+                                         f"a {model.config.lw_type} LookWhere")
                 else:
                     model = LookWhere.from_config(**opts)
         return model.eval()
 
     def describe(self) -> str:
+        """One line for logs: "family:name option=value ... from <checkpoint path | RANDOM weights (seed N)>"."""
         weights = self.checkpoint or f"RANDOM weights (seed {self.seed})"
         name = f"{self.family}:{self.name}" if self.name else self.family
         opts = "".join(f" {k}={v}" for k, v in sorted(self.options.items()))

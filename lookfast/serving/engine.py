@@ -253,6 +253,7 @@ class Engine:
 
     @property
     def closed(self) -> bool:
+        """True once close() has begun: submit refuses new work."""
         return self._closing
 
     def __enter__(self) -> "Engine":

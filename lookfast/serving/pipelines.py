@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..early_exit.runner import EarlyExitRunner, _as_state
+from ..early_exit.runner import EarlyExitRunner, _state_rows
 from ..ops.exit_compact import compact_rows, exit_compact
 
 
@@ -39,15 +39,6 @@ class StepResult:
     state: tuple | None
 
 
-def _tensor_rows(state: tuple, n: int, what: str) -> list[int]:
-    slots = [j for j, t in enumerate(state) if isinstance(t, torch.Tensor)]
-    for j in slots:
-        if state[j].dim() == 0 or state[j].shape[0] != n:
-            raise ValueError(f"{what}: state[{j}] must have {n} rows (one per sample still running), "
-                             f"got shape {tuple(state[j].shape)}")
-    return slots
-
-
 class MultiExitPipeline:
     """Stages and heads as `EarlyExitRunner` describes them (see lookfast/early_exit/runner.py)."""
 
@@ -60,20 +51,21 @@ class MultiExitPipeline:
         self.max_batch = max_batch
 
     def capacity(self, stage: int) -> int:
+        """Units one batch of `stage` may hold: max_batch images."""
         return self.max_batch
 
     def weights(self, stage: int, state: tuple, n: int) -> list[int]:
+        """Units of each of the n rows of `state` at `stage`: 1 per image."""
         return [1] * n
 
     def run(self, stage: int, state: tuple, n: int) -> StepResult:
+        """stages[stage] then heads[stage] on `state` (n rows): the rows whose confidence passes the stage's
+        threshold finish (all of them at the last stage), the others go on with their compacted state."""
         runner, last = self.runner, self.num_stages - 1
-        state = _as_state(runner.stages[stage](state), f"stages[{stage}]")
-        logits, state = runner._split_head(stage, state)
-        if logits.shape[0] != n:
-            raise ValueError(f"heads[{stage}] returned {logits.shape[0]} rows of logits for {n} samples")
+        logits, state = runner._run_exit(stage, state, n)
         if stage == last:
             return StepResult(list(range(n)), logits, stage, None, [], None)
-        slots = _tensor_rows(state, n, f"after heads[{stage}]")
+        slots = _state_rows(state, n, stage)
         if self.thresholds is None:
             return StepResult([], None, stage, None, None, state)
         keep, exited = exit_compact(logits, self.thresholds[stage], criterion=runner.criterion)
@@ -93,25 +85,19 @@ class MultiExitPipeline:
 class LookWherePipeline:
     """LookWhere in two stages: selector (fixes k per image), then the extractor on packed ragged tokens.
 
-    The computation is the model's own (`LookWhere.forward_with_intermediates` split at the point where k is known),
-    so each image's result equals `model(image[None], k=..., k_mass=..., ...)` run alone."""
+    The computation is the model's own: stage 0 is `LookWhere.select`, stage 1 `LookWhere.extract`, the two halves
+    of its forward, so each image's result equals `model(image[None], k=..., k_mass=..., ...)` run alone."""
 
     kind = "lookwhere"
     num_stages = 2
 
     def __init__(self, model, k, k_mass, k_min: int, k_max: int | None, max_batch: int, max_tokens: int | None):
         self.model = model
-        n = model.grid * model.grid
-        if k is not None and k_mass is not None:
-            raise ValueError("give either k or k_mass, not both")
-        if k is not None:
-            if isinstance(k, bool) or not isinstance(k, int):
-                raise TypeError(f"k must be an int (one k for every image; use k_mass for ragged k), got {type(k).__name__}")
-            if not 1 <= k <= n:
-                raise ValueError(f"k must be in 1..{n} (patches in the high-res grid), got {k}")
-        if k_mass is not None:
-            # Validated once here with the model's own checks, on a dummy score row.
-            model._resolve_k(torch.zeros(1, n), None, k_mass, k_min, k_max)
+        # One k for every image: a tensor k (one per image) has no meaning for a stream of requests.
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+            raise TypeError(f"k must be an int (one k for every image; use k_mass for ragged k), got {type(k).__name__}")
+        # Validated once here by the model's own rule (what select will do per batch), on a dummy score row.
+        model.resolve_k(torch.zeros(1, model.grid * model.grid), k, k_mass, k_min, k_max)
         self.k, self.k_mass, self.k_min, self.k_max = k, k_mass, k_min, k_max
         self.prefix = model.extractor.num_prefix_tokens
         self.max_batch = max_batch
@@ -126,29 +112,29 @@ class LookWherePipeline:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
     def capacity(self, stage: int) -> int:
+        """Units one batch may hold: max_batch images (selector), max_tokens tokens (extractor)."""
         return self.max_batch if stage == 0 else self.max_tokens
 
     def weights(self, stage: int, state: tuple, n: int) -> list[int]:
+        """Units of each row: 1 per image at the selector, its prefix + k tokens at the extractor."""
         if stage == 0:
             return [1] * n
         return (state[3] + self.prefix).tolist()
 
     def run(self, stage: int, state: tuple, n: int) -> StepResult:
+        """Stage 0: state (images,) -> every row goes on with (images, scores, prefix, k (n,) int64). Stage 1: that
+        state (rows regrouped from any stage-0 batches) -> every row finishes with its logits and k."""
         model = self.model
         if stage == 0:
             images = state[0]
-            model._check_images(images)
-            scores, prefix = model.selector(images, model.grid)
-            if self.k_mass is not None:
-                k = model._resolve_k(scores, None, self.k_mass, self.k_min, self.k_max)
-            else:
-                k = torch.full((n,), self.k if self.k is not None else model.k, dtype=torch.int64)
+            (scores, prefix), k = model.select(images, self.k, k_mass=self.k_mass, k_min=self.k_min, k_max=self.k_max)
+            if not isinstance(k, torch.Tensor):  # one k for all: a row each, so batches can be regrouped
+                k = torch.full((n,), k, dtype=torch.int64)
             return StepResult([], None, 0, None, None, (images, scores, prefix, k))
         images, scores, prefix, k = state
         # Fixed k runs the dense path (as model(x, k=int) does); k_mass the packed ragged path (as alone).
         k_arg = k if self.k_mass is not None else int(k[0])
-        run = model._reference if model.ops == "reference" else model._fused
-        out = run(images, scores, prefix, k_arg, model.task)
+        out = model.extract(images, scores, prefix, k_arg)
         return StepResult(list(range(n)), out[f"{model.task}_logits"], 1, k.tolist(), [], None)
 
 
@@ -157,7 +143,7 @@ def _is_dyn_perceiver(model: Any) -> bool:
 
 
 def _is_lookwhere(model: Any) -> bool:
-    return hasattr(model, "selector") and hasattr(model, "extractor") and hasattr(model, "_resolve_k")
+    return all(hasattr(model, name) for name in ("selector", "extractor", "select", "extract"))
 
 
 def build_pipeline(model, thresholds, k, k_mass, k_min, k_max, max_batch, max_tokens, criterion):

@@ -54,10 +54,10 @@ STATIC_FULL = "static B32 full model (official)"
 
 # ------------------------------------------------------------------------------------------------ shared setup
 def _dp_model():
-    from lookfast.models import dyn_perceiver as dp
+    from lookfast.models.spec import ModelSpec
 
-    torch.manual_seed(0)  # the server of S3 builds the same weights with --seed 0
-    return dp.build(DP_NAME, ops="fused")
+    # The spec S3's server builds from `--random-weights --seed 0`: the same weights, by the same code.
+    return ModelSpec("dyn_perceiver", DP_NAME, random_weights=True, seed=0, options={"ops": "fused"}).load()
 
 
 def _png_images(n: int, seed: int) -> list[bytes]:
@@ -184,7 +184,6 @@ def s2_case(n_images: int = 64) -> Case:
     one, padded = "one image at a time", f"padded B{BATCH} at the batch's largest k"
 
     def setup():
-        from lookfast.models.lookwhere import k_from_mass
         from lookfast.serving import Engine
 
         model = _lw_model()
@@ -208,9 +207,8 @@ def s2_case(n_images: int = 64) -> Case:
         def pad():
             with torch.inference_mode():
                 for chunk in images.split(BATCH):
-                    scores, prefix = model.selector(chunk, model.grid)
-                    k = int(k_from_mass(scores, LW_K_MASS, LW_K_MIN, LW_K_MAX).max())
-                    model._fused(chunk, scores, prefix, k, "cls")  # every image at the batch's largest k
+                    (scores, prefix), k = model.select(chunk, **kw)
+                    model.extract(chunk, scores, prefix, int(k.max()))  # every image at the batch's largest k
 
         return _with_cpu_time(box, {ENGINE: engine, one: alone, padded: pad})
 

@@ -63,6 +63,8 @@ class LookWhereConfig:
     pretrain_grid: int = 37         # extractor position table of the checkpoint: 518 px
 
     def resolved(self) -> "LookWhereConfig":
+        """This config with num_reg_tokens, mlp and mlp_hidden filled from lw_type, after checking every field
+        (ValueError naming the field: lw_type, high_res_size, task, ops, depths, k)."""
         if self.lw_type not in TYPES and (self.num_reg_tokens is None or self.mlp is None):
             raise ValueError(f"lw_type must be one of {sorted(TYPES)} (or give num_reg_tokens and mlp), got {self.lw_type!r}")
         defaults = TYPES.get(self.lw_type, {})
@@ -173,14 +175,35 @@ class LookWhere(nn.Module):
         task = task or self.task
         if task not in TASKS + ("both",):
             raise ValueError(f"task must be 'cls', 'seg' or 'both', got {task!r}")
+        (scores, prefix), k = self.select(images, k, k_mass=k_mass, k_min=k_min, k_max=k_max)
+        out = self.extract(images, scores, prefix, k, task)
+        out.update(selector_map=scores, prefix_tokens=prefix, k=k)
+        return out
+
+    # ------------------------------------------------------------------ the two stages (forward and the engine)
+    # forward is select then extract; lookfast.serving's LookWherePipeline runs them as two stages with batches
+    # regrouped in between. Both go through these two methods only, so they cannot drift apart.
+    def select(self, images: torch.Tensor, k=None, *, k_mass: float | None = None, k_min: int = 1,
+               k_max: int | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], int | torch.Tensor]:
+        """Stage 1, the selector: checks images (B, 3, H, H) (TypeError / ValueError as forward), runs the selector
+        without gradient and resolves k. Returns ((scores (B, G*G), prefix (B, P, D)), k), k as `resolve_k` gives
+        it: an int (k given as an int, or None: the model's k) or a (B,) int64 tensor (k as a tensor, or k_mass).
+        Row i of every output depends on image i alone."""
         self._check_images(images)
         with torch.no_grad():
             scores, prefix = self.selector(images, self.grid)
-        k = self._resolve_k(scores, k, k_mass, k_min, k_max)
+        return (scores, prefix), self.resolve_k(scores, k, k_mass, k_min, k_max)
+
+    def extract(self, images: torch.Tensor, scores: torch.Tensor, prefix: torch.Tensor, k,
+                task: str | None = None) -> dict:
+        """Stage 2, the extractor on the top-k patches: images (B, 3, H, H) as given to `select`, its scores and
+        prefix (rows may be any subset of select's, regrouped, in any order) and k: an int (dense path: every image
+        keeps k) or a (B,) int64 tensor with values in 1..G*G (ragged path: ops="fused" packs tokens, "reference"
+        loops over images). k is not re-checked: give what `select`/`resolve_k` returned. task: "cls", "seg",
+        "both" (default the model's). Returns forward_with_intermediates' "cls_logits"/"seg_logits", "keep" and
+        (ragged) "cu_seqlens", computed by ops="reference" or "fused" as the model's `ops` says."""
         run = self._reference if self.ops == "reference" else self._fused
-        out = run(images, scores, prefix, k, task)
-        out.update(selector_map=scores, prefix_tokens=prefix, k=k)
-        return out
+        return run(images, scores, prefix, k, task or self.task)
 
     def _reference(self, images, scores, prefix, k, task) -> dict:
         if isinstance(k, torch.Tensor):  # ragged: one image at a time, then packed like the fused outputs
@@ -261,7 +284,13 @@ class LookWhere(nn.Module):
 
         check_finite_images(images)
 
-    def _resolve_k(self, scores, k, k_mass, k_min, k_max):
+    def resolve_k(self, scores: torch.Tensor, k=None, k_mass: float | None = None, k_min: int = 1,
+                  k_max: int | None = None):
+        """The k that forward uses for selector scores (B, G*G): the model's k when k and k_mass are None; k as an
+        int in 1..G*G; k as a (B,) integer tensor with values in 1..G*G (returned as int64 on scores' device); or,
+        with k_mass in (0, 1], `k_from_mass(scores, k_mass, k_min, k_max)` ((B,) int64; k_min, k_max ints in
+        1..G*G, k_min <= k_max, k_max default G*G). Raises ValueError (out of range, wrong shape, both k and k_mass)
+        or TypeError (k neither int nor integer tensor), naming the argument."""
         n = self.grid * self.grid
         if k_mass is not None:
             if k is not None:

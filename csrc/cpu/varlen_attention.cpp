@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "common/varlen_attention.h"
+#include "cpu/varlen_attention_lowp.h"
 #include "cpu/vector_math.h"
 
 namespace lookfast {
@@ -629,6 +630,11 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return pb;
 }
 
+// bf16 on a CPU with AVX512-BF16 runs the dot-product kernel of varlen_attention_lowp.cpp.
+varlen_lowp::Shape lowp_shape(const Problem& pb) {
+  return {pb.batch, pb.heads, pb.kv_heads, pb.head_dim, pb.v_dim, pb.cu_q, pb.cu_k, pb.scale, pb.causal};
+}
+
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& cu_q,
                                                             const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
@@ -637,6 +643,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& q,
   const int64_t total_q = q.size(0);
   at::Tensor out = at::empty({total_q, pb.heads, pb.v_dim}, q.options());
   at::Tensor lse = at::empty({pb.heads, total_q}, q.options().dtype(at::kFloat));
+  if (varlen_lowp::use_dot_kernel(q.scalar_type())) {
+    varlen_lowp::forward(lowp_shape(pb), q, k, v, out, lse);
+    return {out, lse};
+  }
   // Work items: (sample, head, chunk of queries), heads innermost within a kv head so K/V packing is reused.
   std::vector<FwdItem> items;
   for (int64_t b = 0; b < pb.batch; ++b) {
@@ -674,6 +684,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   const at::Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
+  if (varlen_lowp::use_dot_kernel(q.scalar_type())) {
+    varlen_lowp::backward(lowp_shape(pb), dout_c, q, k, v, out_c, lse_c, dq, dk, dv);
+    return {dq, dk, dv};
+  }
   const int64_t work = pb.batch * pb.kv_heads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_bwd_cpu", [&] {
     const scalar_t* dop = dout_c.data_ptr<scalar_t>();

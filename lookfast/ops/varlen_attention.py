@@ -93,6 +93,56 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "") == "1"
 
 
+# --------------------------------------------------------------------------------------------- autocast
+# Under torch.autocast attention behaves as scaled_dot_product_attention (a "lower_precision_fp" op on CPU and CUDA):
+# float32/float16/bfloat16 q, k, v run in the autocast dtype; float64 is left alone. Outside autocast, mismatched
+# dtypes are refused (see _validate).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(device_type: str):
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+
+
+def _autocast_inputs(q, k, v):
+    if not isinstance(q, torch.Tensor):
+        return q, k, v  # _validate names the bad argument
+    dtype = _autocast_dtype(q.device.type)
+    if dtype is None:
+        return q, k, v
+    return _autocast_cast(q, dtype), _autocast_cast(k, dtype), _autocast_cast(v, dtype)
+
+
+# Autocast kernels for the ops themselves (direct torch.ops.lookfast calls): cast q, k, v as above, then run the op
+# with the autocast key excluded (the pattern of torch.library.register_autocast, with the autocast dtype read at call
+# time instead of fixed at registration).
+_AUTOCAST_LIB = torch.library.Library("lookfast", "FRAGMENT")
+
+
+def _register_autocast(qualname: str) -> None:
+    op = getattr(torch.ops.lookfast, qualname.split("::")[1]).default
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def _impl(*args, _device_type=device_type, _key=key):
+            dtype = torch.get_autocast_dtype(_device_type)
+            q, k, v = (_autocast_cast(t, dtype) for t in args[:3])
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(q, k, v, *args[3:])
+
+        if op.has_kernel_for_dispatch_key(key):
+            op.py_kernels.pop(key, None)
+        op.py_impl(key)(_impl)
+        _AUTOCAST_LIB.impl(qualname.split("::")[1], lambda _ks, *args, _f=_impl: _f(*args), key_name, with_keyset=True)
+
+
 # --------------------------------------------------------------------------------------------- reference
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal=False):
     """Pure-PyTorch oracle: per-sample softmax(q k^T * scale) v in float32 (float64 for float64 inputs).
@@ -173,6 +223,8 @@ def _register_cpp() -> bool:
 
 
 _HAS_CPP_OP = _register_cpp()
+if _HAS_CPP_OP:
+    _register_autocast("lookfast::varlen_attention_fwd")
 
 
 # --------------------------------------------------------------------------------------------- Triton op
@@ -225,6 +277,7 @@ _varlen_attention_triton_bwd.register_fake(_fake_bwd)
 _varlen_attention_triton.register_autograd(
     _make_backward(lambda *a: torch.ops.lookfast.varlen_attention_triton_bwd(*a)), setup_context=_setup_context
 )
+_register_autocast("lookfast::varlen_attention_triton")
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -262,6 +315,7 @@ def varlen_attention(
     cu_seqlens values are checked on the host for CPU tensors; for CUDA tensors that would sync the device on every
     call, so it is done only with LOOKFAST_CHECK_CU_SEQLENS=1 (the GPU kernels stay in bounds regardless).
     """
+    q, k, v = _autocast_inputs(q, k, v)
     scale = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
     causal = bool(causal)
     backend = _dispatch.backend_for(_OP, q.device)  # a compile-time constant under torch.compile

@@ -1,4 +1,5 @@
-"""Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]`
+"""Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]
+[--dtype float32|bfloat16|all]`
 and `python -m lookfast info` (which backends and kernels this install has)."""
 from __future__ import annotations
 
@@ -29,13 +30,23 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--only", nargs="+", metavar="ID", help="run only these case ids (G1, A3, ...) or op names")
     bench.add_argument("--threads", nargs="+", type=int, help="intra-op thread counts (default: 1; full run: 1 2)")
     bench.add_argument("--plot", metavar="PNG", help="write a speedup plot (needs matplotlib)")
+    bench.add_argument("--dtype", choices=["float32", "bfloat16", "all"], default=None,
+                       help="precision of the cases that have variants (ids of low-precision variants end in -bf16); "
+                            "default: bfloat16 where the CPU has AMX or AVX512-BF16, else float32")
     sub.add_parser("info", help="show the compiled backends and registered kernels")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
     from .benchmarks.run import main as run_bench
 
-    return run_bench(args.quick, args.json, args.only, args.threads, args.plot)
+    from .benchmarks.case import DTYPE_NAMES
+
+    dtypes = None
+    if args.dtype == "all":
+        dtypes = [DTYPE_NAMES["float32"], DTYPE_NAMES["bfloat16"]]
+    elif args.dtype:
+        dtypes = [DTYPE_NAMES[args.dtype]]
+    return run_bench(args.quick, args.json, args.only, args.threads, args.plot, dtypes)
 
 
 if __name__ == "__main__":

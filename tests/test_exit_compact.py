@@ -14,8 +14,8 @@ import torch
 
 import lookfast
 from lookfast import _ext
-from lookfast.exit_calibration import exits_taken
-from lookfast.ops import exit as ex
+from lookfast.early_exit.calibration import exits_taken
+from lookfast.ops import exit_compact as ex
 
 CRITERIA = ["max_softmax", "entropy", "margin"]
 needs_cpp = pytest.mark.skipif(not _ext.loaded, reason=f"lookfast._C not built: {_ext.load_error}")

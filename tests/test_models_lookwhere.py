@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lookfast.models.lookwhere import LookWhere, k_from_mass
-from lookfast.models.lookwhere_fill import fill_fused, fill_reference, nearest_kept
+from lookfast.models.lookwhere.fill import fill_fused, fill_reference, nearest_kept
 
 sys.path.insert(0, os.path.dirname(__file__))
 from compat_weights import fill_state_dict  # noqa: E402

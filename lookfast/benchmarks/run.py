@@ -18,11 +18,15 @@ from .cases import CASE_MODULES
 from .timing import measure, summarize_samples
 
 
-def load_cases(quick: bool, only: list[str] | None) -> list[Case]:
+def load_cases(quick: bool, only: list[str] | None, dtypes: list[torch.dtype] | None = None) -> list[Case]:
+    """The suite's cases: all, or the quick ones; only those named in `only` (ids, id prefixes or op names); and
+    among precision variants only those in `dtypes` (None: every dtype). Cases without a dtype always run."""
     cases: list[Case] = []
     for name in CASE_MODULES:
         module = importlib.import_module(f"{__package__}.cases.{name}")
         cases += module.cases()
+    if dtypes is not None:
+        cases = [c for c in cases if c.dtype is None or c.dtype in dtypes]
     if quick:
         cases = [c for c in cases if c.quick]
     if only:
@@ -84,16 +88,18 @@ def _run_case(case: Case, threads: int, min_seconds: float, ceil: dict[str, floa
 
 
 def _format_table(rows: list[dict[str, Any]], ceil: dict[str, float]) -> str:
-    header = f"{'id':<8} {'op':<20} {'impl':<34} {'thr':>3} {'median ms':>10} {'lookfast x':>10} {'GB/s':>7} {'GFLOP/s':>8}  bar"
+    header = f"{'id':<12} {'op':<20} {'impl':<34} {'thr':>3} {'median ms':>10} {'lookfast x':>10} {'GB/s':>7} {'GFLOP/s':>8}  bar"
+    bf16 = f", bf16 mm {ceil['mm_bf16_gflops']:.1f} GFLOP/s" if ceil.get("mm_bf16_gflops") else ""
     lines = [
-        f"machine ceilings: copy {ceil['copy_gbs']:.1f} GB/s, fp32 mm {ceil['mm_gflops']:.1f} GFLOP/s (1 thread)",
+        f"machine ceilings: copy {ceil['copy_gbs']:.1f} GB/s, fp32 mm {ceil['mm_gflops']:.1f} GFLOP/s{bf16} (1 thread); "
+        f"matrix features: {', '.join(ceil['matrix_features']) or 'none (bf16 runs as fp32 FMAs)'}",
         header,
         "-" * len(header),
     ]
     for row in rows:
         case: Case = row["case"]
         if "error" in row:
-            lines.append(f"{case.id:<8} {case.op:<20} {row['impl']:<34} {row['threads']:>3}  failed: {row['error'][:80]}")
+            lines.append(f"{case.id:<12} {case.op:<20} {row['impl']:<34} {row['threads']:>3}  failed: {row['error'][:80]}")
             continue
         sp = row.get("speedup_of_lookfast")
         gbs = f"{row['gbs']:.1f}" if row.get("gbs") else ""
@@ -103,11 +109,11 @@ def _format_table(rows: list[dict[str, Any]], ceil: dict[str, float]) -> str:
             bar = f">= {row['bar']:g}x {'met' if row['bar_met'] else 'NOT met'}"
         sp_text = f"{sp:.2f}" if sp is not None else ""
         lines.append(
-            f"{case.id:<8} {case.op:<20} {row['impl']:<34} {row['threads']:>3} {row['stats']['median'] * 1e3:>10.3f} "
+            f"{case.id:<12} {case.op:<20} {row['impl']:<34} {row['threads']:>3} {row['stats']['median'] * 1e3:>10.3f} "
             f"{sp_text:>10} {gbs:>7} {gfl:>8}  {bar}"
         )
         for note in row.get("notes", []):
-            lines.append(f"{'':<8} note: {note}")
+            lines.append(f"{'':<12} note: {note}")
     return "\n".join(lines)
 
 
@@ -118,6 +124,7 @@ def _json_doc(rows: list[dict[str, Any]], ceil: dict[str, float], quick: bool) -
         extra = {
             "op": case.op,
             "shape": case.shape,
+            "dtype": str(case.dtype).replace("torch.", "") if case.dtype is not None else None,
             "threads": row["threads"],
             "bytes": case.bytes,
             "flops": case.flops,
@@ -148,7 +155,10 @@ def _json_doc(rows: list[dict[str, Any]], ceil: dict[str, float], quick: bool) -
             "torch_version": torch.__version__,
             "copy_gbs": ceil["copy_gbs"],
             "mm_gflops": ceil["mm_gflops"],
+            "mm_bf16_gflops": ceil.get("mm_bf16_gflops"),
+            "matrix_features": ceil["matrix_features"],
         },
+        "dtypes": ceil["dtypes"],
         "quick": quick,
         "datetime": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "benchmarks": benchmarks,
@@ -181,17 +191,27 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     fig.savefig(path)
 
 
-def main(quick: bool, json_path: str | None, only: list[str] | None, threads: list[int] | None, plot: str | None) -> int:
+def main(quick: bool, json_path: str | None, only: list[str] | None, threads: list[int] | None, plot: str | None,
+         dtypes: list[torch.dtype] | None = None) -> int:
+    """Run the suite. `dtypes`: the precisions of the cases that have variants (None: `ceilings.default_dtypes()`,
+    bf16 where the CPU has AMX or AVX512-BF16, else float32)."""
     start = time.perf_counter()
     min_seconds = 0.2 if quick else 0.5
-    cases = load_cases(quick, only)
+    dtypes = dtypes or ceilings.default_dtypes()
+    cases = load_cases(quick, only, dtypes)
     threads = threads or ([1] if quick else [1, 2])
     torch.set_num_threads(1)
-    _progress(f"lookfast bench: {len(cases)} cases, threads {threads}, {'quick' if quick else 'full'} run")
+    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    _progress(f"lookfast bench: {len(cases)} cases, threads {threads}, dtypes {names}, "
+              f"{'quick' if quick else 'full'} run")
     _progress("  measuring machine ceilings ...")
-    ceil = {
+    n_mm = 1024 if quick else 2048
+    ceil: dict[str, Any] = {
         "copy_gbs": ceilings.copy_bandwidth_gbs(128 if quick else 256, min_seconds),
-        "mm_gflops": ceilings.matmul_gflops(1024 if quick else 2048, min_seconds),
+        "mm_gflops": ceilings.matmul_gflops(n_mm, min_seconds),
+        "mm_bf16_gflops": ceilings.matmul_gflops(n_mm, min_seconds, torch.bfloat16),
+        "matrix_features": ceilings.matrix_features(),
+        "dtypes": [str(d).replace("torch.", "") for d in dtypes],
     }
     rows: list[dict[str, Any]] = []
     jobs = [(c, t) for c in cases for t in threads if t == 1 or c.multi_thread]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ceilings
-from ..case import Case
+from ..case import Case, dtype_variants
 
 
 def official_embed_then_gather(images, scores, k, p, weight, bias, pos):
@@ -58,22 +58,25 @@ def _reference(images, scores, k, p, weight=None, bias=None, pos=None):
     return idx, patch_gather_embed_reference(images, idx.reshape(-1), cu, p, weight, bias, pos2d).reshape(b, k, -1)
 
 
-def _embed_case(case_id: str, b: int, size: int, p: int, k: int, d: int, quick: bool) -> Case:
+def _embed_case(case_id: str, b: int, size: int, p: int, k: int, d: int, quick: bool,
+                dtype: torch.dtype = torch.float32) -> Case:
     c = 3
     g = (size // p) ** 2
     rows, patch_dim = b * k, c * p * p
-    nbytes = 4 * (rows * patch_dim + d * patch_dim + d + rows * d + rows * d + b * g)
+    e = torch.finfo(dtype).bits // 8
+    # pixels, weight, bias, positions and tokens in `dtype`; scores stay float32
+    nbytes = e * (rows * patch_dim + d * patch_dim + d + rows * d + rows * d) + 4 * b * g
     flops = 2 * rows * patch_dim * d + 2 * rows * d
 
     def setup():
         import lookfast
 
         gen = torch.Generator().manual_seed(0)
-        images = torch.randn(b, c, size, size, generator=gen)
+        images = torch.randn(b, c, size, size, generator=gen).to(dtype)
         scores = torch.randn(b, g, generator=gen)
-        weight = torch.randn(d, c, p, p, generator=gen) * 0.02
-        bias = torch.randn(d, generator=gen)
-        pos = torch.randn(1, g, d, generator=gen)
+        weight = (torch.randn(d, c, p, p, generator=gen) * 0.02).to(dtype)
+        bias = torch.randn(d, generator=gen).to(dtype)
+        pos = torch.randn(1, g, d, generator=gen).to(dtype)
         compiled = torch.compile(gather_then_linear, dynamic=False)
         args = (images, scores, k, p, weight, bias, pos)
         return {
@@ -91,7 +94,8 @@ def _embed_case(case_id: str, b: int, size: int, p: int, k: int, d: int, quick: 
         setup=setup,
         bytes=nbytes,
         flops=flops,
-        bars={"official (embed all, gather)": 10.0, "gather+linear torch.compile": 1.5},
+        bars={"official (embed all, gather)": 10.0, "gather+linear torch.compile": 1.5} if dtype == torch.float32
+        else {"gather+linear torch.compile": 1.5},
         quick=quick,
     )
 
@@ -161,7 +165,7 @@ def _raw_case() -> Case:
 
 def cases() -> list[Case]:
     return [
-        _embed_case("G1", 4, 1036, 14, 274, 768, quick=False),
-        _embed_case("G2", 8, 518, 14, 136, 768, quick=True),
+        *dtype_variants(lambda dt: _embed_case("G1", 4, 1036, 14, 274, 768, quick=False, dtype=dt)),
+        *dtype_variants(lambda dt: _embed_case("G2", 8, 518, 14, 136, 768, quick=True, dtype=dt)),
         _raw_case(),
     ]

@@ -262,6 +262,6 @@ class DynPerceiver(nn.Module):
         every sample still running takes exit 4), e.g. from `lookfast.calibrate_thresholds`. Returns (logits
         (B, num_classes), exit_index (B,) int64 in 0..3); later stages run on the surviving samples only, and each
         sample's logits are the full model's logits at the exit it took."""
-        from .early_exit import forward_early_exit
+        from .exit_stages import forward_early_exit
 
         return forward_early_exit(self, images, thresholds)

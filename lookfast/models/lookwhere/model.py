@@ -13,7 +13,7 @@ Two computations with the same result (to float tolerance):
 - ops="fused": `lookfast.topk_patch_gather` embeds only the kept patches (unselected pixels are never read),
   packed tokens through `lookfast.varlen_attention`, a last block that computes only the CLS row for "cls",
   the head applied to the k kept tokens before the fill (it is linear and the fill weights sum to 1), and a fill
-  that selects the 5 nearest by exact integer keys instead of sorting (see lookwhere_fill).
+  that selects the 5 nearest by exact integer keys instead of sorting (see fill.py).
 
 Beyond the official code, k may differ per image: `model(x, k=torch.tensor([...]))`, or the score-mass rule
 `model(x, k_mass=0.5, k_min=16, k_max=300)`: per image the fewest top patches whose softmaxed selector scores sum
@@ -31,8 +31,8 @@ from torch import nn
 
 import lookfast
 
-from .lookwhere_fill import fill_fused, fill_reference
-from .lookwhere_selector import Selector
+from .fill import fill_fused, fill_reference
+from .selector import Selector
 from .vit import VisionTransformer, resize_pos_embed, swiglu_hidden
 
 TYPES = {"dinov2": dict(num_reg_tokens=4, mlp="gelu"), "franca": dict(num_reg_tokens=0, mlp="swiglu")}

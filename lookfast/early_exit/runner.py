@@ -42,9 +42,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ._validate import require_float_list
-from .exit_calibration import budget_proportions, calibrate_thresholds, expected_cost
-from .ops.exit import compact_rows, criterion_code, exit_compact, exit_scatter
+from .._validate import require_float_list
+from .calibration import budget_proportions, calibrate_thresholds, expected_cost
+from ..ops.exit_compact import compact_rows, criterion_code, exit_compact, exit_scatter
 
 # The early-exit family's public names (lookfast/__init__.py re-exports them from here).
 __all__ = ["EarlyExitRunner", "exit_compact", "exit_scatter", "calibrate_thresholds", "budget_proportions",

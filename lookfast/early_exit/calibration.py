@@ -15,8 +15,8 @@ from typing import Sequence
 
 import torch
 
-from ._validate import FLOAT_DTYPES, require_dtype, require_float_list
-from .ops.exit import exit_confidence_reference
+from .._validate import FLOAT_DTYPES, require_dtype, require_float_list
+from ..ops.exit_compact import exit_confidence_reference
 
 
 def _proportion_list(proportions, name: str = "proportions") -> list[float]:

@@ -488,6 +488,42 @@ LF_FORWARD_OVERLOAD(forward_items_bf16, c10::BFloat16)
 #undef LF_FORWARD_OVERLOAD
 
 // ------------------------------------------------------------------------------------------------ backward
+// Probabilities of one query tile for all the keys it sees, normalised as softmax does: P = exp2(s2 - max) / sum, with
+// max and sum taken here in acc_t. Recomputing P as exp2(s2 - lse * log2e) from the saved float32 lse instead
+// subtracts a number of magnitude |lse| (about log2 of the key count even for small scores) and inherits lse's float32
+// rounding: P then carries ~ulp(|lse|) relative error, which made float32 dk/dv 3-6x less accurate than torch's own
+// float32 attention math (near-uniform attention over 256 keys) and capped float64 gradients at ~1e-7. Q.K^T is still
+// computed once per tile: the scores are kept (keys x VL) and overwritten by P. `live` is 0 for pad lanes.
+template <typename acc_t, int DIM>
+LF_INLINE void tile_probabilities(const acc_t* qt, const acc_t* kbuf, int64_t ldh, int64_t Dh, int k_lo, int k_hi,
+                                  const int* key_end, typename Vec<acc_t>::type live, acc_t* p) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  V m = vbroadcast(neg_inf);
+  for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
+    const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0);
+    V mx = scores_t<acc_t, DIM>(qt, kbuf + j0 * ldh, ldh, Dh, nb, p + j0 * VL);
+    if (j0 + nb > k_lo) {
+      mask_causal(p + j0 * VL, j0, nb, key_end);
+      mx = vbroadcast(neg_inf);
+      for (int64_t j = 0; j < nb; ++j) mx = vmax(mx, vload(p + (j0 + j) * VL));
+    }
+    m = vmax(m, mx);
+  }
+  const V ms = m == neg_inf ? V{} : m;  // varlen::safe_max, lane-wise
+  V l = {};
+  for (int64_t j = 0; j < k_hi; ++j) {
+    const V e = vexp2(vload(p + j * VL) - ms);
+    vstore(p + j * VL, e);
+    l += e;
+  }
+  // A lane with no key (l == 0) or a pad lane weighs 0; a NaN sum stays NaN.
+  V inv = l > acc_t(0) ? acc_t(1) / l : (l == acc_t(0) ? V{} : l);
+  inv = live > acc_t(0) ? inv : V{};
+  for (int64_t j = 0; j < k_hi; ++j) vstore(p + j * VL, vload(p + j * VL) * inv);
+}
+
 template <typename scalar_t, typename acc_t, int DIM>
 LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, const scalar_t* dout, const scalar_t* q,
                                   const scalar_t* k, const scalar_t* v, const scalar_t* out, const float* lse,
@@ -504,7 +540,7 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
   const acc_t scale = static_cast<acc_t>(pb.scale);
 
   AlignedBuffer<acc_t> kbuf(len_k * ldh), vbuf(len_k * ldv), dkacc(len_k * ldh), dvacc(len_k * ldv);
-  AlignedBuffer<acc_t> qt(Dh * VL), qrows(VL * ldh), dot(Dv * VL), dorows(VL * ldv), pt(kKeyBlock * VL),
+  AlignedBuffer<acc_t> qt(Dh * VL), qrows(VL * ldh), dot(Dv * VL), dorows(VL * ldv), pt(len_k * VL),
       dst(kKeyBlock * VL), dqt(std::max<int64_t>(ldh, ldv) * VL);
   pack_rows(k + k0 * Hk * Dh + kvh * Dh, Hk * Dh, len_k, Dh, ldh, kbuf.data);
   pack_rows(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, ldv, vbuf.data);
@@ -544,17 +580,16 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
       pack_transposed(orow, H * Dv, n, Dv, acc_t(1), dqt.data);
       V delta = {};
       for (int64_t c = 0; c < Dv; ++c) delta += vload(dot.data + c * VL) * vload(dqt.data + c * VL);
-      const V shift = vload(shift_l);
+      const V live = vload(shift_l) == std::numeric_limits<acc_t>::infinity() ? V{} : vbroadcast(acc_t(1));
+      tile_probabilities<acc_t, DIM>(qt.data, kbuf.data, ldh, Dh, k_lo, k_hi, key_end, live, pt.data);
       for (int64_t c = 0; c < ldh; ++c) vstore(dqt.data + c * VL, V{});
       for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
         const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0);
-        scores_t<acc_t, DIM>(qt.data, kbuf.data + j0 * ldh, ldh, Dh, nb, pt.data);
-        if (j0 + nb > k_lo) mask_causal(pt.data, j0, nb, key_end);
-        for (int64_t j = 0; j < nb; ++j) vstore(pt.data + j * VL, vexp2(vload(pt.data + j * VL) - shift));
+        const acc_t* pb = pt.data + j0 * VL;
         scores_t<acc_t, DIM>(dot.data, vbuf.data + j0 * ldv, ldv, Dv, nb, dst.data);  // dP^T = dO V^T
         for (int64_t j = 0; j < nb; ++j)
-          vstore(dst.data + j * VL, vload(pt.data + j * VL) * (vload(dst.data + j * VL) - delta));
-        accumulate_rows(pt.data, dorows.data, ldv, ldv, nb, dvacc.data + j0 * ldv, ldv);   // dV += P^T dO
+          vstore(dst.data + j * VL, vload(pb + j * VL) * (vload(dst.data + j * VL) - delta));
+        accumulate_rows(pb, dorows.data, ldv, ldv, nb, dvacc.data + j0 * ldv, ldv);        // dV += P^T dO
         accumulate_rows(dst.data, qrows.data, ldh, ldh, nb, dkacc.data + j0 * ldh, ldh);   // dK += dS^T Q
         accumulate_pv(dst.data, kbuf.data + j0 * ldh, ldh, ldh, nb, dqt.data);             // dQ^T += K^T dS^T
       }

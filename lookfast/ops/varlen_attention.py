@@ -5,7 +5,7 @@ dim 0 of `q` (total_q, H, Dh), the keys/values along dim 0 of `k`/`v` (total_k, 
 (B+1,) int32 give each sample's row range. Query head h uses kv head h // (H // Hk) (grouped-query attention).
 
 Backends (see `lookfast._dispatch`): the C++ op `lookfast::varlen_attention_fwd` / `_bwd` (CPU kernel in
-csrc/cpu/varlen_attention.cpp, CUDA kernel in csrc/cuda/varlen_attention.cu), the Triton op
+csrc/cpu/varlen_attention.cpp, with the bf16 dot-product kernel in csrc/cpu/varlen_attention_lowp.cpp; CUDA kernel in csrc/cuda/varlen_attention.cu), the Triton op
 `lookfast::varlen_attention_triton` / `_triton_bwd` defined here around the launchers in
 `lookfast.kernels.varlen_attention` (imported on first use, so CPU users never need triton), and the pure-PyTorch
 reference `varlen_attention_reference` (per-sample math; the oracle of the tests).
@@ -312,6 +312,25 @@ def varlen_attention(
         out (total_q, H, Dv) in q's dtype, or (out, lse) with return_lse. A query that sees no key (zero-key sample,
         or masked out by causality) gets zeros and lse = -inf. Differentiable in q, k and v (not through lse).
 
+    Precision (CPU kernels), per input dtype:
+        float64: end to end in float64, softmax statistics included (the backward recomputes each row's max and sum
+            in float64 rather than using the float32 lse), so gradients agree with float64 math to ~1e-12.
+        float32: float32 throughout; the backward normalises probabilities as softmax does (exp(s - max) / sum,
+            recomputed per query tile) and meets FlashAttention's 3x rule against PyTorch's float32 math.
+        bfloat16: q, k, v, out and gradients stored in bf16; Q.K^T, P.V and the backward's dO.V^T, P^T.dO, dS^T.Q,
+            dS.K are bf16 products with float32 accumulation on the CPU's bf16 dot-product unit (AVX512-BF16, chosen
+            at run time); softmax max/sum/lse, delta and accumulators in float32; P and dS rounded to bf16 as GEMM
+            operands; outputs rounded once. CPUs without AVX512-BF16 (or LOOKFAST_CPU_ISA=baseline) run the portable
+            kernel, which widens to float32 and uses float32 FMAs.
+        float16: stored in fp16, computed by the portable kernel in float32 (no fp16 dot-product path yet).
+        lse is float32 for every input dtype (one op schema on every device).
+    Error against float64 truth is at most 2x (out) / 3x (gradients) that of plain PyTorch attention in the same
+    low precision (tests/test_varlen_attention_lowp.py).
+
+    Autocast: under torch.autocast (CPU or CUDA) this behaves as scaled_dot_product_attention: float32/float16/bfloat16
+    q, k, v are cast to the autocast dtype (mixed dtypes are fine there); float64 is left alone. Outside autocast,
+    q, k and v must share a dtype (TypeError naming the argument otherwise).
+
     cu_seqlens values are checked on the host for CPU tensors; for CUDA tensors that would sync the device on every
     call, so it is done only with LOOKFAST_CHECK_CU_SEQLENS=1 (the GPU kernels stay in bounds regardless).
     """
@@ -338,7 +357,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_length
             (a length of 0 gives zeros for that sample).
 
     Returns:
-        (B, Lq, H, Dv) in q's dtype, softmax(q k^T / sqrt(Dh)) v per sample and head.
+        (B, Lq, H, Dv) in q's dtype, softmax(q k^T / sqrt(Dh)) v per sample and head. Under torch.autocast, in the
+        autocast dtype (as varlen_attention).
 
     Without kv_lengths the packing is a view (no copy) for contiguous inputs; with kv_lengths the kept keys are
     gathered (one copy of k and v; for CUDA tensors this needs a host sync for the total length).

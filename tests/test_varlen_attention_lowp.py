@@ -29,8 +29,8 @@ def _cpu_has_avx512_bf16() -> bool:
 
 @pytest.fixture(params=["native", "baseline"])
 def isa(request, monkeypatch):
-    """Runs a test on the kernel the CPU picks (the bf16 dot-product kernel where it has AVX512-BF16) and on the
-    portable one."""
+    """Runs a test on the kernel the CPU picks (for bf16 with head dim >= 32, the dot-product kernel where the CPU has
+    AVX512-BF16) and on the portable one."""
     if request.param == "baseline":
         monkeypatch.setenv("LOOKFAST_CPU_ISA", "baseline")
     else:
@@ -132,9 +132,9 @@ def test_lowp_random_shapes(seed, isa, dtype):
 
 @needs_cpp
 def test_dot_kernel_runs_where_the_cpu_has_it(seed, monkeypatch):
-    # Where the CPU has AVX512-BF16, bf16 must take the dot-product kernel: its rounding (P in bf16 before P.V)
-    # differs from the portable kernel's float32 P, so the two results differ in some bits.
-    q, k, v, cu_q, cu_k, mq, mk = _make([40, 7], [50, 9], 2, 1, 16, 16, torch.bfloat16)
+    # Where the CPU has AVX512-BF16, bf16 with head dim >= 32 must take the dot-product kernel: its rounding (P in
+    # bf16 before P.V) differs from the portable kernel's float32 P, so the two results differ in some bits.
+    q, k, v, cu_q, cu_k, mq, mk = _make([40, 7], [50, 9], 2, 1, 32, 32, torch.bfloat16)
     monkeypatch.delenv("LOOKFAST_CPU_ISA", raising=False)
     native = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk)
     monkeypatch.setenv("LOOKFAST_CPU_ISA", "baseline")
@@ -184,12 +184,12 @@ def test_lowp_nan_propagates_like_torch_math(seed, dtype, monkeypatch):
     if dtype == torch.float16 or not _cpu_has_avx512_bf16():
         pytest.skip("the portable kernel's NaN propagation is issue 14's work; this checks the bf16 dot-product kernel")
     monkeypatch.delenv("LOOKFAST_CPU_ISA", raising=False)
-    q, k, v, cu_q, cu_k, mq, mk = _make([9, 6], [12, 5], 2, 1, 16, 16, dtype)
+    q, k, v, cu_q, cu_k, mq, mk = _make([9, 6], [12, 5], 2, 1, 32, 32, dtype)
     k[5, 0, 7] = float("nan")
     q[9 + 2, 0, 3] = float("nan")
     for causal in (False, True):
         out = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=causal)
-        ref = _torch_math(q, k, v, cu_q, cu_k, 0.25, causal, torch.float64)
+        ref = _torch_math(q, k, v, cu_q, cu_k, 32**-0.5, causal, torch.float64)
         nan_rows = torch.isnan(ref).any(-1)
         assert torch.equal(torch.isnan(out).any(-1), nan_rows)
         assert nan_rows[11, 0] and not nan_rows[11, 1] and nan_rows[:9].any() and not nan_rows[9:].all()

@@ -41,6 +41,7 @@ using namespace cpu_vec;
 
 constexpr int kKeyBlock = 128;   // keys per score block (S^T block = kKeyBlock x VL accumulators, fits L1)
 constexpr int kQueryChunk = 256; // queries per forward work item (K/V packing amortised over them)
+constexpr int kFlushTiles = 4;   // backward: query tiles summed apart before joining the dK/dV totals
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -541,11 +542,23 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
 
   AlignedBuffer<acc_t> kbuf(len_k * ldh), vbuf(len_k * ldv), dkacc(len_k * ldh), dvacc(len_k * ldv);
   AlignedBuffer<acc_t> qt(Dh * VL), qrows(VL * ldh), dot(Dv * VL), dorows(VL * ldv), pt(len_k * VL),
-      dst(kKeyBlock * VL), dqt(std::max<int64_t>(ldh, ldv) * VL);
+      dst(kKeyBlock * VL), dqt(std::max<int64_t>(ldh, ldv) * VL), dqblk(ldh * VL);
   pack_rows(k + k0 * Hk * Dh + kvh * Dh, Hk * Dh, len_k, Dh, ldh, kbuf.data);
   pack_rows(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, ldv, vbuf.data);
   std::fill(dkacc.data, dkacc.data + len_k * ldh, acc_t(0));
   std::fill(dvacc.data, dvacc.data + len_k * ldv, acc_t(0));
+  // Two-level sums for dK and dV: each query tile adds a rank-VL update, and summing all of a sample's (query, head)
+  // rows in one running sum makes a chain of thousands of additions per element (dk/dv 3-6x torch's float32 error for
+  // MQA with 512 queries x 4 heads). Tiles add into dkblk/dvblk, flushed into dkacc/dvacc every kFlushTiles tiles.
+  AlignedBuffer<acc_t> dkblk(len_k * ldh), dvblk(len_k * ldv);
+  std::fill(dkblk.data, dkblk.data + len_k * ldh, acc_t(0));
+  std::fill(dvblk.data, dvblk.data + len_k * ldv, acc_t(0));
+  int64_t pending = 0;
+  const auto flush = [&] {
+    for (int64_t x = 0; x < len_k * ldh; ++x) dkacc.data[x] += dkblk.data[x], dkblk.data[x] = acc_t(0);
+    for (int64_t x = 0; x < len_k * ldv; ++x) dvacc.data[x] += dvblk.data[x], dvblk.data[x] = acc_t(0);
+    pending = 0;
+  };
 
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < len_q; i0 += VL) {
@@ -589,13 +602,21 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
         scores_t<acc_t, DIM>(dot.data, vbuf.data + j0 * ldv, ldv, Dv, nb, dst.data);  // dP^T = dO V^T
         for (int64_t j = 0; j < nb; ++j)
           vstore(dst.data + j * VL, vload(pb + j * VL) * (vload(dst.data + j * VL) - delta));
-        accumulate_rows(pb, dorows.data, ldv, ldv, nb, dvacc.data + j0 * ldv, ldv);        // dV += P^T dO
-        accumulate_rows(dst.data, qrows.data, ldh, ldh, nb, dkacc.data + j0 * ldh, ldh);   // dK += dS^T Q
-        accumulate_pv(dst.data, kbuf.data + j0 * ldh, ldh, ldh, nb, dqt.data);             // dQ^T += K^T dS^T
+        accumulate_rows(pb, dorows.data, ldv, ldv, nb, dvblk.data + j0 * ldv, ldv);        // dV += P^T dO
+        accumulate_rows(dst.data, qrows.data, ldh, ldh, nb, dkblk.data + j0 * ldh, ldh);   // dK += dS^T Q
+        if (k_hi <= kKeyBlock) {
+          accumulate_pv(dst.data, kbuf.data + j0 * ldh, ldh, ldh, nb, dqt.data);           // dQ^T += K^T dS^T
+        } else {  // per key block, then into the total (shorter summation chains, as for dK/dV below)
+          for (int64_t c = 0; c < ldh; ++c) vstore(dqblk.data + c * VL, V{});
+          accumulate_pv(dst.data, kbuf.data + j0 * ldh, ldh, ldh, nb, dqblk.data);
+          for (int64_t c = 0; c < ldh; ++c) vstore(dqt.data + c * VL, vload(dqt.data + c * VL) + vload(dqblk.data + c * VL));
+        }
       }
       store_transposed(dqt.data, n, Dh, scale, dq + ((q0 + i0) * H + h) * Dh, H * Dh);
+      if (++pending == kFlushTiles) flush();
     }
   }
+  if (pending > 0) flush();
   for (int64_t j = 0; j < len_k; ++j) {
     scalar_t* gk = dk + ((k0 + j) * Hk + kvh) * Dh;
     scalar_t* gv = dv + ((k0 + j) * Hk + kvh) * Dv;
@@ -678,7 +699,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& q,
   const int64_t total_q = q.size(0);
   at::Tensor out = at::empty({total_q, pb.heads, pb.v_dim}, q.options());
   at::Tensor lse = at::empty({pb.heads, total_q}, q.options().dtype(at::kFloat));
-  if (varlen_lowp::use_dot_kernel(q.scalar_type())) {
+  if (varlen_lowp::use_dot_kernel(q.scalar_type(), pb.head_dim)) {
     varlen_lowp::forward(lowp_shape(pb), q, k, v, out, lse);
     return {out, lse};
   }
@@ -719,7 +740,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   const at::Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
-  if (varlen_lowp::use_dot_kernel(q.scalar_type())) {
+  if (varlen_lowp::use_dot_kernel(q.scalar_type(), pb.head_dim)) {
     varlen_lowp::backward(lowp_shape(pb), dout_c, q, k, v, out_c, lse_c, dq, dk, dv);
     return {dq, dk, dv};
   }

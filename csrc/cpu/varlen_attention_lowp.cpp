@@ -42,8 +42,8 @@
 namespace lookfast {
 namespace varlen_lowp {
 
-bool use_dot_kernel(at::ScalarType dtype) {
-  if (dtype != at::kBFloat16) return false;
+bool use_dot_kernel(at::ScalarType dtype, int64_t head_dim) {
+  if (dtype != at::kBFloat16 || head_dim < kMinDotHeadDim) return false;
   const char* isa = std::getenv("LOOKFAST_CPU_ISA");
   if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
 #if LF_HAVE_DOT_KERNEL

@@ -19,9 +19,12 @@ struct Shape {
   bool causal;
 };
 
-// True when `dtype` runs on the bf16 dot-product kernel here: bf16 inputs, a CPU with AVX512-BF16, and the environment
-// variable LOOKFAST_CPU_ISA not set to "baseline" (the switch the tests use to run the portable kernel on any CPU).
-bool use_dot_kernel(at::ScalarType dtype);
+// True when these inputs run on the bf16 dot-product kernel here: bf16, head dim >= kMinDotHeadDim, a CPU with
+// AVX512-BF16, and the environment variable LOOKFAST_CPU_ISA not set to "baseline" (the switch the tests use to run
+// the portable kernel on any CPU). Narrow heads (Dyn-Perceiver z->x, width 8) stay on the portable kernel: there the
+// softmax, not the products, is the work, and its queries-in-lanes layout is faster (measured 2.0 vs 3.1 ms on A2).
+constexpr int64_t kMinDotHeadDim = 32;
+bool use_dot_kernel(at::ScalarType dtype, int64_t head_dim);
 
 // out (total_q, H, Dv) bf16 and lse (H, total_q) float32 are written in full.
 void forward(const Shape& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,

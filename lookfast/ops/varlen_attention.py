@@ -319,7 +319,7 @@ def varlen_attention(
             recomputed per query tile) and meets FlashAttention's 3x rule against PyTorch's float32 math.
         bfloat16: q, k, v, out and gradients stored in bf16; Q.K^T, P.V and the backward's dO.V^T, P^T.dO, dS^T.Q,
             dS.K are bf16 products with float32 accumulation on the CPU's bf16 dot-product unit (AVX512-BF16, chosen
-            at run time); softmax max/sum/lse, delta and accumulators in float32; P and dS rounded to bf16 as GEMM
+            at run time, for head dims >= 32; narrower heads run the portable kernel, faster there); softmax max/sum/lse, delta and accumulators in float32; P and dS rounded to bf16 as GEMM
             operands; outputs rounded once. CPUs without AVX512-BF16 (or LOOKFAST_CPU_ISA=baseline) run the portable
             kernel, which widens to float32 and uses float32 FMAs.
         float16: stored in fp16, computed by the portable kernel in float32 (no fp16 dot-product path yet).

@@ -8,13 +8,16 @@ Roofline (E1: n 256, 1000 classes, states (256,144,28,28) + (256,32,144) fp32, h
 Host synchronisation: exactly one per `exit_compact` call (reading the number of exits to size keep / exited and
 the compacted states, whose shapes the API fixes to (m, ...)); flags, prefix sums and copies stay on the device.
 
-Every launcher takes torch tensors and checks nothing beyond what it needs: lookfast/ops/exit.py validates inputs.
+Every launcher takes torch tensors and checks nothing beyond what it needs: lookfast/ops/exit_compact.py validates
+inputs. The end of this file defines the launchers as the ops `lookfast::<library op>_triton`.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from lookfast.ops import exit_compact as _family
 
 
 
@@ -188,3 +191,40 @@ def exit_scatter(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Ten
     if dst.data_ptr() != out.data_ptr() or dst.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
         raise ValueError("exit_scatter (triton): out must have dense rows")
     _launch_copy(_rows2d(values), dst, batch_index, scatter=True)
+
+
+def _rows_dense(t: torch.Tensor) -> bool:
+    expected = 1
+    for d in range(t.dim() - 1, 0, -1):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+# ------------------------------------------------------------------------------- registration: lookfast::<op>_triton
+# The Triton backend of the library ops, defined when lookfast._backend first picks Triton (importing this module).
+# Opaque `custom_op`s rather than `triton_op`s: the mask's output sizes are read from the device (one sync), which a
+# traced `triton_op` body cannot do, and the copies are pure bandwidth with nothing for Inductor to fuse. Fake
+# kernels (unbacked sizes for the mask) and autograd are the library ops' own (lookfast.ops.exit_compact).
+@torch.library.custom_op("lookfast::exit_confidence_mask_triton", mutates_args=())
+def _exit_confidence_mask_op(logits: torch.Tensor, threshold: torch.Tensor,
+                             criterion: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # The library op takes a CPU scalar threshold by value; the Triton kernel loads it, so it moves to the device.
+    return exit_confidence_mask(logits, threshold.to(logits.device), criterion)
+
+
+@torch.library.custom_op("lookfast::compact_rows_triton", mutates_args=())
+def _compact_rows_op(states: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
+    return compact_rows(list(states), keep)
+
+
+@torch.library.custom_op("lookfast::exit_scatter_triton", mutates_args=("out",))
+def _exit_scatter_op(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Tensor) -> None:
+    if _rows_dense(out):
+        exit_scatter(out, batch_index, values)
+    else:  # the copy kernel writes dense rows; a strided `out` takes PyTorch's copy
+        out.index_copy_(0, batch_index, values)
+
+
+_family.register_backend("_triton")

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused top-k patch gather (OPS.md §1) and their launchers.
+"""Triton kernels of the fused top-k patch gather (docs/ops.md section 1) and their launchers.
 
 Roofline (per call; R = total selected rows, K = C*p*p, D = embed width, N = Gh*Gw patches, e = element bytes):
 - topk_rank_kernel: rank-based selection, every score compared with every other in its row: B*N^2 compares, reads
@@ -12,14 +12,18 @@ Roofline (per call; R = total selected rows, K = C*p*p, D = embed width, N = Gh*
   BLOCK_R rows x BLOCK_E elements, consecutive lanes on consecutive pixels of a patch row (p contiguous elements).
 Every load and store is masked; an index outside 0..N-1 reads zeros and leaves the image untouched (never out of
 bounds). The launchers take torch tensors and launch through torch.library.wrap_triton so that torch.compile can
-trace them inside the triton_op wrappers (lookfast/ops/topk_patch_gather_triton.py); under TRITON_INTERPRET=1 they
+trace them inside the `lookfast::<op>_triton` ops defined at the end of this file; under TRITON_INTERPRET=1 they
 run on CPU tensors.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+
+from lookfast.ops import topk_patch_gather as _family
 
 # Launch configurations (also the ones tests/test_topk_patch_gather.py compiles ahead of time for sm_80 / sm_90).
 # Chosen from ptxas reports (Triton 3.8 and 3.9, sm_80 / sm_90): no spills and <= ~190 registers per thread.
@@ -275,3 +279,31 @@ def patch_gather_embed_backward(grad_tokens, images, indices, cu_seqlens, patch_
         if output_mask[3] and pos_embed is not None:
             grad_pos = torch.zeros(pos_embed.shape, dtype=grad.dtype, device=grad.device).index_add_(0, indices, grad)
     return grad_images, grad_weight, grad_bias, grad_pos
+
+
+# ------------------------------------------------------------------------------- registration: lookfast::<op>_triton
+# The Triton backend of the library ops, one `<library op>_triton` op each, defined when lookfast._backend first
+# picks Triton (importing this module). `triton_op`, not `custom_op`: torch.compile traces through them into the
+# kernels (wrap_triton above). Fake kernels and autograd are the library ops' own (lookfast.ops.topk_patch_gather).
+@torch.library.triton_op("lookfast::topk_indices_triton", mutates_args=())
+def _topk_indices_op(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return topk_indices(scores, k)
+
+
+@torch.library.triton_op("lookfast::patch_gather_embed_triton", mutates_args=())
+def _patch_gather_embed_op(images: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tensor, patch_size: int,
+                           weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                           pos_embed: Optional[torch.Tensor]) -> torch.Tensor:
+    return patch_gather_embed(images, indices, cu_seqlens, patch_size, weight, bias, pos_embed)
+
+
+@torch.library.triton_op("lookfast::patch_gather_embed_backward_triton", mutates_args=())
+def _patch_gather_embed_backward_op(grad_tokens: torch.Tensor, images: torch.Tensor, indices: torch.Tensor,
+                                    cu_seqlens: torch.Tensor, patch_size: int, weight: Optional[torch.Tensor],
+                                    pos_embed: Optional[torch.Tensor], output_mask: list[bool]
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return patch_gather_embed_backward(grad_tokens, images, indices, cu_seqlens, patch_size, weight, pos_embed,
+                                       output_mask)
+
+
+_family.register_backend("_triton")

@@ -10,7 +10,7 @@ Roofline (per sample and head, Lq queries, Lk keys; fwd FLOPs 2*Lq*Lk*(Dh+Dv), b
   - A3 LookWhere extractor (B 16, 5+k_i ~ 165 tokens, sum L^2 ~ 5.1e5, 12 heads, Dh 64): 1.58 GFLOP forward.
     fp16: 16.2 MB of q/k/v/out -> 4.8 us of HBM vs 1.6 us of tensor-core time: memory bound, ~5 us at the roofline
     (960 programs of 64 queries, many exit at once on short samples; expect ~10 us). fp32 (IEEE dot on FMA units, the
-    1e-5 contract of OPS.md): 32 MB -> 10 us vs 24 us of FMA: compute bound, ~25-35 us. A4 backward: ~3.9 GFLOP and
+    1e-5 contract of docs/ops.md): 32 MB -> 10 us vs 24 us of FMA: compute bound, ~25-35 us. A4 backward: ~3.9 GFLOP and
     ~32 MB (fp16): ~10-20 us fp16, ~60 us fp32.
   - A2 Dyn-Perceiver z->x (B 16, 3136 queries x 64 keys, width 8, fp32): 0.10 GFLOP (0.21 with the width padded to 16
     for tl.dot), 3.4 MB (q and out dominate) -> 1.0 us of HBM vs ~3 us of FMA: compute bound at ~3 us, launch-latency
@@ -20,8 +20,8 @@ Backward: delta = rowsum(dout * out) (one preprocessing kernel), then dk/dv per 
 over the H/Hk grouped query heads and the query blocks, and dq per (query block, sample, head) looping over key
 blocks. No atomics: every output element has exactly one writer, so the result is deterministic.
 
-The launchers take torch tensors and launch through torch.library.wrap_triton, so a torch.library.triton_op wrapping
-them traces under torch.compile; under TRITON_INTERPRET=1 they run on CPU tensors.
+The launchers take torch tensors and launch through torch.library.wrap_triton; under TRITON_INTERPRET=1 they run on
+CPU tensors. The end of this file defines them as the ops `lookfast::varlen_attention_fwd_triton` / `_bwd_triton`.
 
 Robustness: every program reads its sample's bounds from cu_seqlens, and query blocks are visited with a grid-stride
 loop, so a too-small max_seqlen_q costs speed, never correctness; key loops run to the sample's own length.
@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from lookfast.ops import varlen_attention as _family
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -71,7 +73,7 @@ def _sample_bounds(cu_q, cu_k, b):
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    # IEEE: exact fp32 products (the float32 contract of OPS.md); else Triton's default (TF32 for fp32 inputs)
+    # IEEE: exact fp32 products (the float32 contract of docs/ops.md); else Triton's default (TF32 for fp32 inputs)
     if IEEE:
         c = tl.dot(a, b, input_precision="ieee")
     else:
@@ -409,3 +411,28 @@ def varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlen
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------- registration: lookfast::<op>_triton
+# The Triton backend of lookfast::varlen_attention_fwd / _bwd, defined when lookfast._backend first picks Triton
+# (importing this module). Opaque `custom_op`s (Inductor has nothing to fuse around a whole attention); CPU tensors
+# run the same launchers under TRITON_INTERPRET=1, how the kernels are tested without a GPU. Fake kernels and autograd
+# are the library ops' own (lookfast.ops.varlen_attention).
+@torch.library.custom_op("lookfast::varlen_attention_fwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _varlen_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return varlen_attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                       causal)
+
+
+@torch.library.custom_op("lookfast::varlen_attention_bwd_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _varlen_attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                             max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+                             causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, softmax_scale, causal)
+
+
+_family.register_backend("_triton")

@@ -1,7 +1,7 @@
 """lookfast: kernels for sparse token compute in efficient vision models.
 
-Public ops (each validates its inputs and dispatches to the C++ CPU, CUDA, Triton or reference implementation):
-see `lookfast.ops` and the README. Models live in `lookfast.models`.
+Public ops (each validates its inputs and dispatches to the compiled library, Triton or the reference, see
+`lookfast._backend`): see `lookfast.ops` and the README. Importing lookfast never imports triton. Models live in `lookfast.models`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _alias_source_kernels() -> None:
 
 _alias_source_kernels()
 
-from . import _ext  # noqa: E402  (loads the compiled library before the ops register fake kernels and autograd)
+from . import _backend  # noqa: E402  (loads the compiled library before the ops register fake kernels and autograd)
 from .ops.topk_patch_gather import topk_indices, topk_patch_gather  # noqa: E402
 from .ops.varlen_attention import cross_attention, varlen_attention  # noqa: E402
 from .early_exit import (  # noqa: E402

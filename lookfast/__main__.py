@@ -10,14 +10,20 @@ import sys
 def _info() -> int:
     import torch
 
-    from . import _dispatch, _ext
+    from . import _backend
 
     print(f"lookfast {__import__('lookfast').__version__}, torch {torch.__version__}")
-    print(f"compiled library: {_ext.library_path if _ext.loaded else 'not loaded: ' + str(_ext.load_error)}")
-    print(f"triton available: {_dispatch.triton_available()}")
-    for op in _ext.registered_ops():
-        keys = [k for k in ("CPU", "CUDA") if _ext.has_kernel(op, k)]
-        print(f"  lookfast::{op}: {', '.join(keys) or 'no device kernels'}")
+    print(f"compiled library: {_backend.library_path if _backend.loaded else 'not loaded: ' + str(_backend.load_error)}")
+    triton = _backend.triton_available()
+    print(f"triton available: {triton}")
+    for family, ops in _backend.FAMILIES.items():
+        print(f"{family}:")
+        for op in ops:
+            keys = [k for k in ("CPU", "CUDA") if _backend.has_kernel(op, k)]
+            print(f"  lookfast::{op}: library {', '.join(keys) or 'missing'}; "
+                  f"CPU tensors run {_backend.backend_for(op, torch.device('cpu'))}")
+        print(f"  Triton ops (lookfast::<op>_triton, lookfast.kernels.{family}): "
+              f"{'loaded on first GPU use' if triton else 'unavailable (triton not installed)'}")
     return 0
 
 

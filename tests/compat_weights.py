@@ -1,4 +1,4 @@
-"""The deterministic weight rule of the compatibility vectors (MODELS.md): every float tensor of a state dict is
+"""The deterministic weight rule of the compatibility vectors (docs/models.md): every float tensor of a state dict is
 filled from a generator seeded with crc32(f"{salt}:{key}"); integer buffers stay as they are."""
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ from lookfast.models import dyn_perceiver as dp
 
 sys.path.insert(0, os.path.dirname(__file__))
 from compat_weights import fill_state_dict  # noqa: E402
+from oracles import rel_err
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-TOL = 1e-3  # MODELS.md: max |diff| / max |ref|
+TOL = 1e-3  # docs/models.md: max |diff| / max |ref|
 
 
 def official_keys(name: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -26,9 +27,6 @@ def official_keys(name: str) -> list[tuple[str, tuple[int, ...]]]:
             rows.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
     return rows
 
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 _models: dict[str, torch.nn.Module] = {}
@@ -168,7 +166,7 @@ def test_decomposition_equals_forward():
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("reg800m_perceiver_t128", (0.459, 1.065, 1.228, 1.298)),        # MODELS.md (the official counter)
+    ("reg800m_perceiver_t128", (0.459, 1.065, 1.228, 1.298)),        # docs/models.md (the official counter)
     ("mobilenetV3_0x75_perceiver_t128", (0.098, 0.182, 0.207, 0.266)),
 ])
 def test_exit_macs_match_published(name, expected):

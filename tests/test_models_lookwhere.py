@@ -15,14 +15,12 @@ from lookfast.models.lookwhere.fill import fill_fused, fill_reference, nearest_k
 
 sys.path.insert(0, os.path.dirname(__file__))
 from compat_weights import fill_state_dict  # noqa: E402
+from oracles import rel_err
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 OPS = ("reference", "fused")
 SMALL = dict(dim=64, num_heads=2, selector_depth=1, extractor_depth=2)
 
-
-def rel_err(out, ref):
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 def official_keys(name):

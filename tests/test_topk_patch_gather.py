@@ -1,4 +1,4 @@
-"""lookfast.topk_indices / lookfast.topk_patch_gather (OPS.md §1): reference vs float64 math, C++ CPU vs reference,
+"""lookfast.topk_indices / lookfast.topk_patch_gather (docs/ops.md): reference vs float64 math, C++ CPU vs reference,
 Triton launchers (interpreter, CPU tensors) vs reference, gradients, opcheck, torch.compile, bad input, Triton AOT."""
 import math
 
@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import lookfast
-from lookfast import _dispatch, _ext
 from lookfast.ops.topk_patch_gather import patch_gather_embed_reference, topk_indices_reference
 
+from oracles import patch_tokens, raw_patches, rel_err, topk_order
 from triton_aot import compile_reports
 
 kernels = pytest.importorskip("lookfast.kernels.topk_patch_gather")
@@ -18,12 +18,6 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfl
 
 
 # ------------------------------------------------------------------------------------------------------------ helpers
-def oracle_order(row: torch.Tensor, k: int) -> list[int]:
-    """Float64 Python oracle of the selection order: larger first, ties to the lower index, NaN last."""
-    values = row.double().tolist()
-    return sorted(range(len(values)), key=lambda i: (math.isnan(values[i]), -values[i] if not math.isnan(values[i]) else 0, i))[:k]
-
-
 def tie_scores(b: int, n: int, dtype=torch.float32, nan_fraction=0.1) -> torch.Tensor:
     """Scores with many ties (few distinct values), some NaN, one row mostly NaN (fewer numbers than k)."""
     s = torch.randint(-4, 5, (b, n)).to(dtype) / 2
@@ -31,19 +25,6 @@ def tie_scores(b: int, n: int, dtype=torch.float32, nan_fraction=0.1) -> torch.T
     if b > 1:
         s[-1, 2:] = float("nan")
     return s
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    scale = ref.abs().max().item() if ref.numel() else 0.0
-    diff = (out.double() - ref).abs().max().item() if ref.numel() else 0.0
-    return diff / scale if scale > 0 else diff
-
-
-def conv_tokens(images, weight, bias, pos_embed, patch):
-    """OPS.md's definition: conv2d patch embedding of every patch (+ pos), flattened to (B, G, D)."""
-    t = F.conv2d(images, weight, bias, stride=patch).flatten(2).transpose(1, 2)
-    return t + pos_embed.reshape(1, t.shape[1], -1) if pos_embed is not None else t
 
 
 def make_problem(b=3, c=3, gh=5, gw=7, p=4, d=20, dtype=torch.float32, layout="contiguous"):
@@ -66,12 +47,46 @@ def packed_layout(order: torch.Tensor, counts: list[int]):
 
 
 # ------------------------------------------------------------------------------------------------ reference vs math
+def test_public_api_on_every_backend(backend, seed):
+    """One body, every backend (conftest `backend`): selection, embedded and raw tokens, ragged k, gradients, all
+    against the float64 oracles."""
+    dev = backend.device
+    pb = make_problem(b=3, gh=3, gw=5, p=2, d=6, dtype=torch.float32, layout="slice")
+    images, weight, bias, pos = (pb[n].to(dev) for n in ("images", "weight", "bias", "pos"))
+    s = tie_scores(3, pb["g"])
+    idx, tokens = lookfast.topk_patch_gather(images, s.to(dev), 4, pb["p"], weight, bias, pos)
+    assert backend.ran("topk_indices") and backend.ran("patch_gather_embed")
+    want_idx = torch.tensor([topk_order(row, 4) for row in s])
+    assert torch.equal(idx.cpu(), want_idx)
+    full = patch_tokens(*(pb[n].double() for n in ("images", "weight", "bias", "pos")), pb["p"])
+    assert rel_err(tokens.cpu(), full.gather(1, want_idx[..., None].expand(-1, -1, full.shape[2]))) <= TOL[torch.float32]
+    counts = torch.tensor([0, 1, pb["g"]])
+    idx, raw, cu = lookfast.topk_patch_gather(images, s.to(dev), counts.to(dev), pb["p"])
+    assert cu.tolist() == [0, 0, 1, 1 + pb["g"]]
+    want_idx = torch.cat([torch.tensor(topk_order(row, int(n)), dtype=torch.int64) for row, n in zip(s, counts)])
+    assert torch.equal(idx.cpu(), want_idx)
+    image_of = torch.repeat_interleave(torch.arange(3), counts)
+    assert torch.equal(raw.cpu(), raw_patches(pb["images"], pb["p"])[image_of, want_idx])
+    # gradients in float64, against autograd through the conv2d definition
+    leaves = [pb[n].double().to(dev).requires_grad_() for n in ("images", "weight", "bias", "pos")]
+    scores = torch.randn(3, pb["g"], dtype=torch.float64)
+    idx, tokens = lookfast.topk_patch_gather(leaves[0], scores.to(dev), 5, pb["p"], *leaves[1:])
+    grad = torch.randn(tokens.shape, dtype=torch.float64)
+    got = torch.autograd.grad(tokens, leaves, grad.to(dev))
+    cpu_leaves = [t.detach().cpu().requires_grad_() for t in leaves]
+    full = patch_tokens(*cpu_leaves, pb["p"])
+    pick = full.gather(1, idx.cpu()[..., None].expand(-1, -1, full.shape[2]))
+    want = torch.autograd.grad(pick, cpu_leaves, grad)
+    for g, w in zip(got, want):
+        assert rel_err(g.cpu(), w) < 1e-12
+
+
 def test_reference_selection_matches_python_oracle(seed):
     s = tie_scores(4, 35)
     for k in (0, 1, 17, 35):
         got = topk_indices_reference(s, k)
         for b in range(s.shape[0]):
-            assert got[b].tolist() == oracle_order(s[b], k), (b, k)
+            assert got[b].tolist() == topk_order(s[b], k), (b, k)
 
 
 def test_reference_gather_matches_conv2d(seed):
@@ -80,7 +95,7 @@ def test_reference_gather_matches_conv2d(seed):
     order = topk_indices_reference(s, 6)
     cu = torch.arange(4, dtype=torch.int32) * 6
     got = patch_gather_embed_reference(pb["images"], order.reshape(-1), cu, pb["p"], pb["weight"], pb["bias"], pb["pos"])
-    full = conv_tokens(pb["images"], pb["weight"], pb["bias"], pb["pos"], pb["p"])
+    full = patch_tokens(pb["images"], pb["weight"], pb["bias"], pb["pos"], pb["p"])
     want = full.gather(1, order[..., None].expand(-1, -1, full.shape[-1])).reshape(-1, full.shape[-1])
     assert rel_err(got, want) < 1e-12
     raw = patch_gather_embed_reference(pb["images"], order.reshape(-1), cu, pb["p"])
@@ -88,13 +103,6 @@ def test_reference_gather_matches_conv2d(seed):
 
 
 # --------------------------------------------------------------------------------------------------------- C++ CPU
-def test_cpu_dispatches_to_cpp(monkeypatch):
-    monkeypatch.delenv("LOOKFAST_BACKEND", raising=False)
-    assert _ext.has_kernel("topk_indices", "CPU") and _ext.has_kernel("patch_gather_embed", "CPU")
-    assert _dispatch.backend_for("topk_indices", torch.device("cpu")) == _dispatch.CPP
-    assert _dispatch.backend_for("patch_gather_embed", torch.device("cpu")) == _dispatch.CPP
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_cpp_selection(seed, dtype):
     s = tie_scores(5, 37, dtype)
@@ -121,7 +129,7 @@ def test_cpp_gather_embed_uniform_k(seed, dtype, layout):
     pb = make_problem(dtype=dtype, layout=layout)
     s = tie_scores(3, pb["g"])
     ref64 = lambda x: x.double()
-    full = conv_tokens(ref64(pb["images"]), ref64(pb["weight"]), ref64(pb["bias"]), ref64(pb["pos"]), pb["p"])
+    full = patch_tokens(ref64(pb["images"]), ref64(pb["weight"]), ref64(pb["bias"]), ref64(pb["pos"]), pb["p"])
     for k in (0, 1, 13, pb["g"]):
         order, tokens = lookfast.topk_patch_gather(pb["images"], s, k, pb["p"], pb["weight"], pb["bias"], pb["pos"])
         assert torch.equal(order, topk_indices_reference(s, k))
@@ -373,7 +381,7 @@ def test_triton_backward_matches_reference(seed):
 
 
 def test_triton_ops_autograd_and_opcheck(seed):
-    """The triton_op wrappers (what CUDA tensors run) on CPU tensors under the interpreter."""
+    """The lookfast::<op>_triton ops (what CUDA tensors run with Triton) on CPU tensors under the interpreter."""
     pb = _grad_inputs(b=2, gh=3, gw=3, p=2, d=4)
     s = torch.randn(2, pb["g"], dtype=torch.float64)
     order = torch.ops.lookfast.topk_indices_triton(s, 3)

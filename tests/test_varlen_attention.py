@@ -7,10 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import lookfast
-from lookfast import _ext
+from lookfast import _backend
 from lookfast.ops.varlen_attention import varlen_attention_reference
+from oracles import rel_err
+from oracles import varlen_attention as varlen_attention_f64
 
-needs_cpp = pytest.mark.skipif(not _ext.has_kernel("varlen_attention_fwd", "CPU"), reason="C++ kernel not built")
+needs_cpp = pytest.mark.skipif(not _backend.has_kernel("varlen_attention_fwd", "CPU"), reason="C++ kernel not built")
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -25,32 +27,6 @@ def _make(lens_q, lens_k, heads, kv_heads, dh, dv, dtype=torch.float32, std=1.0)
     k = (torch.randn(int(cu_k[-1]), kv_heads, dh, dtype=torch.float64) * std).to(dtype)
     v = torch.randn(int(cu_k[-1]), kv_heads, dv, dtype=torch.float64).to(dtype)
     return q, k, v, cu_q, cu_k, max(lens_q, default=0), max(lens_k, default=0)
-
-
-def _math_f64(q, k, v, cu_q, cu_k, scale, causal):
-    """Independent oracle for the reference: dense per-sample float64 math, one head and one query at a time."""
-    q, k, v = q.double(), k.double(), v.double()
-    heads, group = q.shape[1], q.shape[1] // k.shape[1]
-    out = torch.zeros(q.shape[0], heads, v.shape[2], dtype=torch.float64)
-    lse = torch.full((heads, q.shape[0]), -math.inf, dtype=torch.float64)
-    for b in range(len(cu_q) - 1):
-        qa, qb, ka, kb = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
-        lq, lk = qb - qa, kb - ka
-        for h in range(heads):
-            for i in range(lq):
-                end = min(lk, max(0, i + lk - lq + 1)) if causal else lk
-                if end == 0:
-                    continue
-                s = (k[ka : ka + end, h // group] @ q[qa + i, h]) * scale
-                lse[h, qa + i] = torch.logsumexp(s, 0)
-                out[qa + i, h] = torch.softmax(s, 0) @ v[ka : ka + end, h // group]
-    return out, lse
-
-
-def _rel_err(x, ref):
-    x, ref = x.double(), ref.double()
-    scale = ref.abs().max().item() if ref.numel() else 1.0
-    return (x - ref).abs().max().item() / max(scale, 1e-30) if ref.numel() else 0.0
 
 
 def _assert_lse(lse, ref):
@@ -70,14 +46,44 @@ RAGGED = [
 ]
 
 
+def test_public_api_on_every_backend(backend, seed):
+    """One body, every backend (conftest `backend`): forward, lse and gradients of varlen_attention (ragged with
+    empty samples, GQA, both causal alignments) and cross_attention, against the float64 oracle."""
+    dev = backend.device
+    q, k, v, cu_q, cu_k, mq, mk = _make([5, 0, 1, 9], [7, 3, 0, 4], 4, 2, 12, 8)
+    for causal in (False, True):
+        leaves = [t.to(dev).requires_grad_() for t in (q, k, v)]
+        out, lse = lookfast.varlen_attention(*leaves, cu_q.to(dev), cu_k.to(dev), mq, mk, causal=causal,
+                                             return_lse=True)
+        assert backend.ran("varlen_attention_fwd")
+        grad = torch.randn(out.shape)
+        got = torch.autograd.grad(out, leaves, grad.to(dev))
+        ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+        ref_out, ref_lse = varlen_attention_f64(*ref_leaves, cu_q, cu_k, 12**-0.5, causal)
+        want = torch.autograd.grad(ref_out, ref_leaves, grad.double())
+        assert rel_err(out.cpu(), ref_out) <= 1e-5
+        _assert_lse(lse.cpu(), ref_lse)
+        for g, w in zip(got, want):
+            assert rel_err(g.cpu(), w) <= 2e-5
+    qb, kb = torch.randn(3, 6, 2, 8), torch.randn(3, 5, 1, 8)
+    lengths = torch.tensor([5, 0, 2])
+    out = lookfast.cross_attention(qb.to(dev), kb.to(dev), kb.to(dev), kv_lengths=lengths.to(dev))
+    assert backend.ran("varlen_attention_fwd")
+    cu_k = _cu(lengths.tolist())
+    keep = (torch.arange(5)[None, :] < lengths[:, None]).reshape(-1)
+    packed_k = kb.reshape(15, 1, 8)[keep]
+    ref, _ = varlen_attention_f64(qb.reshape(18, 2, 8), packed_k, packed_k, _cu([6, 6, 6]), cu_k, 8**-0.5, False)
+    assert rel_err(out.cpu(), ref.reshape(3, 6, 2, 8)) <= 1e-5
+
+
 def test_reference_matches_float64_math(seed):
     for lens_q, lens_k, h, hk, dh, dv in RAGGED[:3]:
         for causal in (False, True):
             q, k, v, cu_q, cu_k, _, _ = _make(lens_q, lens_k, h, hk, dh, dv, torch.float64)
             scale = 0.37 if causal else 1 / math.sqrt(dh)
             out, lse = varlen_attention_reference(q, k, v, cu_q, cu_k, scale, causal)
-            ref_out, ref_lse = _math_f64(q, k, v, cu_q, cu_k, scale, causal)
-            assert _rel_err(out, ref_out) < 1e-12
+            ref_out, ref_lse = varlen_attention_f64(q, k, v, cu_q, cu_k, scale, causal)
+            assert rel_err(out, ref_out) < 1e-12
             _assert_lse(lse, ref_lse)
 
 
@@ -93,9 +99,9 @@ def test_cpp_forward_matches_reference(seed, case, causal, dtype):
     assert out.dtype == dtype and out.shape == (q.shape[0], h, dv)
     s = scale if scale is not None else 1 / math.sqrt(dh)
     # float64 oracle on the inputs as given (upcast), per the numerical contract.
-    ref_out, ref_lse = varlen_attention_reference(q.double(), k.double(), v.double(), cu_q, cu_k, s, causal)
+    ref_out, ref_lse = varlen_attention_f64(q, k, v, cu_q, cu_k, s, causal)
     assert torch.isfinite(out).all()
-    assert _rel_err(out, ref_out) <= TOL[dtype]
+    assert rel_err(out, ref_out) <= TOL[dtype]
     _assert_lse(lse, ref_lse.double())
 
 
@@ -104,8 +110,8 @@ def test_causal_alignment_both_ways(seed):
     # Lq > Lk (leading queries see nothing: zeros, lse -inf) and Lq < Lk (every query sees a prefix beyond its index).
     q, k, v, cu_q, cu_k, mq, mk = _make([23, 4, 37], [9, 30, 37], 2, 1, 16, 12)
     out, lse = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, causal=True, return_lse=True)
-    ref_out, ref_lse = _math_f64(q, k, v, cu_q, cu_k, 0.25, True)
-    assert _rel_err(out, ref_out) <= 1e-5
+    ref_out, ref_lse = varlen_attention_f64(q, k, v, cu_q, cu_k, 0.25, True)
+    assert rel_err(out, ref_out) <= 1e-5
     _assert_lse(lse, ref_lse)
     assert (out[:14] == 0).all() and torch.isneginf(lse[:, :14]).all()
 
@@ -126,8 +132,8 @@ def test_model_shapes_reduced(seed, shape):
     _, lens_q, lens_k, h, hk, dh, dv = shape
     q, k, v, cu_q, cu_k, mq, mk = _make(lens_q, lens_k, h, hk, dh, dv, std=2.0)
     out, lse = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, return_lse=True)
-    ref_out, ref_lse = varlen_attention_reference(q.double(), k.double(), v.double(), cu_q, cu_k, dh**-0.5)
-    assert _rel_err(out, ref_out) <= 1e-5
+    ref_out, ref_lse = varlen_attention_f64(q, k, v, cu_q, cu_k, dh**-0.5)
+    assert rel_err(out, ref_out) <= 1e-5
     _assert_lse(lse, ref_lse.double())
 
 
@@ -139,8 +145,8 @@ def test_non_contiguous_inputs(seed):
     q, k, v = qkv[:, 0], qkv[:, 1, :2], qkv[:, 2, :2, :7]
     assert not q.is_contiguous() and not k.is_contiguous() and not v.is_contiguous()
     out = lookfast.varlen_attention(q, k, v, cu, cu, 26, 26, causal=True)
-    ref, _ = varlen_attention_reference(q.double(), k.double(), v.double(), cu, cu, 20**-0.5, True)
-    assert _rel_err(out, ref) <= 1e-5
+    ref, _ = varlen_attention_f64(q, k, v, cu, cu, 20**-0.5, True)
+    assert rel_err(out, ref) <= 1e-5
 
 
 @needs_cpp
@@ -180,10 +186,10 @@ def test_float32_gradients_match_reference(seed, causal):
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = varlen_attention_reference(qd, kd, vd, cu_q, cu_k, dh**-0.5, causal)
+    ref, _ = varlen_attention_f64(qd, kd, vd, cu_q, cu_k, dh**-0.5, causal)
     want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
     for g, w in zip(got, want):
-        assert _rel_err(g, w) <= 2e-5
+        assert rel_err(g, w) <= 2e-5
 
 
 @needs_cpp
@@ -194,10 +200,10 @@ def test_bfloat16_gradients(seed):
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = varlen_attention_reference(qd, kd, vd, cu_q, cu_k, 0.25, True)
+    ref, _ = varlen_attention_f64(qd, kd, vd, cu_q, cu_k, 0.25, True)
     want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
     for g, w in zip(got, want):
-        assert g.dtype == torch.bfloat16 and _rel_err(g, w) <= 2e-2
+        assert g.dtype == torch.bfloat16 and rel_err(g, w) <= 2e-2
 
 
 @needs_cpp
@@ -249,21 +255,21 @@ def test_cross_attention_matches_sdpa(seed, heads):
     vv = v.repeat_interleave(h // hk, 2).transpose(1, 2)
     ref = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv).transpose(1, 2)
     assert out.shape == (3, 37, h, 12)
-    assert _rel_err(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-5
     lengths = torch.tensor([11, 0, 4])
     out = lookfast.cross_attention(q, k, v, kv_lengths=lengths)
     mask = torch.arange(11)[None, :] < lengths[:, None]
     ref = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=mask[:, None, None, :]).transpose(1, 2)
     assert (out[1] == 0).all()
-    assert _rel_err(out[[0, 2]], ref[[0, 2]]) <= 1e-5
+    assert rel_err(out[[0, 2]], ref[[0, 2]]) <= 1e-5
 
 
 def test_reference_backend_forced(seed, monkeypatch):
     monkeypatch.setenv("LOOKFAST_BACKEND", "reference")
     q, k, v, cu_q, cu_k, mq, mk = _make([4, 2], [3, 5], 2, 1, 8, 4)
     out = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk)
-    ref, _ = _math_f64(q, k, v, cu_q, cu_k, 8**-0.5, False)
-    assert _rel_err(out, ref) <= 1e-6
+    ref, _ = varlen_attention_f64(q, k, v, cu_q, cu_k, 8**-0.5, False)
+    assert rel_err(out, ref) <= 1e-6
 
 
 def _good():

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import lookfast
-from lookfast import _ext
+from lookfast import _backend
 
-needs_cpp = pytest.mark.skipif(not _ext.has_kernel("varlen_attention_fwd", "CPU"), reason="C++ kernel not built")
+needs_cpp = pytest.mark.skipif(not _backend.has_kernel("varlen_attention_fwd", "CPU"), reason="C++ kernel not built")
 LOWP = [torch.bfloat16, torch.float16]
 
 

@@ -6,35 +6,10 @@ import pytest
 import torch
 
 from lookfast.kernels import varlen_attention as vk
+from oracles import rel_err
+from oracles import varlen_attention as varlen_attention_f64
 
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)  # many blocks per sample on short sequences
-
-
-def reference(q, k, v, cu_q, cu_k, scale, causal):
-    """float64 per-sample softmax(q k^T * scale) v with bottom-right causal masking; rows that see no key give 0 and
-    lse -inf. Returns (out (total_q, H, Dv), lse (H, total_q)); differentiable in q, k, v."""
-    q, k, v = q.double(), k.double(), v.double()
-    heads, kv_heads = q.shape[1], k.shape[1]
-    group = heads // kv_heads
-    outs, lses = [], []
-    for b in range(cu_q.numel() - 1):
-        qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
-        lq, lk = qe - qs, ke - ks
-        qb = q[qs:qe].transpose(0, 1)                                      # (H, lq, Dh)
-        kb = k[ks:ke].transpose(0, 1).repeat_interleave(group, dim=0)      # (H, lk, Dh)
-        vb = v[ks:ke].transpose(0, 1).repeat_interleave(group, dim=0)
-        s = qb @ kb.transpose(1, 2) * scale
-        mask = torch.ones(lq, lk, dtype=torch.bool)
-        if causal:
-            mask = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-        s = s.masked_fill(~mask, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1) if lk > 0 else torch.full((heads, lq), float("-inf"), dtype=q.dtype)
-        seen = torch.isfinite(lse)
-        p = torch.exp(s - torch.where(seen, lse, torch.zeros_like(lse))[..., None])
-        p = torch.where(seen[..., None], p, torch.zeros_like(p))
-        outs.append((p @ vb).transpose(0, 1))
-        lses.append(lse)
-    return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
 def make_case(lens_q, lens_k, heads, kv_heads, dk, dv, dtype, seed):
@@ -46,14 +21,6 @@ def make_case(lens_q, lens_k, heads, kv_heads, dk, dv, dtype, seed):
     cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_k = torch.tensor([0] + lens_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return q, k, v, cu_q, cu_k
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    finite = torch.isfinite(b)
-    assert torch.equal(finite, torch.isfinite(a)), "non-finite pattern differs"
-    assert torch.equal(a[~finite], b[~finite])
-    return ((a - b)[finite].abs().max() / b[finite].abs().max().clamp_min(1e-30)).item() if finite.any() else 0.0
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
@@ -79,7 +46,7 @@ def test_forward_and_backward(case, dtype, seed):
     vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), scale, causal,
                                    out=out, lse=lse, _config=SMALL)
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = reference(qr, kr, vr, cu_q, cu_k, scale, causal)
+    ref_out, ref_lse = varlen_attention_f64(qr, kr, vr, cu_q, cu_k, scale, causal)
     assert not out.isnan().any() and not lse.isnan().any()
     assert rel_err(out, ref_out) <= TOL[dtype]
     assert rel_err(lse, ref_lse) <= TOL[dtype]
@@ -100,7 +67,7 @@ def test_default_config_and_max_seqlen_too_small(seed):
     lens_q, lens_k = [70, 3], [9, 66]
     q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, 2, 2, 16, 16, torch.float32, seed)
     out, lse = vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, 10, 10, 0.25, True)
-    ref_out, ref_lse = reference(q, k, v, cu_q, cu_k, 0.25, True)
+    ref_out, ref_lse = varlen_attention_f64(q, k, v, cu_q, cu_k, 0.25, True)
     assert rel_err(out, ref_out) <= 1e-5 and rel_err(lse, ref_lse) <= 1e-5
 
 
@@ -114,7 +81,7 @@ def test_strided_views_of_packed_qkv(seed):
     cu = torch.tensor([0, 9, 9, 30], dtype=torch.int32)
     out, lse = vk.varlen_attention_fwd_triton(q, k, v, cu, cu, 21, 21, 0.2, True, _config=SMALL)
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = reference(qr, kr, vr, cu, cu, 0.2, True)
+    ref_out, ref_lse = varlen_attention_f64(qr, kr, vr, cu, cu, 0.2, True)
     assert rel_err(out, ref_out) <= 1e-5 and rel_err(lse, ref_lse) <= 1e-5
     dout = torch.randn(30, 4, 24, generator=gen)[:, ::2]  # non-contiguous gradient too
     got = vk.varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu, cu, 21, 21, 0.2, True, _config=SMALL)
@@ -272,7 +239,7 @@ def _gpu_case(width, dtype, causal, seed):
     q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, 4, 2, width, width, dtype, seed)
     scale = 1.0 / math.sqrt(width)
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = reference(qr, kr, vr, cu_q, cu_k, scale, causal)
+    ref_out, ref_lse = varlen_attention_f64(qr, kr, vr, cu_q, cu_k, scale, causal)
     dout = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     grads = torch.autograd.grad(ref_out, (qr, kr, vr), dout.double())
     dev = [t.cuda() for t in (q, k, v, cu_q, cu_k)]

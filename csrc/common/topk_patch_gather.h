@@ -14,8 +14,8 @@ LOOKFAST_HOST_DEVICE bool is_nan(T x) {
   return !(x == x);
 }
 
-// The selection order of OPS.md §1: score a (at index ia) comes before score b (at index ib) when it is larger;
-// equal scores go to the lower index; NaN ranks below every number, and NaNs among themselves by index.
+// The selection order (docs/ops.md section 1): score a (at index ia) comes before score b (at index ib) when it is
+// larger; equal scores go to the lower index; NaN ranks below every number, and NaNs among themselves by index.
 // This is a strict total order over (score, index) pairs, so ranks under it are a permutation of 0..N-1.
 template <typename T>
 LOOKFAST_HOST_DEVICE bool ranks_before(T a, int64_t ia, T b, int64_t ib) {

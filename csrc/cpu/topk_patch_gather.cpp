@@ -1,4 +1,4 @@
-// CPU kernels of the top-k patch gather (OPS.md §1).
+// CPU kernels of the top-k patch gather (docs/ops.md section 1).
 //
 // topk_indices: partial selection per row (nth_element, then a sort of the k winners only) under the shared order
 //   predicate, rows in parallel.

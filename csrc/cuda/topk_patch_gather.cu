@@ -1,4 +1,4 @@
-// CUDA kernels of the top-k patch gather (OPS.md §1).
+// CUDA kernels of the top-k patch gather (docs/ops.md section 1).
 //
 // Roofline (per call; R = total selected rows, K = C*p*p, D = embed width, N = Gh*Gw, e = element bytes):
 // - topk_rank_kernel: rank-based selection, each score counts the scores ranked before it through a shared-memory

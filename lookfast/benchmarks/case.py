@@ -11,14 +11,14 @@ import torch
 class Case:
     """One row group of the report.
 
-    id:      the BENCH.md row id ("G1", "A3", ...), plus a suffix for variants ("A4-bwd").
+    id:      the docs/benchmarks.md row id ("G1", "A3", ...), plus a suffix for variants ("A4-bwd").
     op:      the op or model measured.
     shape:   human-readable shape.
     setup:   builds the inputs (lazily, only when the case runs) and returns {implementation name: zero-arg callable}.
              The first entry is lookfast's implementation; the rest are peers. Each callable must block until done.
     bytes:   bytes the lookfast implementation must move at least (for GB/s; 0 when not meaningful).
     flops:   floating-point operations of the computation (for GFLOP/s; 0 when not meaningful).
-    bars:    {peer name: minimum speedup of lookfast over it} from BENCH.md, reported as met / not met.
+    bars:    {peer name: minimum speedup of lookfast over it} from docs/benchmarks.md, reported as met / not met.
     quick:   part of `--quick`.
     multi_thread: also measured with 2 intra-op threads in the full run.
     summarize: optional callable({impl: seconds}) -> list of note strings (e.g. time ratio vs MACs ratio for M1).

@@ -1,4 +1,4 @@
-"""Exit thresholds for a compute budget: the MSDNet / Dyn-Perceiver calibration (OPS.md section 3), the budget
+"""Exit thresholds for a compute budget: the MSDNet / Dyn-Perceiver calibration (docs/ops.md section 3), the budget
 proportions it is usually fed, and the expected cost of a budget.
 
 Typical use::
@@ -69,18 +69,6 @@ def calibrate_thresholds(exit_logits, proportions) -> torch.Tensor:
         left |= conf[e] >= thresholds[e].to(conf.device)
     thresholds[exits - 1] = -math.inf
     return thresholds
-
-
-def exits_taken(exit_logits, thresholds) -> torch.Tensor:
-    """(n,) int64: the exit each sample of `exit_logits` (E, n, classes) takes under max-softmax `thresholds` (E,)."""
-    if not isinstance(exit_logits, torch.Tensor):
-        exit_logits = torch.stack(list(exit_logits))
-    exits, n, classes = exit_logits.shape
-    conf = exit_confidence_reference(exit_logits.reshape(exits * n, classes)).reshape(exits, n)
-    t = torch.as_tensor(thresholds, dtype=conf.dtype, device=conf.device).reshape(exits, 1)
-    passes = conf >= t
-    passes[exits - 1] = True
-    return passes.to(torch.int64).argmax(0)
 
 
 def budget_proportions(num_exits: int, q: float) -> torch.Tensor:

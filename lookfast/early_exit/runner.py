@@ -1,5 +1,5 @@
 """`EarlyExitRunner`: real early exiting for a batch. After each exit head the samples whose confidence passes the
-exit's threshold leave, and every later stage runs only on the survivors (OPS.md section 3).
+exit's threshold leave, and every later stage runs only on the survivors (docs/ops.md section 3).
 
 How a model describes itself (the contract):
 

@@ -1,24 +1,25 @@
 """Exit-masked batched execution: `exit_compact` (who leaves at an exit, and the survivors' states compacted in one
-pass) and `exit_scatter` (rows written back to their batch positions). OPS.md section 3.
+pass) and `exit_scatter` (rows written back to their batch positions). Contract: docs/ops.md section 3.
 
-Backends (lookfast._dispatch): C++ on CPU (`lookfast::exit_confidence_mask` + `lookfast::compact_rows`,
-`lookfast::exit_scatter`), the CUDA kernels or Triton (kernels/exit_compact.py) on GPUs, and the pure-PyTorch
-reference (`exit_compact_reference`). On a GPU each `exit_compact` call synchronises with the host exactly once,
-to read the number of exits that sizes the outputs (their shapes are (m, ...) by contract); the confidences, flags,
-prefix sums and row copies stay on the device. Under torch.compile the sizes are unbacked symbolic sizes
+Backends (lookfast._backend): the library ops `lookfast::exit_confidence_mask` + `lookfast::compact_rows`,
+`lookfast::exit_scatter` (C++ on CPU, CUDA kernels on GPUs), their Triton twins `lookfast::<op>_triton` (defined by
+`lookfast.kernels.exit_compact` the first time Triton runs), and the pure-PyTorch reference
+(`exit_compact_reference`). On a GPU each `exit_compact` call synchronises with the host exactly once, to read the
+number of exits that sizes the outputs (their shapes are (m, ...) by contract); the confidences, flags, prefix sums
+and row copies stay on the device. Under torch.compile the sizes are unbacked symbolic sizes
 (`new_dynamic_size`); set `torch._dynamo.config.capture_dynamic_output_shape_ops = True` for `fullgraph=True`.
 """
 from __future__ import annotations
 
-import functools
 from numbers import Real
 
 import torch
 
-from .. import _dispatch, _ext
+from .. import _backend
 from .._validate import FLOAT_DTYPES, require_dim, require_dtype, require_same_device, require_tensor
 
 CRITERIA = {"max_softmax": 0, "entropy": 1, "margin": 2}
+_CRITERION_NAMES = {code: name for name, code in CRITERIA.items()}
 
 
 # ----------------------------------------------------------------------------------------------------- reference
@@ -51,10 +52,18 @@ def exit_mask_reference(logits: torch.Tensor, threshold, criterion: str = "max_s
 
 def exit_compact_reference(logits, threshold, *states, criterion="max_softmax"):
     """Pure-PyTorch `exit_compact`: (keep, exited, *states[keep])."""
-    exits = exit_mask_reference(logits, threshold, criterion)
-    keep = torch.nonzero(~exits).squeeze(1)
-    exited = torch.nonzero(exits).squeeze(1)
-    return (keep, exited, *(s.index_select(0, keep) for s in states))
+    keep, exited = _exit_confidence_mask_reference(logits, threshold, CRITERIA[criterion])
+    return (keep, exited, *_compact_rows_reference(states, keep))
+
+
+def _exit_confidence_mask_reference(logits, threshold, criterion: int):
+    """The reference with the library op's arguments: (keep, exited) int64 positions."""
+    exits = exit_mask_reference(logits, threshold, _CRITERION_NAMES[criterion])
+    return torch.nonzero(~exits).squeeze(1), torch.nonzero(exits).squeeze(1)
+
+
+def _compact_rows_reference(states, keep):
+    return [s.index_select(0, keep) for s in states]
 
 
 def exit_scatter_reference(out, batch_index, values):
@@ -98,7 +107,7 @@ def _compact_backward(ctx, grads):
     result = [None] * len(grads)
     if wanted:
         picked = [grads[i] for i in wanted]
-        if _ext.has_kernel("compact_rows_backward", keep.device.type.upper()):
+        if _backend.has_kernel("compact_rows_backward", keep.device.type.upper()):
             computed = torch.ops.lookfast.compact_rows_backward(picked, keep, ctx.rows)
         else:  # a Triton-only install (no compiled CUDA kernels): the same adjoint in plain PyTorch
             computed = [g.new_zeros((ctx.rows, *g.shape[1:])).index_add_(0, keep, g) for g in picked]
@@ -107,44 +116,17 @@ def _compact_backward(ctx, grads):
     return result, None
 
 
-if _ext.loaded:  # without the compiled library there is nothing to register: the public functions use the reference
-    torch.library.register_fake("lookfast::exit_confidence_mask")(_exit_confidence_mask_fake)
-    torch.library.register_fake("lookfast::compact_rows")(_compact_rows_fake)
-    torch.library.register_fake("lookfast::compact_rows_backward")(_compact_rows_backward_fake)
-    torch.library.register_fake("lookfast::exit_scatter")(_exit_scatter_fake)
-    torch.library.register_autograd("lookfast::compact_rows", _compact_backward, setup_context=_compact_setup_context)
+def register_backend(suffix: str) -> None:
+    """Fake kernels and autograd of this family's ops named `<library op><suffix>`: "" for the compiled library (done
+    here, at import), "_triton" for the Triton ops (by lookfast.kernels.exit_compact). The Triton family has no
+    `compact_rows_backward`: its gradient is the PyTorch adjoint in `_compact_backward`."""
+    _backend.register(f"exit_confidence_mask{suffix}", _exit_confidence_mask_fake)
+    _backend.register(f"compact_rows{suffix}", _compact_rows_fake, _compact_backward, _compact_setup_context)
+    _backend.register(f"compact_rows_backward{suffix}", _compact_rows_backward_fake)
+    _backend.register(f"exit_scatter{suffix}", _exit_scatter_fake)
 
 
-# ----------------------------------------------------------------------------------------------- Triton wrappers
-@functools.lru_cache(maxsize=None)
-def _triton_ops():
-    """Custom ops around the Triton launchers, defined on first GPU use (importing triton is not free).
-
-    They are opaque `custom_op`s rather than `triton_op`s: the mask's output sizes are read from the device (one
-    sync), which a traced `triton_op` body cannot do, and the copies are pure bandwidth with nothing for Inductor
-    to fuse; each has a fake kernel (unbacked sizes for the mask), and the gather has the same autograd as the C++ op.
-    """
-    from ..kernels import exit_compact as k
-
-    @torch.library.custom_op("lookfast::exit_confidence_mask_triton", mutates_args=())
-    def mask(logits: torch.Tensor, threshold: torch.Tensor, criterion: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return k.exit_confidence_mask(logits, threshold, criterion)
-
-    mask.register_fake(_exit_confidence_mask_fake)
-
-    @torch.library.custom_op("lookfast::compact_rows_triton", mutates_args=())
-    def compact(states: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
-        return k.compact_rows(list(states), keep)
-
-    compact.register_fake(_compact_rows_fake)
-    compact.register_autograd(_compact_backward, setup_context=_compact_setup_context)
-
-    @torch.library.custom_op("lookfast::exit_scatter_triton", mutates_args=("out",))
-    def scatter(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Tensor) -> None:
-        k.exit_scatter(out, batch_index, values)
-
-    scatter.register_fake(lambda out, batch_index, values: None)
-    return mask, compact, scatter
+register_backend("")
 
 
 # ----------------------------------------------------------------------------------------------------- validation
@@ -209,15 +191,11 @@ def exit_compact(logits: torch.Tensor, threshold, *states: torch.Tensor, criteri
     code = criterion_code(criterion)
     thr = _threshold_tensor(threshold, logits)
     _check_states(states, logits.shape[0], logits.device)
-    backend = _dispatch.backend_for("exit_confidence_mask", logits.device)
-    if backend == _dispatch.REFERENCE:
-        return exit_compact_reference(logits, thr, *states, criterion=criterion)
-    if backend == _dispatch.TRITON:
-        mask_op, compact_op, _ = _triton_ops()
-        keep, exited = mask_op(logits, thr if thr.device == logits.device else thr.to(logits.device), code)
-        return (keep, exited, *(compact_op(list(states), keep) if states else ()))
-    keep, exited = torch.ops.lookfast.exit_confidence_mask(logits, thr, code)
-    return (keep, exited, *(torch.ops.lookfast.compact_rows(list(states), keep) if states else ()))
+    keep, exited = _backend.call("exit_confidence_mask", logits.device, _exit_confidence_mask_reference, logits, thr,
+                                 code)
+    if not states:
+        return keep, exited
+    return (keep, exited, *_backend.call("compact_rows", logits.device, _compact_rows_reference, list(states), keep))
 
 
 def compact_rows(states, keep: torch.Tensor) -> list[torch.Tensor]:
@@ -231,21 +209,7 @@ def compact_rows(states, keep: torch.Tensor) -> list[torch.Tensor]:
     _check_states(states, states[0].shape[0] if states[0].dim() else -1, keep.device, what="states[0]")
     if keep.device.type != "cpu" and keep.numel():  # the CPU kernel checks on the host; GPUs assert without a sync
         torch._assert_async(((keep >= 0) & (keep < states[0].shape[0])).all(), "compact_rows: keep out of range")
-    backend = _dispatch.backend_for("compact_rows", keep.device)
-    if backend == _dispatch.REFERENCE:
-        return [s.index_select(0, keep) for s in states]
-    if backend == _dispatch.TRITON:
-        return _triton_ops()[1](states, keep)
-    return torch.ops.lookfast.compact_rows(states, keep)
-
-
-def _rows_dense(t: torch.Tensor) -> bool:
-    expected = 1
-    for d in range(t.dim() - 1, 0, -1):
-        if t.shape[d] != 1 and t.stride(d) != expected:
-            return False
-        expected *= t.shape[d]
-    return True
+    return _backend.call("compact_rows", keep.device, _compact_rows_reference, states, keep)
 
 
 def exit_scatter(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -278,13 +242,7 @@ def exit_scatter(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Ten
         torch._assert_async(((batch_index >= 0) & (batch_index < out.shape[0])).all(),
                             "exit_scatter: batch_index out of range for out's rows")
     grad = torch.is_grad_enabled() and (out.requires_grad or values.requires_grad)
-    backend = _dispatch.backend_for("exit_scatter", out.device)
-    if grad or backend == _dispatch.REFERENCE:
+    if grad:
         return exit_scatter_reference(out, batch_index, values)
-    if backend == _dispatch.TRITON:
-        if not _rows_dense(out):
-            return exit_scatter_reference(out, batch_index, values)
-        _triton_ops()[2](out, batch_index, values)
-        return out
-    torch.ops.lookfast.exit_scatter(out, batch_index, values)
+    _backend.call("exit_scatter", out.device, exit_scatter_reference, out, batch_index, values)
     return out

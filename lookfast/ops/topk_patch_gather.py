@@ -1,9 +1,10 @@
-"""Fused top-k patch gather (OPS.md §1): pick the k best patches of each image by score and turn only those into
-tokens (raw pixels, or patch-embedded + bias + position embedding), never patchifying the whole image.
+"""Fused top-k patch gather (contract: docs/ops.md section 1): pick the k best patches of each image by score and turn
+only those into tokens (raw pixels, or patch-embedded + bias + position embedding), never patchifying the whole image.
 
 Public: `topk_indices`, `topk_patch_gather`. Library ops (csrc/lookfast.cpp): `lookfast::topk_indices`,
 `lookfast::patch_gather_embed` (packed rows + cu_seqlens, so the uniform and ragged cases share one kernel) and
-`lookfast::patch_gather_embed_backward`. Triton wrappers: lookfast/ops/topk_patch_gather_triton.py.
+`lookfast::patch_gather_embed_backward`; their Triton twins `lookfast::<op>_triton` are defined by
+`lookfast.kernels.topk_patch_gather`, imported the first time Triton runs (see `lookfast._backend`).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from .. import _dispatch
+from .. import _backend
 from .._validate import FLOAT_DTYPES, require_dim, require_dtype, require_int, require_same_device, require_shape, require_tensor
 
 __all__ = ["topk_indices", "topk_patch_gather", "topk_indices_reference", "patch_gather_embed_reference"]
@@ -54,15 +55,7 @@ def patch_gather_embed_reference(images: torch.Tensor, indices: torch.Tensor, cu
     return tokens
 
 
-# ---------------------------------------------------------------------------------------------- library op plumbing
-def _library_has(name: str) -> bool:
-    try:
-        getattr(torch.ops.lookfast, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
+# ------------------------------------------------------------- fake kernels and autograd (library and Triton ops)
 def _fake_topk_indices(scores, k):
     return scores.new_empty((scores.shape[0], k), dtype=torch.int64)
 
@@ -104,48 +97,27 @@ def _make_backward(backward_op):
     return backward
 
 
-def _register(namespace_op: str, fake, backward_op=None) -> None:
-    torch.library.register_fake(namespace_op)(fake)
-    if backward_op is not None:
-        torch.library.register_autograd(namespace_op, _make_backward(backward_op), setup_context=_setup_context)
+def register_backend(suffix: str) -> None:
+    """Fake kernels and autograd of this family's ops named `<library op><suffix>`: "" for the compiled library (done
+    here, at import), "_triton" for the Triton ops (done by lookfast.kernels.topk_patch_gather when it defines them)."""
+    backward_op = f"patch_gather_embed_backward{suffix}"
+    _backend.register(f"topk_indices{suffix}", _fake_topk_indices)
+    _backend.register(backward_op, _fake_patch_gather_embed_backward)
+    _backend.register(f"patch_gather_embed{suffix}", _fake_patch_gather_embed,
+                      _make_backward(lambda *a: getattr(torch.ops.lookfast, backward_op)(*a)), _setup_context)
 
 
-if _library_has("patch_gather_embed"):
-    _register("lookfast::topk_indices", _fake_topk_indices)
-    _register("lookfast::patch_gather_embed_backward", _fake_patch_gather_embed_backward)
-    _register("lookfast::patch_gather_embed", _fake_patch_gather_embed,
-              lambda *a: torch.ops.lookfast.patch_gather_embed_backward(*a))
-
-try:  # the Triton wrappers exist only where triton imports
-    from . import topk_patch_gather_triton as _triton_ops
-except ImportError:  # pragma: no cover - triton is an optional dependency
-    _triton_ops = None
-else:
-    torch.library.register_autograd(
-        "lookfast::patch_gather_embed_triton",
-        _make_backward(lambda *a: torch.ops.lookfast.patch_gather_embed_backward_triton(*a)),
-        setup_context=_setup_context,
-    )
+register_backend("")
 
 
 # ------------------------------------------------------------------------------------------------------- dispatch
 def _select(scores: torch.Tensor, k: int) -> torch.Tensor:
-    backend = _dispatch.backend_for("topk_indices", scores.device)
-    if backend in (_dispatch.CPP, _dispatch.CUDA):
-        return torch.ops.lookfast.topk_indices(scores, k)
-    if backend == _dispatch.TRITON:
-        return torch.ops.lookfast.topk_indices_triton(scores, k)
-    return topk_indices_reference(scores, k)
+    return _backend.call("topk_indices", scores.device, topk_indices_reference, scores, k)
 
 
 def _gather(images, indices, cu_seqlens, patch_size, weight, bias, pos_embed) -> torch.Tensor:
-    backend = _dispatch.backend_for("patch_gather_embed", images.device)
-    args = (images, indices, cu_seqlens, patch_size, weight, bias, pos_embed)
-    if backend in (_dispatch.CPP, _dispatch.CUDA):
-        return torch.ops.lookfast.patch_gather_embed(*args)
-    if backend == _dispatch.TRITON:
-        return torch.ops.lookfast.patch_gather_embed_triton(*args)
-    return patch_gather_embed_reference(*args)
+    return _backend.call("patch_gather_embed", images.device, patch_gather_embed_reference,
+                         images, indices, cu_seqlens, patch_size, weight, bias, pos_embed)
 
 
 # ----------------------------------------------------------------------------------------------------- validation

@@ -4,11 +4,11 @@ Layout and semantics follow FlashAttention's `flash_attn_varlen_func`: the queri
 dim 0 of `q` (total_q, H, Dh), the keys/values along dim 0 of `k`/`v` (total_k, Hk, Dh|Dv), and `cu_seqlens_q/k`
 (B+1,) int32 give each sample's row range. Query head h uses kv head h // (H // Hk) (grouped-query attention).
 
-Backends (see `lookfast._dispatch`): the C++ op `lookfast::varlen_attention_fwd` / `_bwd` (CPU kernel in
-csrc/cpu/varlen_attention.cpp, with the bf16 dot-product kernel in csrc/cpu/varlen_attention_lowp.cpp; CUDA kernel in csrc/cuda/varlen_attention.cu), the Triton op
-`lookfast::varlen_attention_triton` / `_triton_bwd` defined here around the launchers in
-`lookfast.kernels.varlen_attention` (imported on first use, so CPU users never need triton), and the pure-PyTorch
-reference `varlen_attention_reference` (per-sample math; the oracle of the tests).
+Backends (see `lookfast._backend`): the library ops `lookfast::varlen_attention_fwd` / `_bwd` (CPU kernel in
+csrc/cpu/varlen_attention.cpp, with the bf16 dot-product kernel in csrc/cpu/varlen_attention_lowp.cpp; CUDA kernel in
+csrc/cuda/varlen_attention.cu), their Triton twins `lookfast::varlen_attention_fwd_triton` / `_bwd_triton` defined by
+`lookfast.kernels.varlen_attention` (imported the first time Triton runs, so CPU users never need triton), and the
+pure-PyTorch reference `varlen_attention_reference` (per-sample math).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .. import _dispatch
+from .. import _backend
 from .._validate import FLOAT_DTYPES, require_dim, require_dtype, require_int, require_same_device, require_tensor
 
 __all__ = ["varlen_attention", "cross_attention", "varlen_attention_reference"]
@@ -178,7 +178,12 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scal
     return out.to(q.dtype), torch.cat(lses, 1).to(torch.float32)
 
 
-# --------------------------------------------------------------------------------------------- C++ op: fake + autograd
+def _reference_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    """The reference with the library op's arguments (the max lengths only size GPU grids)."""
+    return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+
+
+# ------------------------------------------------------------- fake kernels and autograd (library and Triton ops)
 def _fake_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
@@ -209,75 +214,17 @@ def _make_backward(bwd):
     return backward
 
 
-def _register_cpp() -> bool:
-    if not hasattr(torch.ops.lookfast, "varlen_attention_fwd"):
-        return False
-    torch.library.register_fake("lookfast::varlen_attention_fwd")(_fake_fwd)
-    torch.library.register_fake("lookfast::varlen_attention_bwd")(_fake_bwd)
-    torch.library.register_autograd(
-        "lookfast::varlen_attention_fwd",
-        _make_backward(lambda *a: torch.ops.lookfast.varlen_attention_bwd(*a)),
-        setup_context=_setup_context,
-    )
-    return True
+def register_backend(suffix: str) -> None:
+    """Fake kernels and autograd of `varlen_attention_fwd<suffix>` / `varlen_attention_bwd<suffix>`: "" for the
+    compiled library (done here, at import), "_triton" for the Triton ops (by lookfast.kernels.varlen_attention)."""
+    backward_op = f"varlen_attention_bwd{suffix}"
+    _backend.register(backward_op, _fake_bwd)
+    if _backend.register(f"varlen_attention_fwd{suffix}", _fake_fwd,
+                         _make_backward(lambda *a: getattr(torch.ops.lookfast, backward_op)(*a)), _setup_context):
+        _register_autocast(f"lookfast::varlen_attention_fwd{suffix}")
 
 
-_HAS_CPP_OP = _register_cpp()
-if _HAS_CPP_OP:
-    _register_autocast("lookfast::varlen_attention_fwd")
-
-
-# --------------------------------------------------------------------------------------------- Triton op
-def _triton_module():
-    from ..kernels import varlen_attention as module  # needs triton; imported only when a Triton launch happens
-
-    return module
-
-
-@torch.library.custom_op("lookfast::varlen_attention_triton", mutates_args=(), device_types=("cuda", "cpu"))
-def _varlen_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # CPU tensors run the same launcher under TRITON_INTERPRET=1 (how the Triton kernels are tested without a GPU).
-    return _triton_module().varlen_attention_fwd_triton(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal
-    )
-
-
-@torch.library.custom_op("lookfast::varlen_attention_triton_bwd", mutates_args=(), device_types=("cuda", "cpu"))
-def _varlen_attention_triton_bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton_module().varlen_attention_bwd_triton(
-        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal
-    )
-
-
-_varlen_attention_triton.register_fake(_fake_fwd)
-_varlen_attention_triton_bwd.register_fake(_fake_bwd)
-_varlen_attention_triton.register_autograd(
-    _make_backward(lambda *a: torch.ops.lookfast.varlen_attention_triton_bwd(*a)), setup_context=_setup_context
-)
-_register_autocast("lookfast::varlen_attention_triton")
+register_backend("")
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -337,14 +284,9 @@ def varlen_attention(
     q, k, v = _autocast_inputs(q, k, v)
     scale = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
     causal = bool(causal)
-    backend = _dispatch.backend_for(_OP, q.device)  # a compile-time constant under torch.compile
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous())
-    if backend in (_dispatch.CPP, _dispatch.CUDA):
-        out, lse = torch.ops.lookfast.varlen_attention_fwd(*args, max_seqlen_q, max_seqlen_k, scale, causal)
-    elif backend == _dispatch.TRITON:
-        out, lse = torch.ops.lookfast.varlen_attention_triton(*args, max_seqlen_q, max_seqlen_k, scale, causal)
-    else:
-        out, lse = varlen_attention_reference(*args, scale, causal)
+    out, lse = _backend.call(_OP, q.device, _reference_fwd, q.contiguous(), k.contiguous(), v.contiguous(),
+                             cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, scale,
+                             causal)
     return (out, lse) if return_lse else out
 
 

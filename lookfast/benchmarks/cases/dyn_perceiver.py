@@ -1,4 +1,4 @@
-"""M1 (BENCH.md): Dyn-Perceiver reg800m_perceiver_t128 at 224 px, B 64 (quick: B 8).
+"""M1 (docs/benchmarks.md): Dyn-Perceiver reg800m_perceiver_t128 at 224 px, B 64 (quick: B 8).
 
 Weights: the default initialisation under seed 0 (timing does not depend on the values); images: standard normal. Thresholds come from
 `lookfast.calibrate_thresholds` on a separate random calibration batch, for 25/25/25/25 % exits and for a small
@@ -74,7 +74,8 @@ def _ee_case(key: str, batch: int, calib: int, quick: bool) -> Case:
         taken = torch.bincount(exit_index, minlength=4).double() / batch
         box["macs_ratio"] = float(lookfast.expected_cost(taken, macs)) / macs[-1]
         box["taken"] = taken.tolist()
-        # Bar (BENCH.md M1): time ratio <= 1.1 x MACs ratio, i.e. a speedup over the full model >= 1 / (1.1 r).
+        # The M1 bar (docs/benchmarks.md): time ratio <= 1.1 x MACs ratio, i.e. a speedup over the full model
+        # >= 1 / (1.1 r).
         bars[FULL] = 1.0 / (1.1 * box["macs_ratio"])
 
         def early():

@@ -1,4 +1,4 @@
-"""Exit-masked execution: E1 (BENCH.md) and a synthetic 4-exit model run through EarlyExitRunner (EX-*).
+"""Exit-masked execution: E1 (docs/benchmarks.md) and a synthetic 4-exit model run through EarlyExitRunner (EX-*).
 
 E1: n 256, 1000 classes, states (256, 144, 28, 28) and (256, 32, 144) fp32, half the rows exit. Peers: the plain
 PyTorch formulation (softmax, max, mask, nonzero, index_select per state) eager and compiled, and one preallocated
@@ -89,7 +89,7 @@ EX_EARLY = {0: [0.0, 0.0, 0.0, 1.0], 50: [1 / 6, 1 / 6, 1 / 6, 0.5], 90: [0.3, 0
 #   costs does not depend on how many run with it: the case that shows whether the runner turns skipped work into
 #   saved time. "conv": 4 stages of two 3x3 convs (16 channels, 16x16), whose per-sample cost on a CPU grows as the
 #   batch shrinks (less work per oneDNN call); it shows what a small conv trunk keeps of the saving.
-EX_BAR = 1.1  # BENCH.md's M1 bar, applied to the synthetic model: time ratio <= 1.1 x work ratio
+EX_BAR = 1.1  # docs/benchmarks.md's M1 bar, applied to the synthetic model: time ratio <= 1.1 x work ratio
 EX_MODELS = {
     "mlp": dict(tokens=49, width=192, hidden=384),
     "conv": dict(channels=16, size=16),

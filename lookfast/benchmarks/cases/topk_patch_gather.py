@@ -1,5 +1,5 @@
-"""BENCH.md rows G1-G3: fused top-k patch gather (+ embed + positions) against the official LookWhere path and the
-best plain-PyTorch formulation, eager and under torch.compile."""
+"""Rows G1-G3 (docs/benchmarks.md): fused top-k patch gather (+ embed + positions) against the official LookWhere path
+and the best plain-PyTorch formulation, eager and under torch.compile."""
 from __future__ import annotations
 
 import torch

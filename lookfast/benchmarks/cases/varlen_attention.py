@@ -1,4 +1,4 @@
-"""BENCH.md rows A1-A4: variable-length attention on the models' shapes (CPU), in float32 and bf16 (ids "-bf16").
+"""docs/benchmarks.md rows A1-A4: variable-length attention on the models' shapes (CPU), in float32 and bf16 (ids "-bf16").
 
 A1  Dyn-Perceiver x->z (reg800m stage 1): 64 samples, 128 latent queries x 49 keys, 1 head, width 32.
 A2  Dyn-Perceiver z->x (reg800m stage 2): 16 samples, 3136 pixel queries x 64 latent keys, 1 head, width 8.

@@ -1,5 +1,5 @@
 """Real early exiting for Dyn-Perceiver: the model as ordered stages + exit heads for `lookfast.EarlyExitRunner`
-(OPS.md section 3), so later stages (CNN blocks included) run on the surviving samples only.
+(docs/ops.md section 3), so later stages (CNN blocks included) run on the surviving samples only.
 
     stage 1: images            -> (x, z, y1)      stem, CNN stages 1-2, latent stages 1-3     head 1: y1
     stage 2: (x, z, y1)        -> (x, z, y2)      CNN stage 3, latent stage 4 (isc uses y1)   head 2: y2

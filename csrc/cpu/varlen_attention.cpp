@@ -512,7 +512,7 @@ LF_INLINE void tile_probabilities(const acc_t* qt, const acc_t* kbuf, int64_t ld
     }
     m = vmax(m, mx);
   }
-  const V ms = m == neg_inf ? V{} : m;  // varlen::safe_max, lane-wise
+  const V ms = m == neg_inf ? V{} : m;  // a lane with no key subtracts 0: exp2(-inf) stays 0, never NaN
   V l = {};
   for (int64_t j = 0; j < k_hi; ++j) {
     const V e = vexp2(vload(p + j * VL) - ms);

@@ -61,6 +61,7 @@ namespace {
 using cpu_vec::Vec;
 typedef Vec<float>::type VF;  // 16 float32 lanes (GCC vector extension, same layout as __m512)
 
+constexpr float kLog2e = 1.4426950408889634f;  // scores are scaled into the log2 domain: p = exp2(s2 - max2)
 constexpr int kTileQ = 32;      // queries per tile (rows of the score block)
 constexpr int kKeyBlock = 256;  // keys per score block: S and P of one tile stay in L1/L2 (32 KiB float32)
 
@@ -216,7 +217,7 @@ LF_BF16_TARGET void forward_items(const Shape& s, const FwdItem* items, int64_t 
   const int64_t ldkt = up(std::max<int64_t>(max_lk, 1), 16);
   Buf<uint32_t> kt(dh2 * ldkt), vn((ldkt / 2) * ldv), qa(kTileQ * dh2), pa(kTileQ * kKeyBlock / 2);
   Buf<float> sc(kTileQ * kKeyBlock), acc(kTileQ * ldv);
-  const float qs = static_cast<float>(s.scale) * varlen::kLog2e;
+  const float qs = static_cast<float>(s.scale) * kLog2e;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   int64_t packed_b = -1, packed_kvh = -1, packed_ld = 0;
   for (int64_t it = 0; it < count; ++it) {
@@ -238,8 +239,8 @@ LF_BF16_TARGET void forward_items(const Shape& s, const FwdItem* items, int64_t 
       float m[kTileQ], l[kTileQ];
       int k_hi = 0;
       for (int64_t r = 0; r < n; ++r) {
-        key_end[r] = varlen::causal_key_end(static_cast<int>(i0 + r), static_cast<int>(len_q), static_cast<int>(len_k),
-                                            s.causal);
+        key_end[r] = static_cast<int>(varlen::causal_key_end(static_cast<int>(i0 + r), static_cast<int>(len_q),
+                                                             static_cast<int>(len_k), s.causal));
         k_hi = std::max(k_hi, key_end[r]);
         m[r] = neg_inf;
         l[r] = 0.f;
@@ -261,7 +262,7 @@ LF_BF16_TARGET void forward_items(const Shape& s, const FwdItem* items, int64_t 
           }
           const float bm = hmax(mx);
           const float m_new = bm > m[r] ? bm : m[r];
-          const float ms = m_new == neg_inf ? 0.f : m_new;  // varlen::safe_max
+          const float ms = m_new == neg_inf ? 0.f : m_new;  // a row with no key yet subtracts 0: exp2(-inf) stays 0
           VF sum = {};
           for (int64_t c = 0; c < nbp; c += 16) {
             const VF p = exp2_keep_nan(cpu_vec::vload(srow + c) - ms);
@@ -286,7 +287,7 @@ LF_BF16_TARGET void forward_items(const Shape& s, const FwdItem* items, int64_t 
         c10::BFloat16* orow = out + ((q0 + i0 + r) * H + w.h) * Dv;
         for (int64_t c = 0; c < Dv; ++c) orow[c] = c10::BFloat16(arow[c] * inv);
         lse[w.h * total_q + q0 + i0 + r] =
-            l[r] == 0.f ? neg_inf : (m[r] + std::log2(l[r])) * varlen::kLn2;
+            l[r] == 0.f ? neg_inf : (m[r] + std::log2(l[r])) * 0.6931471805599453f;  // log2 domain -> natural log
       }
     }
   }
@@ -302,7 +303,7 @@ LF_BF16_TARGET void backward_item(const Shape& s, int64_t b, int64_t kvh, const 
   const int64_t len_q = s.cu_q[b + 1] - q0, len_k = s.cu_k[b + 1] - k0;
   const int64_t dh2 = up(Dh, 2) / 2, dv2 = up(Dv, 2) / 2, ldh = up(Dh, 16), ldv = up(Dv, 16);
   const int64_t ldk = up(std::max<int64_t>(len_k, 1), 16);
-  const float qs = static_cast<float>(s.scale) * varlen::kLog2e;
+  const float qs = static_cast<float>(s.scale) * kLog2e;
   const float scale = static_cast<float>(s.scale);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
@@ -335,11 +336,11 @@ LF_BF16_TARGET void backward_item(const Shape& s, int64_t b, int64_t kvh, const 
       float shift[kTileQ], delta[kTileQ];
       int k_hi = 0;
       for (int64_t r = 0; r < n; ++r) {
-        key_end[r] = varlen::causal_key_end(static_cast<int>(i0 + r), static_cast<int>(len_q), static_cast<int>(len_k),
-                                            s.causal);
+        key_end[r] = static_cast<int>(varlen::causal_key_end(static_cast<int>(i0 + r), static_cast<int>(len_q),
+                                                             static_cast<int>(len_k), s.causal));
         k_hi = std::max(k_hi, key_end[r]);
         const float lv = lse[h * total_q + q0 + i0 + r];
-        shift[r] = varlen::lse_to_log2_shift(lv);
+        shift[r] = lv == neg_inf ? std::numeric_limits<float>::infinity() : lv * kLog2e;  // no key: P = exp2(-inf) = 0
         float d = 0.f;  // delta = rowsum(dO * O) in float32 from the stored bf16 values
         const c10::BFloat16* o = orow + r * H * Dv;
         const c10::BFloat16* g = dorow + r * H * Dv;

@@ -6,6 +6,8 @@ Environment switches:
   (unset)           build them when torch is a CUDA build and CUDA_HOME has nvcc
   TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" when unset (torch's own detection needs a visible GPU)
   MAX_JOBS          parallel compile jobs (ninja)
+  LOOKFAST_SANITIZE=1  CPU build with AddressSanitizer + UndefinedBehaviorSanitizer (-O1 -g, UBSan reports abort);
+                    for the CI sanitizer job only: run it with LD_PRELOAD of libasan and libstdc++ (see .ci/run)
 
 Install with `pip install --no-build-isolation .` after torch is installed: the extension must be compiled
 against the torch it will run with.
@@ -52,6 +54,13 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     # No -std flag: torch.utils.cpp_extension picks the standard the installed torch needs (C++17 or C++20).
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    link = ["-fopenmp"]
+    if os.environ.get("LOOKFAST_SANITIZE", "") == "1":
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g", "-fno-wrapv"]
+        # -fno-wrapv undoes Python's -fwrapv (signed overflow would otherwise be defined, hence never reported);
+        # LOOKFAST_SANITIZE_BUILD: one target clone instead of three (csrc/cpu/vector_math.h).
+        cxx = ["-O1", "-fopenmp", "-fvisibility=hidden", "-DLOOKFAST_SANITIZE_BUILD"] + san
+        link = link + san
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += rel("csrc/cuda/*.cu")
@@ -62,14 +71,14 @@ def _extension():
             include_dirs=include_dirs + _cuda_include_dirs(),
             define_macros=[("LOOKFAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     return cpp_extension.CppExtension(
         "lookfast._C",
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 
@@ -83,7 +92,14 @@ setup(
     install_requires=["torch>=2.6", "numpy", "ninja"],
     extras_require={
         "triton": ["triton>=3.8"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "httpx"],
+        # `python -m lookfast infer` and lookfast.images: image decoding, Parquet output, the progress bar.
+        "infer": ["pillow", "pyarrow", "tqdm"],
+        # `python -m lookfast infer --ray`: the same job on Ray Data (lookfast.integrations.ray). Tested with 2.60
+        # (ActorPoolStrategy's max_concurrent_calls_per_actor and enable_true_multi_threading).
+        "ray": ["ray[data]>=2.60", "pillow", "pyarrow", "tqdm"],
+        # `python -m lookfast serve`: the HTTP server (lookfast.serving.server).
+        "serve": ["fastapi", "uvicorn", "python-multipart", "pillow"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

@@ -6,8 +6,10 @@ Roofline (per call; R = total selected rows, K = C*p*p, D = embed width, N = Gh*
   H100: compare-throughput bound, negligible next to the embed. Grid (B, N / BLOCK_I) keeps every SM busy even at B 1.
 - patch_embed_kernel: fused gather + GEMM + bias + pos: 2*R*K*D FLOPs; bytes R*K*e (pixels, each read once, rows of p
   contiguous elements) + D*K*e (weight, L2 resident) + R*D*e (pos rows) + R*D*e (write). G1 (R 1096, K 588, D 768,
-  fp32): 0.99 GFLOP over 11 MB, 90 FLOP/B: compute bound in fp32 (ieee, no TF32: ~15 us at 67 TFLOP/s); in bf16 the
-  tensor cores make it memory/launch bound (~4 us of HBM traffic).
+  fp32): 0.99 GFLOP over 11 MB, 90 FLOP/B: compute bound in fp32 (ieee, no TF32: ~15 us at 67 TFLOP/s). bf16/fp16
+  (tl.dot on tensor cores, fp32 accumulation; ~990 TFLOP/s dense on an H100 SXM, ~312 on an A100): 1 us of
+  tensor-core time vs 5.5 MB -> 1.7 us of HBM at 3.35 TB/s (the pixels are gathered in rows of p elements, ~28 B
+  for p 14 bf16, so sectors are half used: ~3 us): memory/latency bound; ~5 us expected, launch latency included.
 - patch_gather_kernel / patch_scatter_kernel: pure copies, 2*R*K*e bytes, no FLOPs: memory bound; each program moves
   BLOCK_R rows x BLOCK_E elements, consecutive lanes on consecutive pixels of a patch row (p contiguous elements).
 Every load and store is masked; an index outside 0..N-1 reads zeros and leaves the image untouched (never out of
@@ -32,6 +34,14 @@ TOPK_CONFIG = dict(BLOCK_I=128, BLOCK_J=32, num_warps=4, num_stages=2)
 GATHER_CONFIG = dict(BLOCK_R=16, BLOCK_E=128, num_warps=4, num_stages=2)
 # 8 warps and BLOCK_K 16: with 4 warps, or BLOCK_K 32 on sm_80, the fp32 (ieee, FMA) tile hits 255 registers.
 EMBED_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
+# bf16/fp16 on tensor cores: the operands stay in registers as mma fragments (half the bytes of fp32), so a deeper
+# K step (fewer loop trips, wider pixel loads) fits in 4 warps without spills.
+EMBED_CONFIG_LOWP = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+
+
+def embed_config(dtype: torch.dtype) -> dict:
+    """Launch configuration of patch_embed_kernel for images of `dtype` (tensor-core tiles for bf16/fp16)."""
+    return EMBED_CONFIG_LOWP if dtype in (torch.float16, torch.bfloat16) else EMBED_CONFIG
 
 
 @triton.jit
@@ -135,10 +145,13 @@ def patch_scatter_kernel(grad_ptr, idx_ptr, cu_ptr, img_ptr, rows, num_images, g
 @triton.jit
 def patch_embed_kernel(img_ptr, idx_ptr, cu_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, rows, num_images, grid_w,
                        num_patches, patch_dim, embed_dim, s_b, s_c, s_h, s_w, P: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, ACC_FP64: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[r, :] = patch(idx[r]) @ W.T + bias + pos[idx[r]]: the patches are gathered tile by tile straight from the
-    image into the GEMM's A operand (never materialised), W is (D, K) row-major."""
+    image into the GEMM's A operand (never materialised), W is (D, K) row-major.
+    IEEE (fp32/fp64 images): exact products on the FMA units. Otherwise (bf16/fp16) the pixel and weight tiles feed
+    the tensor cores in their own dtype (exact products, fp32 accumulation); bias and positions are added to the fp32
+    accumulator and the sum is rounded once, on the store."""
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = r < rows
@@ -157,7 +170,10 @@ def patch_embed_kernel(img_ptr, idx_ptr, cu_ptr, w_ptr, bias_ptr, pos_ptr, out_p
         a = tl.load(img_ptr + src, mask=valid[:, None] & mask_e[None, :], other=0.0)
         w = tl.load(w_ptr + n.to(tl.int64)[None, :] * patch_dim + e[:, None], mask=mask_n[None, :] & mask_e[:, None],
                     other=0.0)
-        acc += tl.dot(a, w, input_precision="ieee", out_dtype=acc.dtype)
+        if IEEE:
+            acc += tl.dot(a, w, input_precision="ieee", out_dtype=acc.dtype)
+        else:
+            acc += tl.dot(a, w, out_dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=mask_n, other=0.0).to(acc.dtype)[None, :]
     if HAS_POS:
@@ -244,12 +260,13 @@ def patch_embed(images: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.T
     w2d = weight.reshape(d, -1).contiguous()
     bias_t = bias.contiguous() if bias is not None else w2d  # placeholder pointer, never read (HAS_BIAS=False)
     pos_t = pos_embed.contiguous() if pos_embed is not None else w2d
-    cfg = EMBED_CONFIG
+    cfg = embed_config(images.dtype)
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_N"]))
     _launch(patch_embed_kernel)[grid](images, indices, cu_seqlens, w2d, bias_t, pos_t, out, rows, g["num_images"],
                                       g["grid_w"], g["num_patches"], g["patch_dim"], d, g["s_b"], g["s_c"], g["s_h"],
                                       g["s_w"], P=patch_size, HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
                                       ACC_FP64=images.dtype == torch.float64,
+                                      IEEE=images.dtype in (torch.float32, torch.float64),
                                       BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

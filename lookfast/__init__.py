@@ -1,7 +1,8 @@
 """lookfast: kernels for sparse token compute in efficient vision models.
 
 Public ops (each validates its inputs and dispatches to the compiled library, Triton or the reference, see
-`lookfast._backend`): see `lookfast.ops` and the README. Importing lookfast never imports triton. Models live in `lookfast.models`.
+`lookfast._backend`): see `lookfast.ops` and the README. Importing lookfast never imports triton. Models live in
+`lookfast.models`.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from .early_exit import (  # noqa: E402
     exit_scatter,
     expected_cost,
 )
+from .memory import cpu_pool_cached_bytes, cpu_pool_empty_cache  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -51,4 +53,6 @@ __all__ = [
     "calibrate_thresholds",
     "budget_proportions",
     "expected_cost",
+    "cpu_pool_empty_cache",
+    "cpu_pool_cached_bytes",
 ]

@@ -1,6 +1,9 @@
 """Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]
-[--dtype float32|bfloat16|all]`
-and `python -m lookfast info` (which backends and kernels this install has)."""
+[--dtype float32|bfloat16|all]`, `python -m lookfast info` (which backends and kernels this install has) and
+`python -m lookfast serve --model ...` (the HTTP server; needs `pip install 'lookfast[serve]'`, see lookfast/serving),
+`python -m lookfast infer` (batch inference over image folders; `python -m lookfast infer --help`) and
+`python -m lookfast gpucheck [--json PATH]` (on a CUDA GPU: the GPU-marked tests and the bf16/fp16 GPU benchmark rows;
+see lookfast/gpucheck.py)."""
 from __future__ import annotations
 
 import argparse
@@ -40,9 +43,29 @@ def main(argv: list[str] | None = None) -> int:
                        help="precision of the cases that have variants (ids of low-precision variants end in -bf16); "
                             "default: bfloat16 where the CPU has AMX or AVX512-BF16, else float32")
     sub.add_parser("info", help="show the compiled backends and registered kernels")
-    args = parser.parse_args(argv)
+    from .serving.cli import add_arguments as serve_arguments
+
+    serve_arguments(sub.add_parser("serve", help="serve a model over HTTP (needs the serve extra)"))
+    from .infer import cli as infer_cli
+
+    infer_cli.add_parser(sub)
+    sub.add_parser("gpucheck", add_help=False,
+                   help="on a CUDA GPU: run the GPU-marked tests and the bf16/fp16 GPU benchmark rows (--help for options)")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "gpucheck":
+        from .gpucheck import main as gpucheck
+
+        return gpucheck(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":
         return _info()
+    if args.command == "serve":
+        from .serving.cli import main as serve_main
+
+        return serve_main(args)
+    if args.command == "infer":
+        return infer_cli.main(args)
     from .benchmarks.run import main as run_bench
 
     from .benchmarks.case import DTYPE_NAMES

@@ -28,6 +28,8 @@ def require_dtype(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) ->
 
 def require_same_device(reference_name: str, reference: torch.Tensor, **others) -> None:
     for name, t in others.items():
+        if t is not None and not isinstance(t, torch.Tensor):  # a numpy array has .device == "cpu" too
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
         if t is not None and t.device != reference.device:
             raise ValueError(f"{name} is on {t.device} but {reference_name} is on {reference.device}; move them to one device")
 
@@ -55,3 +57,22 @@ def require_shape(name: str, t: torch.Tensor, shape: tuple, layout: str) -> None
     """Raise ValueError unless t.shape == shape (layout names the axes for the message, e.g. "(D, C, p, p)")."""
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(t.shape)}")
+
+
+INT32_MAX = 2**31 - 1
+
+
+def require_int_range(name: str, value, lo: int, hi: int, why: str = "") -> int:
+    """`value` as an int in [lo, hi]; TypeError for a non-int, ValueError (short, naming `name`) outside the range."""
+    require_int(name, value)
+    if not lo <= value <= hi:
+        bound = "2**31 - 1" if hi == INT32_MAX else str(hi)
+        raise ValueError(f"{name} must be in [{lo}, {bound}]{why}, got {value}")
+    return value
+
+
+def short_repr(values: list, limit: int = 8) -> str:
+    """The first `limit` entries of a list, for error messages that must stay short whatever the input size."""
+    if len(values) <= limit:
+        return str(values)
+    return "[" + ", ".join(map(str, values[:limit])) + f", ... ({len(values)} values)]"

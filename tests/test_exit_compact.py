@@ -345,7 +345,7 @@ def test_bad_inputs_name_the_argument():
         (lambda: lookfast.exit_scatter(s, torch.tensor([0, 1]), s[:3]), ValueError, "batch_index"),
         (lambda: lookfast.exit_scatter(s, torch.tensor([0, 1]), torch.randn(2, 3)), ValueError, "values"),
         (lambda: lookfast.exit_scatter(s, torch.tensor([0, 1]), s[:2].double()), TypeError, "values"),
-        (lambda: lookfast.exit_scatter(s, torch.tensor([0, 7]), s[:2]), RuntimeError, "batch_index"),
+        (lambda: lookfast.exit_scatter(s, torch.tensor([0, 7]), s[:2].clone()), RuntimeError, "batch_index"),
         (lambda: lookfast.calibrate_thresholds(torch.randn(3, 4, 5), [0.5, 0.4, 0.2]), ValueError, "proportions"),
         (lambda: lookfast.calibrate_thresholds(torch.randn(3, 4, 5), [0.5, 0.5]), ValueError, "proportions"),
         (lambda: lookfast.calibrate_thresholds(torch.randn(4, 5), [0.5, 0.5]), ValueError, "exit_logits"),

@@ -351,6 +351,31 @@ def test_triton_gather_and_embed(seed, dtype, layout):
         assert rel_err(got, want) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_triton_embed_low_precision_within_flash_rule(seed, dtype):
+    """bf16/fp16 pixels and weights feed tl.dot in their own dtype (tensor cores on a GPU; exact products and fp32 sums
+    under the interpreter, tests/conftest.py), bias and positions are added in fp32 and the sum rounded once: error vs
+    float64 at most 2x that of plain PyTorch in the same dtype (gather, then F.linear, then + pos, all in `dtype`).
+    Several K steps of both configurations (K = 3*6*6 = 108) and ragged row / column edges."""
+    pb = make_problem(b=3, c=3, gh=6, gw=7, p=6, d=70, dtype=dtype)
+    order = topk_indices_reference(torch.randn(3, pb["g"]), pb["g"])
+    idx, cu = packed_layout(order, [41, 0, 30])
+    for extra in ((None, None), (pb["bias"], pb["pos"])):
+        out = torch.full((71, 70), float("nan"), dtype=dtype)
+        got = kernels.patch_embed(pb["images"], idx, cu, pb["p"], pb["weight"], *extra, out=out)
+        assert got.dtype == dtype and not got.isnan().any()
+        truth = patch_gather_embed_reference(pb["images"].double(), idx, cu, pb["p"], pb["weight"].double(),
+                                             *(None if t is None else t.double() for t in extra))
+        patches = patch_gather_embed_reference(pb["images"], idx, cu, pb["p"])
+        torch_lowp = F.linear(patches, pb["weight"].reshape(70, -1), extra[0])
+        if extra[1] is not None:
+            torch_lowp = torch_lowp + extra[1][idx]
+        err = (got.double() - truth).abs().max().item()
+        base = (torch_lowp.double() - truth).abs().max().item()
+        slack = ((truth + 0.3 - 0.3).to(dtype).double() - truth).abs().max().item()
+        assert err <= 2 * base + slack, (err, base, slack)
+
+
 def test_triton_embed_multiple_tiles(seed):
     """More rows than BLOCK_M and D > BLOCK_N with a ragged edge: 2 x 2 programs, masked edges."""
     pb = make_problem(b=2, c=3, gh=7, gw=11, p=2, d=70)
@@ -438,15 +463,17 @@ def _aot_jobs():
             sig = {first: "*bf16", "idx_ptr": "*i64", "cu_ptr": "*i32", out: "*bf16", **common,
                    "P": "constexpr", "BLOCK_R": "constexpr", "BLOCK_E": "constexpr"}
             jobs.append(dict(kernel=name, arch=arch, num_warps=warps, num_stages=stages, constexprs=dict(P=14, **cfg), signature=sig))
-        for dt in ("fp32", "bf16"):
-            cfg = {k: v for k, v in kernels.EMBED_CONFIG.items()}
+        for dt, torch_dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            cfg = {k: v for k, v in kernels.embed_config(torch_dt).items()}
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             sig = dict(img_ptr=f"*{dt}", idx_ptr="*i64", cu_ptr="*i32", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", pos_ptr=f"*{dt}",
                        out_ptr=f"*{dt}", rows=i32, num_images=i32, grid_w=i32, num_patches=i32, patch_dim=i32, embed_dim=i32,
                        s_b=i32, s_c=i32, s_h=i32, s_w=i32, P="constexpr", HAS_BIAS="constexpr", HAS_POS="constexpr",
-                       ACC_FP64="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")
+                       ACC_FP64="constexpr", IEEE="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
+                       BLOCK_K="constexpr")
             jobs.append(dict(kernel="patch_embed_kernel", arch=arch, num_warps=warps, num_stages=stages, signature=sig,
-                             constexprs=dict(P=14, HAS_BIAS=True, HAS_POS=True, ACC_FP64=False, **cfg)))
+                             constexprs=dict(P=14, HAS_BIAS=True, HAS_POS=True, ACC_FP64=False, IEEE=dt == "fp32",
+                                             **cfg)))
     return [dict(module=_MOD, **j) for j in jobs]
 
 
@@ -460,4 +487,9 @@ def test_triton_kernels_compile_for_sm80_sm90_without_spills():
             problems.append(f"{label}: {rep['error'][:500]}")
         elif rep["spill_stores"] or rep["spill_loads"]:
             problems.append(f"{label}: spills {rep['spill_stores']}/{rep['spill_loads']} bytes, {rep['registers']} registers")
+        elif job["kernel"] == "patch_embed_kernel":
+            # bf16/fp16 must run the GEMM on tensor cores; fp32 stays on exact (ieee) FMA products
+            low = job["signature"]["img_ptr"] in ("*bf16", "*fp16")
+            if low != (rep["tensor_core"] > 0):
+                problems.append(f"{label}: {rep['tensor_core']} tensor-core instructions")
     assert not problems, "\n".join(problems)

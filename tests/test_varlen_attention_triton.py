@@ -61,6 +61,101 @@ def test_forward_and_backward(case, dtype, seed):
         assert rel_err(got, want) <= 2 * TOL[dtype]
 
 
+def reference_lowp(q, k, v, cu_q, cu_k, scale, causal):
+    """Plain PyTorch attention computed in q's own (low) precision: the per-sample math of `reference` with bf16/fp16
+    matmuls and softmax, as a user writing it in torch would get. Its error against the float64 truth is the yardstick
+    of the accuracy rule."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    group = heads // kv_heads
+    outs = []
+    for b in range(cu_q.numel() - 1):
+        qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        lq, lk = qe - qs, ke - ks
+        qb = q[qs:qe].transpose(0, 1)
+        kb = k[ks:ke].transpose(0, 1).repeat_interleave(group, dim=0)
+        vb = v[ks:ke].transpose(0, 1).repeat_interleave(group, dim=0)
+        s = qb @ kb.transpose(1, 2) * scale
+        mask = torch.ones(lq, lk, dtype=torch.bool)
+        if causal:
+            mask = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+        s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no visible key is all -inf: 0, as the kernels
+        outs.append((p @ vb).transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
+def assert_within_rule(got, torch_lowp, truth, factor):
+    """FlashAttention's accuracy rule: max |got - truth| <= factor * max |torch_lowp - truth| plus the rounding of
+    the result itself (one ulp at the output's scale, FlashAttention's own slack for tiny cases)."""
+    truth = truth.double()
+    err = (got.double() - truth).abs().max().item()
+    base = (torch_lowp.double() - truth).abs().max().item()
+    slack = ((truth + 0.3 - 0.3).to(got.dtype).double() - truth).abs().max().item()
+    assert err <= factor * base + slack, f"error {err:.3e} > {factor} x torch's {base:.3e} (+{slack:.1e})"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_low_precision_within_flash_rule(case, dtype, seed):
+    # bf16/fp16 operands go to tl.dot in their own dtype (tensor cores on a GPU; the interpreter emulates the dot with
+    # exact products and fp32 sums, tests/conftest.py), softmax statistics in fp32, outputs rounded once: error vs
+    # float64 at most 2x (forward) / 3x (gradients) the error of plain PyTorch in the same dtype.
+    lens_q, lens_k, heads, kv_heads, dk, dv, causal = CASES[case]
+    q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, heads, kv_heads, dk, dv, dtype, seed)
+    scale = 1.0 / math.sqrt(dk)
+    out = torch.full((q.shape[0], heads, dv), float("nan"), dtype=dtype)
+    lse = torch.full((heads, q.shape[0]), float("nan"), dtype=torch.float32)
+    vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), scale, causal,
+                                   out=out, lse=lse, _config=SMALL)
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = varlen_attention_f64(qr, kr, vr, cu_q, cu_k, scale, causal)
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    low_out = reference_lowp(ql, kl, vl, cu_q, cu_k, scale, causal)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert_within_rule(out, low_out, ref_out, 2)
+    assert rel_err(lse, ref_lse) <= 1e-3  # fp32 statistics of low-precision scores
+
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    got = vk.varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_q, cu_k, max(lens_q), max(lens_k), scale,
+                                         causal, _config=SMALL)
+    truth = torch.autograd.grad(ref_out, (qr, kr, vr), dout.double())
+    low = torch.autograd.grad(low_out, (ql, kl, vl), dout)
+    for g, lo, t in zip(got, low, truth):
+        assert g.dtype == dtype and not g.isnan().any()
+        assert_within_rule(g, lo, t, 3)
+
+
+def test_interpreter_runs_bf16_dots_exactly_and_rounds_to_nearest():
+    # the emulation the low-precision tests rely on: a bf16 dot gives exactly the fp32 sum of exact products
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot_kernel(A, B, C):
+        r = tl.arange(0, 16)
+        a = tl.load(A + r[:, None] * 16 + r[None, :])
+        b = tl.load(B + r[:, None] * 16 + r[None, :])
+        tl.store(C + r[:, None] * 16 + r[None, :], tl.dot(a, b))
+
+    a, b = torch.randn(16, 16).bfloat16(), torch.randn(16, 16).bfloat16()
+    c = torch.empty(16, 16)
+    dot_kernel[(1,)](a, b, c)
+    torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-6, atol=1e-6)
+
+    # and an fp32 -> bf16 cast rounds to nearest even, as a GPU's cvt.rn.bf16.f32 (not toward zero)
+    @triton.jit
+    def cast_kernel(X, Y):
+        r = tl.arange(0, 256)
+        tl.store(Y + r, tl.load(X + r).to(tl.bfloat16))
+
+    x = torch.randn(256) * 10
+    x[:4] = torch.tensor([1.005859375, -1.005859375, 1.001953125, float("nan")])  # +-0.75 ulp, 0.25 ulp, NaN
+    y = torch.empty(256, dtype=torch.bfloat16)
+    cast_kernel[(1,)](x, y)
+    assert torch.equal(y[:3].float(), torch.tensor([1.0078125, -1.0078125, 1.0])) and y[3].isnan()
+    assert torch.equal(y[4:], x[4:].bfloat16())
+
+
 def test_default_config_and_max_seqlen_too_small(seed):
     # default block sizes (one block per sample here) and a max_seqlen_q smaller than the real one: the kernels'
     # grid-stride loops must still cover every query
@@ -103,17 +198,33 @@ def test_head_dim_limit():
         vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, 2, 2, 0.5, False)
 
 
-# ---------------------------------------------------------------- the CUDA kernel's shared softmax math, on the host
+
+def test_triton_ops_registration(seed):
+    """lookfast::varlen_attention_fwd_triton / _bwd_triton (what CUDA tensors run with Triton) under the interpreter:
+    schema, fake kernels and autograd registration, as the library ops."""
+    q, k, v, cu_q, cu_k = make_case([3, 0, 5], [4, 2, 1], 2, 1, 8, 8, torch.float32, seed)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    args = (q, k, v, cu_q, cu_k, 5, 4, 0.3, True)
+    torch.library.opcheck(torch.ops.lookfast.varlen_attention_fwd_triton, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, lse = torch.ops.lookfast.varlen_attention_fwd_triton(*args)
+    torch.library.opcheck(torch.ops.lookfast.varlen_attention_bwd_triton,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k, 5,
+                           4, 0.3, True), test_utils=("test_schema", "test_faketensor"))
+
+# ---------------------------------------------------- the CUDA kernel's softmax steps and the shared mask rule, on the host
 
 _HEADER_CHECK = r"""
 #include <cstdio>
-#include "common/online_softmax.h"
+#include "common/varlen_attention.h"
+#include "cuda/online_softmax.cuh"
 namespace osm = lookfast::online_softmax;
+using lookfast::varlen::causal_key_end;
 int main() {
   // one query, scores in blocks of 3 (the first block fully masked), values v_j = j; causal bound 7 of 9 keys
   const double s[9] = {-1e300, -1e300, -1e300, 0.5, 2.0, -1.0, 3.0, 0.25, 9.0};
   const long lk = 9, lq = 4, i = 1;
-  const long visible = osm::visible_keys(i, lq, lk, true);  // i + lk - lq + 1 = 7
+  const long visible = causal_key_end(i, lq, lk, true);  // i + lk - lq + 1 = 7
   double m = osm::neg_inf<double>(), l = 0, acc = 0;
   for (int j0 = 0; j0 < 9; j0 += 3) {
     double sc[3], cmax = osm::neg_inf<double>();
@@ -131,7 +242,7 @@ int main() {
   }
   std::printf("%ld %.17g %.17g %.17g %.17g %ld %ld\n", visible, acc * osm::inv_sum(l), osm::log_sum_exp(m, l),
               osm::log_sum_exp(osm::neg_inf<double>(), 0.0), osm::inv_sum(0.0),
-              osm::visible_keys(0, 9, 3, true), osm::visible_keys(5, 2, 3, false));
+              causal_key_end(0, 9, 3, true), causal_key_end(5, 2, 3, false));
 }
 """
 
@@ -162,7 +273,7 @@ def test_online_softmax_header_on_host(tmp_path):
 
 def _aot_cases():
     cases = []
-    for dtype, tname in ((torch.float16, "fp16"), (torch.float32, "fp32")):
+    for dtype, tname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         for d in (64, 8):
             f, bw = vk.fwd_config(d, d, dtype), vk.bwd_config(d, d, dtype)
             bd = vk._pad_dim(d)
@@ -217,6 +328,7 @@ def aot_reports():
         failed = "error" in res
         reports[key] = dict(ok=not failed, registers=res.get("registers", 0), spill_stores=res.get("spill_stores", 0),
                             spill_loads=res.get("spill_loads", 0), shared=res.get("shared", 0),
+                            tensor_core=res.get("tensor_core", 0),
                             ptxas=res["error"] if failed else res["ptxas"])
     return reports
 
@@ -225,10 +337,14 @@ def aot_reports():
 @pytest.mark.parametrize("name", [c[4] for c in AOT])
 def test_aot_compiles_without_spills(aot_reports, name, arch):
     report = aot_reports[name, arch]
-    print(name, arch, {key: report[key] for key in ("registers", "spill_stores", "spill_loads", "shared")})
+    print(name, arch, {key: report[key] for key in ("registers", "spill_stores", "spill_loads", "shared", "tensor_core")})
     assert report["ok"], report["ptxas"]
     assert report["registers"] > 0
     assert report["spill_stores"] == 0 and report["spill_loads"] == 0, report["ptxas"]
+    if not name.startswith("delta"):
+        # bf16/fp16 dots on tensor cores (mma.sync / wgmma); fp32 keeps exact (ieee) FMA products
+        low = "-fp16-" in name or "-bf16-" in name
+        assert (report["tensor_core"] > 0) == low, report["tensor_core"]
 
 
 # ---------------------------------------------------------------- real GPU

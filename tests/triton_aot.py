@@ -66,6 +66,11 @@ def _assemble(ptx_text: str, arch: int) -> str:
     return out.stderr + out.stdout
 
 
+def _tensor_core_instructions(ptx_text: str) -> int:
+    """Count of tensor-core instructions in the PTX: mma.sync (sm_80 and later) and wgmma (sm_90a)."""
+    return len(re.findall(r"^\s*(?:mma\.sync|wgmma\.mma_async)\b", ptx_text, re.M))
+
+
 def _summary(text: str, shared: int) -> dict:
     def grab(pattern: str) -> int:
         m = re.search(pattern, text)
@@ -86,7 +91,8 @@ def compile_reports(jobs: list) -> list:
     jobs: dicts with keys module, kernel, signature, constexprs, arch and optionally num_warps, num_stages and
     divisible (names of pointer / integer arguments declared 16-divisible, as the JIT specialises them for aligned
     tensors and strides; none by default).
-    Returns one dict per job: compile_report's keys, or {"error": message} when that job failed to compile or assemble.
+    Returns one dict per job: compile_report's keys plus "tensor_core" (how many mma.sync / wgmma instructions the PTX
+    holds), or {"error": message} when that job failed to compile or assemble.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     payload = json.dumps([[j["module"], j["kernel"], j["signature"], j["constexprs"], j["arch"],
@@ -100,7 +106,9 @@ def compile_reports(jobs: list) -> list:
             results.append(res)
             continue
         try:
-            results.append(_summary(_assemble(res["ptx"], job["arch"]), res["shared"]))
+            summary = _summary(_assemble(res["ptx"], job["arch"]), res["shared"])
+            summary["tensor_core"] = _tensor_core_instructions(res["ptx"])
+            results.append(summary)
         except RuntimeError as exc:
             results.append({"error": str(exc)})
     return results

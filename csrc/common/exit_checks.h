@@ -3,6 +3,7 @@
 // Python wrappers check first with friendlier messages; these keep the kernels safe when called directly
 // (torch.ops.lookfast.*): no op reads or writes out of bounds, whatever it is given. Also the one host-only op
 // body that is the same on both devices (compact_rows_backward, composed of ATen ops).
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
@@ -50,6 +51,14 @@ inline void check_scatter_args(const at::Tensor& out, const at::Tensor& batch_in
   TORCH_CHECK(values.scalar_type() == out.scalar_type(), "exit_scatter: values and out must share a dtype");
   TORCH_CHECK(values.device() == out.device() && batch_index.device() == out.device(),
               "exit_scatter: out, batch_index and values must be on one device");
+  // As index_copy_: an expanded `out` (rows sharing memory) or `values` overlapping `out` would make the result
+  // depend on the copy order.
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+              "exit_scatter: out has rows that share memory (an expanded tensor); pass a materialised out");
+  const at::MemOverlapStatus overlap = at::get_overlap_status(out, values);
+  TORCH_CHECK(overlap == at::MemOverlapStatus::No ||
+                  (overlap == at::MemOverlapStatus::TooHard && !out.storage().is_alias_of(values.storage())),
+              "exit_scatter: values overlaps out's memory; pass a copy of values");
 }
 
 // Host-side bounds check of row indices (CPU: the index is already in host memory).

@@ -44,7 +44,10 @@ inline Geometry check_gather_args(const at::Tensor& images, const at::Tensor& in
   g.grid_h = g.height / patch;
   g.grid_w = g.width / patch;
   g.num_patches = g.grid_h * g.grid_w;
-  g.patch_dim = g.channels * patch * patch;
+  // C * p * p in checked arithmetic: a huge patch_size on an empty image must not overflow (undefined behaviour).
+  int64_t pp = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(patch, patch, &pp) && !__builtin_mul_overflow(g.channels, pp, &g.patch_dim),
+              "patch_gather_embed: channels * patch_size^2 overflows int64 (patch_size ", patch, ")");
   TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong, "patch_gather_embed: indices must be (total,) int64");
   TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.scalar_type() == at::kInt && cu_seqlens.size(0) == g.images + 1,
               "patch_gather_embed: cu_seqlens must be (B + 1,) int32");

@@ -160,9 +160,16 @@ bool confidence_rows_vectorized<float>(const float* base, int64_t row_stride, in
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor> exit_confidence_mask_cpu(const at::Tensor& logits, const at::Tensor& threshold,
+std::tuple<at::Tensor, at::Tensor> exit_confidence_mask_cpu(const at::Tensor& logits_in, const at::Tensor& threshold,
                                                             int64_t criterion) {
-  check_confidence_args(logits, threshold, criterion);
+  check_confidence_args(logits_in, threshold, criterion);
+  // One confidence definition per dtype, whatever the layout: float32 rows always take the vectorised path (a
+  // strided row is copied first), so calibrate_thresholds, which finds thresholds with this op, and the runner,
+  // whose logits may be laid out differently, compute bit-identical confidences.
+  const at::Tensor logits =
+      logits_in.scalar_type() == at::kFloat && logits_in.size(1) > 1 && logits_in.stride(1) != 1
+          ? logits_in.contiguous()
+          : logits_in;
   TORCH_CHECK(logits.is_cpu() && threshold.is_cpu(), "exit_confidence_mask: logits and threshold must be on the CPU");
   const int64_t n = logits.size(0), classes = logits.size(1);
   const double thr = threshold.item<double>();
@@ -174,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> exit_confidence_mask_cpu(const at::Tensor& lo
     const acc_t t = static_cast<acc_t>(thr);
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(classes, 1));
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-      if (s1 == 1 && confidence_rows_vectorized(base, s0, begin, end, classes, criterion, thr, passes.data())) {
+      if ((s1 == 1 || classes == 1) && confidence_rows_vectorized(base, s0, begin, end, classes, criterion, thr, passes.data())) {
         return;
       }
       for (int64_t i = begin; i < end; ++i) {
@@ -210,7 +217,9 @@ std::vector<at::Tensor> compact_rows_cpu(at::TensorList states, const at::Tensor
     sizes[0] = m;
     at::Tensor out = empty_output(sizes, s.options());
     if (m > 0) {
-      if (rows_are_contiguous(s)) {
+      if (out.numel() == 0) {
+        // zero-width rows: nothing to copy (and a null data pointer must not reach memcpy)
+      } else if (rows_are_contiguous(s)) {
         fast.push_back(RowCopy::gather(s, out));
       } else {
         at::index_select_out(out, s, 0, index);  // strided rows (rare: transposed states): ATen's strided gather
@@ -232,12 +241,44 @@ void exit_scatter_cpu(const at::Tensor& out, const at::Tensor& batch_index, cons
   const int64_t k = index.size(0);
   const int64_t* idx = index.const_data_ptr<int64_t>();
   check_row_indices(idx, k, out.size(0), "batch_index");
-  if (k == 0) return;
+  if (k == 0 || values.numel() == 0) return;
+  // Duplicate destinations: the LAST occurrence wins, deterministically. Copying every pair in parallel would race
+  // (two threads memcpy into one row: a torn row mixing both values), so only each destination's last writer copies.
+  std::vector<int64_t> last(k > 1 ? static_cast<size_t>(out.size(0)) : 0, -1);
+  bool duplicates = false;
+  for (int64_t j = 0; j < k && k > 1; ++j) {
+    duplicates |= last[idx[j]] >= 0;
+    last[idx[j]] = j;
+  }
+  std::vector<int64_t> src_rows, dst_rows;
+  if (duplicates) {
+    for (int64_t j = 0; j < k; ++j)
+      if (last[idx[j]] == j) {
+        src_rows.push_back(j);
+        dst_rows.push_back(idx[j]);
+      }
+  }
   if (rows_are_contiguous(out) && rows_are_contiguous(values)) {
     std::vector<RowCopy> one{RowCopy::scatter(values, out)};
-    copy_rows_parallel(one, idx, k, /*indices_are_destinations=*/true);
-  } else {
+    if (!duplicates) {
+      copy_rows_parallel(one, idx, k, /*indices_are_destinations=*/true);
+    } else {
+      // Winners only: value row src_rows[i] to out row dst_rows[i] (distinct destinations, so no race).
+      const RowCopy& c = one[0];
+      const int64_t count = static_cast<int64_t>(src_rows.size());
+      const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(c.bytes, 1));
+      at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          std::memcpy(c.dst + dst_rows[i] * c.dst_stride, c.src + src_rows[i] * c.src_stride, c.bytes);
+      });
+    }
+  } else if (!duplicates) {
     const_cast<at::Tensor&>(out).index_copy_(0, index, values);
+  } else {
+    const auto opts = index.options();
+    const at::Tensor src = at::from_blob(src_rows.data(), {static_cast<int64_t>(src_rows.size())}, opts);
+    const at::Tensor dst = at::from_blob(dst_rows.data(), {static_cast<int64_t>(dst_rows.size())}, opts);
+    const_cast<at::Tensor&>(out).index_copy_(0, dst, values.index_select(0, src));
   }
 }
 
@@ -251,3 +292,12 @@ TORCH_LIBRARY_IMPL(lookfast, CPU, m) {
 }
 
 }  // namespace lookfast
+
+// Plain C entry points (called through ctypes by lookfast.cpu_pool_empty_cache / cpu_pool_cached_bytes): the pool
+// is process state, not tensor math, so it gets no dispatcher op.
+extern "C" __attribute__((visibility("default"))) size_t lookfast_cpu_pool_empty_cache() {
+  return lookfast::RowBufferPool::instance().empty_cache();
+}
+extern "C" __attribute__((visibility("default"))) size_t lookfast_cpu_pool_cached_bytes() {
+  return lookfast::RowBufferPool::instance().cached_bytes();
+}

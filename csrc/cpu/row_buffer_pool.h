@@ -7,7 +7,9 @@
 // the request and twice it, so steady-state exits (the runner, a serving loop) touch warm memory, as the CUDA
 // caching allocator does on GPUs. New blocks are 2 MiB aligned with transparent huge pages requested, which cuts
 // first-touch faults 512x where the kernel allows it.
-// Env: LOOKFAST_CPU_POOL_MB caps the cached bytes (default 1024; 0 disables caching entirely).
+// Env: LOOKFAST_CPU_POOL_MB caps the cached bytes (default 256: a runner's steady state needs a few blocks of its
+// largest survivor sizes; 0 disables caching entirely). lookfast.cpu_pool_empty_cache() (the exported C function
+// below) frees every cached block, as torch.cuda.empty_cache() does for the CUDA caching allocator.
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -55,6 +57,21 @@ class RowBufferPool {
     return p;
   }
 
+  // Frees every cached block (blocks held by live tensors are untouched); returns the bytes freed.
+  size_t empty_cache() {
+    std::lock_guard<std::mutex> lock(mu_);
+    const size_t freed = cached_bytes_;
+    for (auto& kv : free_) std::free(kv.second);
+    free_.clear();
+    cached_bytes_ = 0;
+    return freed;
+  }
+
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return cached_bytes_;
+  }
+
   void release(void* p, size_t capacity) {
     std::lock_guard<std::mutex> lock(mu_);
     // Keep the newest blocks under the cap: evict the largest cached ones first.
@@ -75,7 +92,7 @@ class RowBufferPool {
  private:
   RowBufferPool() {
     const char* env = std::getenv("LOOKFAST_CPU_POOL_MB");
-    cap_bytes_ = (env != nullptr ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t(1024)) << 20;
+    cap_bytes_ = (env != nullptr ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t(256)) << 20;
   }
 
   std::mutex mu_;

@@ -152,6 +152,14 @@ LF_INLINE typename Vec<acc_t>::type softmax_pv(acc_t* st, typename Vec<acc_t>::t
   typedef typename Vec<acc_t>::type V;
   constexpr int VL = Vec<acc_t>::size;
   V sum = {};
+  if (cols == 0) {  // value width 0: only the sum (for lse); V has no column to read
+    for (int64_t j = 0; j < n; ++j) {
+      const V p = vexp2(vload(st + j * VL) - ms);
+      vstore(st + j * VL, p);
+      sum += p;
+    }
+    return sum;
+  }
   V a0 = vload(acc), a1 = vload(acc + VL), a2 = vload(acc + 2 * VL), a3 = vload(acc + 3 * VL),
     a4 = vload(acc + 4 * VL), a5 = vload(acc + 5 * VL), a6 = vload(acc + 6 * VL), a7 = vload(acc + 7 * VL);
   const acc_t* vr = v;
@@ -386,7 +394,7 @@ LF_INLINE void forward_tile(const Problem& pb, const acc_t* qt, const acc_t* kp,
       for (int64_t j = 0; j < nb; ++j) mx = vmax(mx, vload(st + j * VL));
     }
     mx = vmax(mx, m);
-    const V ms = mx == neg_inf ? V{} : mx;  // varlen::safe_max, lane-wise
+    const V ms = mx == neg_inf ? V{} : mx;  // a fully masked lane subtracts 0: exp2(-inf) stays 0, never NaN
     if (j0 > 0) {
       const V alpha = vexp2(m - ms);  // 0 where m was -inf (exp2 flushes), 1 where the max did not move
       l = l * alpha;
@@ -455,10 +463,23 @@ LF_INLINE void forward_items_impl(const Problem& pb, const FwdItem* items, int64
         }
       }
 #undef LF_TILE
-      const V inv = l > acc_t(0) ? acc_t(1) / l : V{};
-      const V lse_v = l > acc_t(0) ? m * static_cast<acc_t>(varlen::kLn2) + vlog(l)
-                                   : vbroadcast(-std::numeric_limits<acc_t>::infinity());
-      for (int64_t c = 0; c < Dv; ++c) vstore(acc.data + c * VL, vload(acc.data + c * VL) * inv);
+      // NaN semantics (those of softmax): a lane that sees keys outputs acc / l, so a NaN/inf score (NaN p) or a NaN
+      // value gives NaN, and all-(-inf) scores (l == 0: inf inputs, an overflowing softmax_scale) give 0/0 = NaN.
+      // A lane that sees no key outputs exact zeros and lse = -inf, even where acc caught 0 * NaN from V.
+      V seen = {};
+      for (int lane = 0; lane < n; ++lane)
+        seen[lane] = varlen::causal_key_end(static_cast<int>(i0 + lane), static_cast<int>(len_q),
+                                            static_cast<int>(len_k), pb.causal) > 0
+                         ? acc_t(1)
+                         : acc_t(0);
+      const V inv = acc_t(1) / l;
+      const V lse_v = ((l > acc_t(0)) | (l != l)) & (seen > acc_t(0))
+                          ? m * static_cast<acc_t>(varlen::kLn2) + vlog(l)
+                          : vbroadcast(-std::numeric_limits<acc_t>::infinity());
+      for (int64_t c = 0; c < Dv; ++c) {
+        const V a = vload(acc.data + c * VL);
+        vstore(acc.data + c * VL, seen > acc_t(0) ? a * inv : V{});
+      }
       store_transposed(acc.data, n, Dv, acc_t(1), out + ((q0 + i0) * H + w.h) * Dv, H * Dv);
       float* lse_row = lse + w.h * total_q + q0 + i0;
       for (int64_t lane = 0; lane < n; ++lane) lse_row[lane] = static_cast<float>(lse_v[lane]);

@@ -281,13 +281,20 @@ LF_BF16_TARGET void forward_items(const Shape& s, const FwdItem* items, int64_t 
         dot_gemm(n, ldv, nbp / 2, pa.data, kKeyBlock / 2, vn.data + (j0 / 2) * ldv, ldv, acc.data, ldv, true);
       }
       for (int64_t r = 0; r < n; ++r) {
-        // l == 0: the query saw no key (zeros, lse -inf); l NaN: a NaN score, which the output keeps.
-        const float inv = l[r] > 0.f ? 1.f / l[r] : (l[r] == 0.f ? 0.f : l[r]);
+        // A query that sees no key: exact zeros (whatever v holds) and lse -inf. One that sees keys whose scores are
+        // all -inf (overflow): NaN, as softmax. l NaN (a NaN or +inf score): NaN, kept by the multiply.
         const float* arow = acc.data + r * ldv;
         c10::BFloat16* orow = out + ((q0 + i0 + r) * H + w.h) * Dv;
+        float* lse_r = lse + w.h * total_q + q0 + i0 + r;
+        if (key_end[r] == 0) {
+          for (int64_t c = 0; c < Dv; ++c) orow[c] = c10::BFloat16(0.f);
+          *lse_r = neg_inf;
+          continue;
+        }
+        const float inv = l[r] == 0.f ? std::numeric_limits<float>::quiet_NaN() : 1.f / l[r];
         for (int64_t c = 0; c < Dv; ++c) orow[c] = c10::BFloat16(arow[c] * inv);
-        lse[w.h * total_q + q0 + i0 + r] =
-            l[r] == 0.f ? neg_inf : (m[r] + std::log2(l[r])) * 0.6931471805599453f;  // log2 domain -> natural log
+        *lse_r = l[r] == 0.f ? std::numeric_limits<float>::quiet_NaN()
+                             : (m[r] + std::log2(l[r])) * 0.6931471805599453f;  // log2 domain -> natural log
       }
     }
   }

@@ -10,7 +10,10 @@
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+// The sanitizer build (setup.py LOOKFAST_SANITIZE=1) compiles one clone only: the clones share their source and
+// memory accesses, and three instrumented copies would triple the CI build time.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__) && \
+    !defined(LOOKFAST_SANITIZE_BUILD)
 #define LF_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define LF_MULTIVERSION
@@ -64,15 +67,19 @@ LF_INLINE typename Vec<T>::type vbroadcast(T x) {
   typename Vec<T>::type v = {};
   return v + x;
 }
+// maxps semantics: a NaN in `a` is dropped. The kernels do not rely on the max to surface NaN: vexp2 of
+// (NaN - max) is NaN, which poisons the row's sum as softmax does.
 template <typename V>
 LF_INLINE V vmax(V a, V b) {
   return a > b ? a : b;
 }
 
 // exp2 for x <= ~0: Cody-Waite split x = n + f (|f| <= 1/2), 2^f by the Cephes exp2f polynomial (~2e-7 relative),
-// 2^n added to the exponent bits; inputs below -125 (incl. -inf) flush to exactly 0.
+// 2^n added to the exponent bits; inputs below -125 (incl. -inf) flush to exactly 0. NaN in gives NaN out (the
+// exponent arithmetic alone would turn it into a finite number or 0, hiding a diverging input).
 LF_INLINE Vec<float>::type vexp2(Vec<float>::type x) {
   typedef Vec<float>::type V;
+  const V in = x;
   const vint16 keep = x >= -125.0f;
   x = x > -125.0f ? x : vbroadcast(-125.0f);
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
@@ -89,16 +96,17 @@ LF_INLINE Vec<float>::type vexp2(Vec<float>::type x) {
   vint16 ni = __builtin_bit_cast(vint16, r) - 0x4B400000;  // bits of magic
   vint16 bits = __builtin_bit_cast(vint16, p) + (ni << 23);
   bits &= keep;
-  return __builtin_bit_cast(V, bits);
+  return in != in ? in : __builtin_bit_cast(V, bits);
 }
 LF_INLINE Vec<double>::type vexp2(Vec<double>::type x) {
   for (int i = 0; i < Vec<double>::size; ++i) x[i] = std::exp2(x[i]);
   return x;
 }
 
-// Natural log for x > 0 (Cephes logf: mantissa in [sqrt(1/2), sqrt(2)), ~1 ulp); x == 0 gives -inf.
+// Natural log for x > 0 (Cephes logf: mantissa in [sqrt(1/2), sqrt(2)), ~1 ulp); x == 0 gives -inf, NaN gives NaN.
 LF_INLINE Vec<float>::type vlog(Vec<float>::type x) {
   typedef Vec<float>::type V;
+  const V in = x;
   const vint16 zero = x <= 0.0f;
   vint16 bits = __builtin_bit_cast(vint16, x);
   vint16 e = (bits >> 23) - 127;
@@ -119,7 +127,8 @@ LF_INLINE Vec<float>::type vlog(Vec<float>::type x) {
   p = p * t + 3.3333331174e-1f;
   V y = t * z * p - 0.5f * z + t;
   y += __builtin_convertvector(e, V) * 0.693147180559945f;
-  return zero ? vbroadcast(-std::numeric_limits<float>::infinity()) : y;
+  y = zero ? vbroadcast(-std::numeric_limits<float>::infinity()) : y;
+  return in != in ? in : y;
 }
 LF_INLINE Vec<double>::type vlog(Vec<double>::type x) {
   for (int i = 0; i < Vec<double>::size; ++i) x[i] = std::log(x[i]);

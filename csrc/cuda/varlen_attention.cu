@@ -5,12 +5,17 @@
 // warp shuffles. The other side (keys and values, or queries and output gradients) is staged tile by tile in shared
 // memory, converted to the accumulation type once, and read as warp broadcasts. Small key sets (Dyn-Perceiver z->x:
 // 16..256 keys of width 8..98) fit in one tile: K/V are loaded once per block and the queries stream past them.
-// Softmax is online (running max and sum in registers, shared with the CPU kernel via common/online_softmax.h).
+// Softmax is online (running max and sum in registers, cuda/online_softmax.cuh; the masking rule and conventions are
+// shared with the CPU kernel through common/varlen_attention.h).
 //
 // Backward (race-free, deterministic, no atomics): (1) the dq kernel, per query, also computes
 // delta = rowsum(dout * out) and stores it in an fp32/fp64 scratch (H, total_q); (2) the dk/dv kernel, per key,
 // loops over the H/Hk query heads that share its kv head and over the query tiles that can see it. Every output
 // element has exactly one writer. Probabilities are recomputed from the saved log-sum-exp.
+//
+// bf16/fp16 forwards with head dims <= 128 on sm_80+ run on the tensor cores instead (varlen_attention_mma.cu: wmma
+// fragments, fp32 accumulation and softmax statistics, roofline there; LOOKFAST_CUDA_MMA=0 selects this file's SIMT
+// kernel). The backward of every dtype is this file's SIMT kernel (fp32 accumulation for bf16/fp16).
 //
 // Roofline on an H100 SXM (3.35 TB/s HBM; ~67 TFLOP/s fp32 FMA, which these kernels use: no tensor cores):
 //   fwd FLOPs = 2 * sum_b Lq_b * Lk_b * (Dh + Dv) * H; bytes ~ q + out + lse, plus K/V once per block.
@@ -34,7 +39,9 @@
 #include <tuple>
 #include <type_traits>
 
-#include "common/online_softmax.h"
+#include "common/varlen_attention.h"
+#include "cuda/online_softmax.cuh"
+#include "cuda/varlen_attention_mma.h"
 
 namespace lookfast {
 namespace {
@@ -155,9 +162,9 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_fwd_kernel(
       acc[e] = 0;
     }
     acc_t m = osm::neg_inf<acc_t>(), l = 0;
-    const int64_t n_vis = valid ? osm::visible_keys(i, s.lq, s.lk, causal) : 0;
+    const int64_t n_vis = valid ? varlen::causal_key_end(i, s.lq, s.lk, causal) : 0;
     const int64_t last_q = (m0 + QPB < s.lq ? m0 + QPB : s.lq) - 1;
-    const int64_t n_end = osm::visible_keys(last_q, s.lq, s.lk, causal);
+    const int64_t n_end = varlen::causal_key_end(last_q, s.lq, s.lk, causal);
 
     for (int64_t n0 = 0; n0 < n_end; n0 += tile_n) {
       const int cnt = static_cast<int>(n_end - n0 < tile_n ? n_end - n0 : tile_n);
@@ -244,9 +251,9 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
 #pragma unroll
       for (int e = 0; e < DPT; ++e) gq[e] = 0;
       const acc_t row_lse = valid ? static_cast<acc_t>(lse[h * total_q + s.q0 + i]) : acc_t(0);
-      const int64_t n_vis = valid ? osm::visible_keys(i, s.lq, s.lk, causal) : 0;
+      const int64_t n_vis = valid ? varlen::causal_key_end(i, s.lq, s.lk, causal) : 0;
       const int64_t last_q = (m0 + QPB < s.lq ? m0 + QPB : s.lq) - 1;
-      const int64_t n_end = osm::visible_keys(last_q, s.lq, s.lk, causal);
+      const int64_t n_end = varlen::causal_key_end(last_q, s.lq, s.lk, causal);
       for (int64_t n0 = 0; n0 < n_end; n0 += tile_n) {
         const int cnt = static_cast<int>(n_end - n0 < tile_n ? n_end - n0 : tile_n);
         stage_kv_tile<DP>(ks, vs, k, v, s, n0, cnt, resident, staged, sk_t, kvh * sk_h, sv_t, kvh * sv_h, dk,
@@ -410,6 +417,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(const at::Tensor& q
   at::Tensor out = at::empty({total_q, heads, dv}, q.options());
   at::Tensor lse = at::empty({heads, total_q}, q.options().dtype(at::kFloat));
   if (total_q == 0 || batch == 0 || heads == 0) return {out, lse};
+  // bf16/fp16 on tensor cores when the head dims and the GPU allow it
+  if (varlen_attention_fwd_mma(q, k, v, cu_q, cu_k, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, causal)) {
+    return {out, lse};
+  }
   const int group = static_cast<int>(heads / k.size(1));
   const auto stream = c10::cuda::getCurrentCUDAStream();
 

@@ -11,6 +11,7 @@ Typical use::
 from __future__ import annotations
 
 import math
+import struct
 from typing import Sequence
 
 import torch
@@ -28,6 +29,55 @@ def _proportion_list(proportions, name: str = "proportions") -> list[float]:
     return values
 
 
+def _ordered_key(x: float, dtype: torch.dtype) -> int:
+    """An int that orders floats of `dtype` as the floats order (adjacent floats: adjacent ints; -0.0 == 0.0)."""
+    fmt, ifmt, sign = ("d", "q", 2**63) if dtype == torch.float64 else ("f", "i", 2**31)
+    b = struct.unpack(ifmt, struct.pack(fmt, x))[0]
+    return b if b >= 0 else -sign - b
+
+
+def _from_key(key: int, dtype: torch.dtype) -> float:
+    fmt, ifmt, sign = ("d", "q", 2**63) if dtype == torch.float64 else ("f", "i", 2**31)
+    return struct.unpack(fmt, struct.pack(ifmt, key if key >= 0 else -sign - key))[0]
+
+
+def _passes(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(n,) bool: the rows of `logits` (n, C) that leave at `threshold`, decided by `exit_compact` itself (the
+    backend the runner uses: C++, CUDA, Triton or the reference), so calibration and runner share one confidence."""
+    from ..ops.exit_compact import exit_compact
+
+    _, exited = exit_compact(logits, threshold)
+    mask = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    mask[exited] = True
+    return mask
+
+
+def _kth_confidence(logits: torch.Tensor, estimate: float, k: int, dtype: torch.dtype) -> float:
+    """The k-th largest confidence of the rows of `logits` as `exit_compact` computes it, i.e. the largest float t
+    (in `dtype`) with at least k rows passing `confidence >= t`. Found by bisection over the floats with the exit
+    test itself, starting from a bracket around the reference's `estimate`; only rows whose outcome differs across
+    the bracket are re-tested, so each step is cheap."""
+    def count(rows: torch.Tensor, t: float) -> int:
+        return int(_passes(rows, t).sum()) if rows.shape[0] else 0
+
+    width = max(abs(estimate) * 1e-4, 1e-30)
+    lo_t, hi_t = estimate - width, estimate + width
+    p_lo, p_hi = _passes(logits, lo_t), _passes(logits, hi_t)
+    if not (int(p_lo.sum()) >= k > int(p_hi.sum())):  # the backend is far from the reference: the whole range
+        lo_t, hi_t = -math.inf, math.inf
+        p_lo, p_hi = _passes(logits, lo_t), _passes(logits, hi_t)
+    sure = int(p_hi.sum())  # pass at the top of the bracket, hence everywhere inside it
+    candidates = logits[p_lo & ~p_hi]
+    lo, hi = _ordered_key(lo_t, dtype), _ordered_key(hi_t, dtype)  # count(lo) >= k > count(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if sure + count(candidates, _from_key(mid, dtype)) >= k:
+            lo = mid
+        else:
+            hi = mid
+    return _from_key(lo, dtype)
+
+
 def calibrate_thresholds(exit_logits, proportions) -> torch.Tensor:
     """Per-exit max-softmax thresholds that make `proportions` of a calibration set leave at each exit.
 
@@ -41,8 +91,13 @@ def calibrate_thresholds(exit_logits, proportions) -> torch.Tensor:
         not leave at an earlier exit, sorted by c[e] descending (NaN last: NaN never leaves), T[e] is the confidence
         of the k-th (1-based), k = floor(n * proportions[e]); T[e] = +inf (nobody leaves) when k is 0 or exceeds
         the samples available. A sample leaves at the first e with c[e, i] >= T[e]; T[E - 1] = -inf. Samples tied
-        with T[e] all leave, so ties can make more than k leave. The thresholds are values of the confidences
-        themselves, so `EarlyExitRunner` with criterion "max_softmax" reproduces these exits exactly.
+        with T[e] all leave, so ties can make more than k leave.
+
+    Exactness: c[e, i] is the confidence `lookfast.exit_compact` computes on the logits' device (the C++ kernel on
+    the CPU, the CUDA/Triton kernel on GPUs, the reference without the compiled library): T[e] is found with that
+    exit test itself, so `EarlyExitRunner` (criterion "max_softmax", same device and backend) reproduces these exits
+    bit for bit, whatever the batch composition (each row's confidence depends on that row only). The reference
+    softmax (`exit_confidence_reference`) agrees with it to a few ulps.
     """
     if not isinstance(exit_logits, torch.Tensor):
         exit_logits = torch.stack(list(exit_logits))
@@ -55,18 +110,21 @@ def calibrate_thresholds(exit_logits, proportions) -> torch.Tensor:
     p = _proportion_list(proportions)
     if len(p) != exits:
         raise ValueError(f"proportions must hold {exits} values (one per exit of exit_logits), got {len(p)}")
-    conf = exit_confidence_reference(exit_logits.reshape(exits * n, classes)).reshape(exits, n)
+    conf = exit_confidence_reference(exit_logits.reshape(exits * n, classes)).reshape(exits, n)  # estimates
     thresholds = torch.empty(exits, dtype=conf.dtype)
     left = torch.zeros(n, dtype=torch.bool, device=conf.device)
     for e in range(exits - 1):
         k = math.floor(n * p[e])
-        c = conf[e][~left]
-        c = c[~torch.isnan(c)]
-        if k == 0 or k > c.shape[0]:
+        rows = exit_logits[e][~left]
+        available = int(_passes(rows, -math.inf).sum()) if rows.shape[0] else 0  # NaN confidence never passes
+        if k == 0 or k > available:
             thresholds[e] = math.inf
         else:
-            thresholds[e] = torch.sort(c, descending=True).values[k - 1].item()
-        left |= conf[e] >= thresholds[e].to(conf.device)
+            c = conf[e][~left]
+            c = c[~torch.isnan(c)]
+            estimate = torch.sort(c, descending=True).values[min(k, c.shape[0]) - 1].item() if c.shape[0] else 0.0
+            thresholds[e] = _kth_confidence(rows, estimate, k, conf.dtype)
+        left |= _passes(exit_logits[e], thresholds[e].item())
     thresholds[exits - 1] = -math.inf
     return thresholds
 

@@ -22,7 +22,8 @@ How a model describes itself (the contract):
 
 The result is what running each sample alone through the stages and heads, stopping at its first passing exit,
 gives (to float tolerance: batched kernels may round differently from one-sample ones). When every sample has left,
-the remaining stages do not run. Callables must treat samples independently (no batch statistics: eval-mode
+the remaining stages do not run. An exit that nobody passes copies nothing (the state goes on as it is); one that
+everybody passes copies nothing either (the logits are written out as they are). Callables must treat samples independently (no batch statistics: eval-mode
 BatchNorm is fine). Each exit costs one host synchronisation on a GPU (the survivor count sizes the next stage).
 The returned logits take the dtype of heads[0]'s logits (later heads' logits are cast to it).
 
@@ -37,6 +38,8 @@ Example, a Dyn-Perceiver-like model (CNN features x, latent z; the last exit als
     logits, exit_index = runner((images,), thresholds)
 """
 from __future__ import annotations
+
+import math
 
 from typing import Any, Callable, Sequence
 
@@ -92,6 +95,10 @@ class EarlyExitRunner:
         values = require_float_list("thresholds", thresholds, "one per exit")
         if len(values) != self.num_exits:
             raise ValueError(f"thresholds must hold {self.num_exits} values (one per exit), got {len(values)}")
+        nan = [i for i, t in enumerate(values[:-1]) if math.isnan(t)]  # the last one is ignored
+        if nan:
+            raise ValueError(f"thresholds[{nan[0]}] is NaN: nobody would ever leave at that exit (no confidence "
+                             "compares true with NaN); use +inf for an exit nobody takes")
         return values
 
     def _split_head(self, i: int, state: tuple) -> tuple[torch.Tensor, tuple]:
@@ -137,11 +144,13 @@ class EarlyExitRunner:
             keep, exited = exit_compact(logits, thr[i], criterion=self.criterion)
             if exited.shape[0] == 0:
                 continue  # nobody left: the state stays as it is, no copy
+            if exited.shape[0] == n:  # everybody leaves: their logits and rows as they are, no copy
+                exit_scatter(out, rows, logits.to(out.dtype))
+                exit_index.index_fill_(0, rows, i)
+                break
             left_logits, left_rows = compact_rows([logits, rows], exited)
             exit_scatter(out, left_rows, left_logits.to(out.dtype))
             exit_index.index_fill_(0, left_rows, i)
-            if keep.shape[0] == 0:
-                break  # everybody left: the remaining stages do not run
             *compacted, rows = compact_rows([state[j] for j in slots] + [rows], keep)  # all states in one pass
             new_state = list(state)
             for j, t in zip(slots, compacted):

@@ -11,6 +11,7 @@ and row copies stay on the device. Under torch.compile the sizes are unbacked sy
 """
 from __future__ import annotations
 
+import math
 from numbers import Real
 
 import torch
@@ -145,9 +146,16 @@ def _threshold_tensor(threshold, logits: torch.Tensor) -> torch.Tensor:
             raise TypeError(f"threshold must be a real number, got dtype {threshold.dtype}")
         if threshold.device != logits.device and threshold.device.type != "cpu":
             raise ValueError(f"threshold is on {threshold.device} but logits is on {logits.device}")
+        # NaN would silently mean "nobody ever exits". Checked for CPU tensors only (a GPU value costs a sync).
+        if threshold.device.type == "cpu" and not torch.compiler.is_compiling() and bool(torch.isnan(threshold)):
+            raise ValueError("threshold is NaN (no confidence compares true with NaN, so nobody would exit); "
+                             "use +inf for 'nobody exits'")
         return threshold
     if isinstance(threshold, bool) or not isinstance(threshold, Real):
         raise TypeError(f"threshold must be a Python float or a 0-d tensor, got {type(threshold).__name__}")
+    if math.isnan(threshold):
+        raise ValueError("threshold is NaN (no confidence compares true with NaN, so nobody would exit); "
+                         "use +inf for 'nobody exits'")
     # A CPU scalar tensor: the CPU kernel reads it directly, the GPU kernels receive it by value (no copy, no sync).
     return torch.tensor(float(threshold), dtype=torch.float64)
 
@@ -212,13 +220,34 @@ def compact_rows(states, keep: torch.Tensor) -> list[torch.Tensor]:
     return _backend.call("compact_rows", keep.device, _compact_rows_reference, states, keep)
 
 
+def _check_no_overlap(out: torch.Tensor, values: torch.Tensor) -> None:
+    # As index_copy_: writing through an expanded `out` (rows sharing memory), or reading `values` that share memory
+    # with `out`, would make the result depend on the order of the row copies.
+    if out.numel() and torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"out has rows that share memory (an expanded tensor, strides {tuple(out.stride())}); "
+                         "pass a materialised tensor, e.g. out.contiguous()")
+    if out.numel() and values.numel() and out.untyped_storage().data_ptr() == values.untyped_storage().data_ptr():
+        lo_o = out.data_ptr()
+        hi_o = lo_o + sum((n - 1) * st for n, st in zip(out.shape, out.stride())) * out.element_size() + out.element_size()
+        lo_v = values.data_ptr()
+        hi_v = lo_v + sum((n - 1) * st for n, st in zip(values.shape, values.stride())) * values.element_size() \
+            + values.element_size()
+        if lo_o < hi_v and lo_v < hi_o:
+            raise ValueError("values overlaps out's memory (a view of out); pass a copy, e.g. values.clone()")
+
+
 def exit_scatter(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Write row j of `values` into row `batch_index[j]` of `out`, in place, and return `out`.
 
     Args:
         out: (N, ...) tensor of any dtype.
-        batch_index: (k,) int64 destination rows, each in [0, N) (duplicates: one of the rows wins).
+        batch_index: (k,) int64 destination rows, each in [0, N). Duplicates: on the CPU the LAST occurrence wins
+            (the C++ kernel copies only each row's last writer, so no row is ever a mix of two values). On GPUs
+            (CUDA, Triton) pass distinct rows: duplicates are written concurrently and a row may mix their values
+            (detecting them would cost a host sync per call). `EarlyExitRunner` never produces duplicates.
         values: (k, ...) with out's trailing shape and dtype, on out's device.
+    Refused (ValueError), as by `index_copy_`: an `out` whose rows share memory (expanded), and `values` that
+    overlap `out`'s memory. Negative strides cannot occur (torch has none); other strides are fine.
     When autograd is recording through `out` or `values` the write is `out.index_copy_` (differentiable);
     otherwise the C++ / CUDA / Triton kernel runs.
     """
@@ -237,6 +266,7 @@ def exit_scatter(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Ten
         raise ValueError(f"values has {values.shape[0]} rows but batch_index has {batch_index.shape[0]}")
     if values.dtype != out.dtype:
         raise TypeError(f"values must have out's dtype {out.dtype}, got {values.dtype}")
+    _check_no_overlap(out, values)
     if out.device.type != "cpu" and batch_index.numel():
         # No host sync: the device asserts; the GPU kernels also skip out-of-range rows rather than write them.
         torch._assert_async(((batch_index >= 0) & (batch_index < out.shape[0])).all(),

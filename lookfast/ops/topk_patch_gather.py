@@ -200,6 +200,8 @@ def topk_patch_gather(images: torch.Tensor, scores: torch.Tensor, k: Union[int, 
     if patch_size <= 0:
         raise ValueError(f"patch_size must be positive, got {patch_size}")
     b, c, h, w = images.shape
+    if c * patch_size * patch_size > 2**63 - 1:  # the patch width C*p*p must be an int64 (an empty image allows any p)
+        raise ValueError(f"patch_size {patch_size} is too large: channels * patch_size**2 overflows int64")
     if h % patch_size or w % patch_size:
         raise ValueError(f"images height and width ({h}, {w}) must be multiples of patch_size {patch_size}")
     num_patches = (h // patch_size) * (w // patch_size)

@@ -17,9 +17,10 @@ import math
 import torch
 
 from .. import _backend
-from .._validate import FLOAT_DTYPES, require_dim, require_dtype, require_int, require_same_device, require_tensor
+from .._validate import (FLOAT_DTYPES, INT32_MAX, require_dim, require_dtype, require_int_range,
+                         require_same_device, require_tensor)
 
-__all__ = ["varlen_attention", "cross_attention", "varlen_attention_reference"]
+__all__ = ["varlen_attention", "cross_attention", "varlen_attention_reference", "varlen_attention_fwd", "check_cu_seqlens"]
 
 _OP = "varlen_attention_fwd"
 
@@ -33,8 +34,10 @@ def _check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, max_seqlen
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values[:-1], values[1:])]
-    if any(n < 0 for n in lengths):
-        raise ValueError(f"{name} must be non-decreasing, got {values}")
+    bad = next((i for i, n in enumerate(lengths) if n < 0), None)
+    if bad is not None:  # name the first offending pair, never the whole (possibly huge) tensor
+        raise ValueError(f"{name} must be non-decreasing, got {name}[{bad}] = {values[bad]} > "
+                         f"{name}[{bad + 1}] = {values[bad + 1]}")
     if values[-1] != total:
         raise ValueError(f"{name} must end at the number of packed rows ({total}), got {values[-1]}")
     longest = max(lengths, default=0)
@@ -68,10 +71,13 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
         raise ValueError(f"q head dim {q.shape[2]} != k head dim {k.shape[2]}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
-    require_int("max_seqlen_q", max_seqlen_q)
-    require_int("max_seqlen_k", max_seqlen_k)
-    if max_seqlen_q < 0 or max_seqlen_k < 0:
-        raise ValueError(f"max_seqlen_q/max_seqlen_k must be >= 0, got {max_seqlen_q}, {max_seqlen_k}")
+    # Lengths and offsets are int32 (FlashAttention's layout): larger ints would otherwise fail deep in the
+    # dispatcher with a message naming no argument.
+    require_int_range("max_seqlen_q", max_seqlen_q, 0, INT32_MAX, " (int32 sequence lengths)")
+    require_int_range("max_seqlen_k", max_seqlen_k, 0, INT32_MAX, " (int32 sequence lengths)")
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[0] > INT32_MAX:
+            raise ValueError(f"{name} has {t.shape[0]} packed rows; int32 cu_seqlens address at most 2**31 - 1")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[2]) if q.shape[2] > 0 else 1.0
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
@@ -79,12 +85,19 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     softmax_scale = float(softmax_scale)
     if not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
-    if not torch.compiler.is_compiling() and (
-        q.device.type == "cpu" or _env_flag("LOOKFAST_CHECK_CU_SEQLENS")
-    ):
-        _check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
-        _check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     return softmax_scale
+
+
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, max_seqlen_q: int,
+                     max_seqlen_k: int) -> None:
+    """The values of cu_seqlens against the row counts and max lengths (ValueError naming the argument). Reads them on
+    the host: done for CPU tensors, and for CUDA tensors only with LOOKFAST_CHECK_CU_SEQLENS=1 (a device sync);
+    skipped while torch.compile traces. Callers running many attentions over one layout (a model's blocks) check once."""
+    if torch.compiler.is_compiling():
+        return
+    if cu_seqlens_q.device.type == "cpu" or _env_flag("LOOKFAST_CHECK_CU_SEQLENS"):
+        _check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
+        _check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k")
 
 
 def _env_flag(name: str) -> bool:
@@ -145,14 +158,15 @@ def _register_autocast(qualname: str) -> None:
 
 # --------------------------------------------------------------------------------------------- reference
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal=False):
-    """Pure-PyTorch oracle: per-sample softmax(q k^T * scale) v in float32 (float64 for float64 inputs).
+    """Pure-PyTorch reference: per-sample softmax(q k^T * scale) v in float32 (float64 for float64 inputs).
 
     Returns (out (total_q, H, Dv) in q's dtype, lse (H, total_q) float32). Differentiable through plain torch.
-    Queries that see no key output zeros and lse = -inf.
+    Queries that see no key output exact zeros and lse = -inf (whatever v holds). NaN semantics are softmax's: a NaN
+    or +inf score, or only -inf scores, make that query's output NaN; a NaN in v makes NaN the outputs of the queries
+    that see that key.
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    total_q, heads, _ = q.shape
-    kv_heads, dv = k.shape[1], v.shape[2]
+    heads, kv_heads, dv = q.shape[1], k.shape[1], v.shape[2]
     group = heads // kv_heads
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs, lses = [], []
@@ -168,14 +182,15 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scal
         empty = ~visible.any(1)  # (Lq,) rows that see no key
         s = s.masked_fill(~visible, float("-inf"))
         s_safe = torch.where(empty[None, :, None], torch.zeros_like(s), s)  # softmax of a fully masked row is NaN
-        p = torch.softmax(s_safe, dim=-1) * (~empty)[None, :, None].to(compute)
-        outs.append(torch.matmul(p, vs).transpose(0, 1))
+        p = torch.softmax(s_safe, dim=-1)
+        # A query that sees no key outputs exact zeros, even when v holds NaN (0 * NaN would leak it).
+        o = torch.where(empty[None, :, None], torch.zeros((), dtype=compute, device=q.device), torch.matmul(p, vs))
+        outs.append(o.transpose(0, 1))
         lse = torch.logsumexp(s_safe, dim=-1) if len_k > 0 else s_safe.new_zeros(heads, len_q)
         lses.append(torch.where(empty[None, :], torch.full_like(lse, float("-inf")), lse))
     if not outs:
         return q.new_zeros(0, heads, dv), torch.zeros(heads, 0, dtype=torch.float32, device=q.device)
-    out = torch.cat(outs, 0) if outs else q.new_zeros(total_q, heads, dv)
-    return out.to(q.dtype), torch.cat(lses, 1).to(torch.float32)
+    return torch.cat(outs, 0).to(q.dtype), torch.cat(lses, 1).to(torch.float32)
 
 
 def _reference_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
@@ -257,7 +272,13 @@ def varlen_attention(
 
     Returns:
         out (total_q, H, Dv) in q's dtype, or (out, lse) with return_lse. A query that sees no key (zero-key sample,
-        or masked out by causality) gets zeros and lse = -inf. Differentiable in q, k and v (not through lse).
+        or masked out by causality) gets exact zeros and lse = -inf, whatever v holds. Differentiable in q, k and v
+        (not through lse).
+
+    NaN and inf (every backend, every dtype), as softmax(q k^T * scale) v computes them: a query whose scores hold
+    a NaN or +inf (NaN/inf in q or in a key it sees, or q.k * softmax_scale overflowing the compute type: float32
+    for half types) outputs NaN, with lse NaN (NaN scores) or +inf/NaN; a NaN or inf in v makes NaN the outputs of
+    the queries that see that key (lse stays finite). Nothing is silently dropped: a diverging run shows NaN.
 
     Precision (CPU kernels), per input dtype:
         float64: end to end in float64, softmax statistics included (the backward recomputes each row's max and sum
@@ -283,11 +304,22 @@ def varlen_attention(
     """
     q, k, v = _autocast_inputs(q, k, v)
     scale = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
-    causal = bool(causal)
-    out, lse = _backend.call(_OP, q.device, _reference_fwd, q.contiguous(), k.contiguous(), v.contiguous(),
-                             cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, scale,
-                             causal)
+    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))
     return (out, lse) if return_lse else out
+
+
+def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                         softmax_scale: float, causal: bool):
+    """`varlen_attention` without the checks: the library op `lookfast::varlen_attention_fwd` (or its Triton twin, or
+    the reference, as lookfast._backend chooses) on validated arguments, returning (out, lse).
+
+    For callers that run many attentions over one layout and validated it once (the models' blocks, after
+    `check_cu_seqlens`): the arguments must satisfy `varlen_attention`'s contract, softmax_scale a float, causal a
+    bool. Differentiable like `varlen_attention`."""
+    return _backend.call(_OP, q.device, _reference_fwd, q.contiguous(), k.contiguous(), v.contiguous(),
+                         cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k,
+                         softmax_scale, causal)
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None):
@@ -316,6 +348,10 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_length
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"k has {k.shape[1]} keys per sample but v has {v.shape[1]}")
     len_k = k.shape[1]
+    for name, t, rows in (("q", q, "B*Lq"), ("k", k, "B*Lk")):
+        if t.shape[0] * t.shape[1] > INT32_MAX:
+            raise ValueError(f"{name} {tuple(t.shape)} packs {rows} = {t.shape[0] * t.shape[1]} rows, more than the "
+                             f"int32 offsets of the varlen kernels address (2**31 - 1); split the batch")
     step_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
     cu_q = step_q * len_q
     q_packed = q.reshape(batch * len_q, heads, q.shape[3])
@@ -339,5 +375,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_length
         keep = (torch.arange(len_k, device=q.device)[None, :] < lengths[:, None]).reshape(-1)
         k_packed = k.reshape(batch * len_k, k.shape[2], k.shape[3])[keep]
         v_packed = v.reshape(batch * len_k, v.shape[2], v.shape[3])[keep]
-    out = varlen_attention(q_packed, k_packed, v_packed, cu_q, cu_k, len_q, len_k)
+    scale = _validate(q_packed, k_packed, v_packed, cu_q, cu_k, len_q, len_k, None)
+    if kv_lengths is not None:  # without kv_lengths the offsets are multiples of the lengths: nothing to check
+        check_cu_seqlens(cu_q, cu_k, q_packed.shape[0], k_packed.shape[0], len_q, len_k)
+    out, _ = varlen_attention_fwd(q_packed, k_packed, v_packed, cu_q, cu_k, len_q, len_k, scale, False)
     return out.reshape(batch, len_q, heads, v.shape[3])

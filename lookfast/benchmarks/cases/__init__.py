@@ -5,4 +5,5 @@ CASE_MODULES = [
     "exit_compact",
     "dyn_perceiver",
     "lookwhere",
+    "serving",
 ]

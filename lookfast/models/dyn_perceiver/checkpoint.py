@@ -51,11 +51,12 @@ def read(path: str | os.PathLike, trusted: bool = False) -> Mapping:
     """torch.load on CPU with the safe unpickler (tensors, containers and the argparse.Namespace of training args the
     official trainer saves). A file needing anything else is refused unless `trusted=True`, which uses the full
     unpickler: that runs code from the file, so only do it for files you trust."""
+    from ..checkpoint_io import load_checkpoint_file
+
     if trusted:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_checkpoint_file(path, trusted=True)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return load_checkpoint_file(path, extra_safe_globals=[argparse.Namespace])
     except Exception as exc:
         if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
             raise

@@ -202,8 +202,27 @@ class DynPerceiver(nn.Module):
     # Later pieces work on small maps and prefer the whole batch. Results do not depend on it (eval mode).
     exit1_chunk = 8
 
+    def _check_images(self, images) -> None:
+        # Refused before any stage runs (nothing half-computed): not a tensor, not (B, 3, H, W) floating point, smaller
+        # than the CNN's total stride of 32 (its last feature map would be empty), or holding NaN / inf.
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+        if not images.dtype.is_floating_point:
+            raise TypeError(f"images must be floating point (normalised pixels), got {images.dtype}")
+        if images.shape[2] < 32 or images.shape[3] < 32:
+            raise ValueError(f"images must be at least 32x32 (the CNN's total stride), got "
+                             f"{images.shape[2]}x{images.shape[3]}; the model was trained at {self.input_size}")
+        from ..checkpoint_io import check_finite_images
+
+        check_finite_images(images)
+
     def forward_exit1(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images (B, 3, H, W) -> (x (B, C3, H/16, W/16) ready for CNN stage 3, z (B, L/4, C3), y1 (B, classes))."""
+        """images (B, 3, H, W) -> (x (B, C3, H/16, W/16) ready for CNN stage 3, z (B, L/4, C3), y1 (B, classes)).
+
+        Raises TypeError/ValueError for images that are not (B, 3, H >= 32, W >= 32) floating point, or hold NaN/inf."""
+        self._check_images(images)
         if self.ops == "fused":
             images = images.contiguous(memory_format=torch.channels_last)
             if images.shape[0] > self.exit1_chunk and not torch.compiler.is_compiling():

@@ -31,6 +31,7 @@ from torch import nn
 
 import lookfast
 
+from ...ops.varlen_attention import check_cu_seqlens
 from .fill import fill_fused, fill_reference
 from .selector import Selector
 from .vit import VisionTransformer, resize_pos_embed, swiglu_hidden
@@ -114,7 +115,9 @@ class LookWhere(nn.Module):
     def from_official_checkpoint(cls, path, high_res_size: int, k: int, num_classes: int, task: str = "cls",
                                  ops: str = "reference", **overrides) -> "LookWhere":
         """Load the authors' `lookwhere_{dinov2,franca}.pt` (type read from its contents, not its name)."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        from ..checkpoint_io import load_checkpoint_file
+
+        checkpoint = load_checkpoint_file(path)
         return cls.from_official_state_dict(checkpoint, high_res_size, k, num_classes, task, ops, **overrides)
 
     @classmethod
@@ -206,19 +209,20 @@ class LookWhere(nn.Module):
         proj = ext.patch_embed.proj
         ragged = isinstance(k, torch.Tensor)
         if ragged:
-            keep, tokens, _ = lookfast.topk_patch_gather(images, scores, k, self.patch_size, proj.weight, proj.bias,
-                                                     ext.pos_embed)
-            x, cu, patch_rows, max_len = _pack_ragged(prefix, tokens, k)
+            keep, tokens, patch_cu = lookfast.topk_patch_gather(images, scores, k, self.patch_size, proj.weight,
+                                                                proj.bias, ext.pos_embed)
+            out = {"keep": keep, "cu_seqlens": patch_cu}
+            x, cu, patch_rows, max_len = _pack_ragged(prefix, tokens, k, patch_cu)
         else:
             keep, tokens = lookfast.topk_patch_gather(images, scores, k, self.patch_size, proj.weight, proj.bias,
                                                   ext.pos_embed)
             max_len = p + k
             x = torch.cat([prefix, tokens], dim=1).reshape(b * max_len, d)
             cu = torch.arange(b + 1, dtype=torch.int32, device=images.device) * max_len
+            out = {"keep": keep}
+        # One check of the packed layout per forward; the blocks then call the attention op without re-validating.
+        check_cu_seqlens(cu, cu, x.shape[0], x.shape[0], max_len, max_len)
         cls_rows = cu[:-1].long()
-        out = {"keep": keep}
-        if ragged:
-            out["cu_seqlens"] = F.pad(torch.cumsum(k, 0), (1, 0)).to(torch.int32)
         if task == "cls":
             # Only token 0 is read: the last block attends from the CLS row alone and runs its MLP on it.
             for block in ext.blocks[:-1]:
@@ -253,6 +257,9 @@ class LookWhere(nn.Module):
         if (h, w) != (size, size):
             raise ValueError(f"images must be {size}x{size} (the model's high_res_size), got {h}x{w}; "
                              "build the model with high_res_size matching the input")
+        from ..checkpoint_io import check_finite_images
+
+        check_finite_images(images)
 
     def _resolve_k(self, scores, k, k_mass, k_min, k_max):
         n = self.grid * self.grid
@@ -296,19 +303,19 @@ def _check_k_int(name: str, k, n: int) -> int:
     return k
 
 
-def _pack_ragged(prefix: torch.Tensor, tokens: torch.Tensor, k: torch.Tensor):
-    """Interleave per-image prefix tokens (B, P, D) with packed patch tokens (sum k, D) into sequences
-    [prefix_i, patches_i]. Returns (x (sum k + B*P, D), cu_seqlens (B+1,) int32, patch_rows (sum k,), max_len)."""
+def _pack_ragged(prefix: torch.Tensor, tokens: torch.Tensor, k: torch.Tensor, patch_cu: torch.Tensor):
+    """Interleave per-image prefix tokens (B, P, D) with packed patch tokens (sum k, D; image b's rows from patch_cu[b],
+    the cu_seqlens topk_patch_gather returned) into sequences [prefix_i, patches_i].
+    Returns (x (sum k + B*P, D), cu_seqlens (B+1,) int32, patch_rows (sum k,), max_len)."""
     b, p, d = prefix.shape
-    lengths = k + p
-    cu = F.pad(torch.cumsum(lengths, 0), (1, 0))
-    image_of_patch = torch.repeat_interleave(torch.arange(b, device=k.device), k)
+    cu = patch_cu + p * torch.arange(b + 1, dtype=torch.int32, device=k.device)  # each sequence gains P prefix rows
+    image_of_patch = torch.repeat_interleave(torch.arange(b, device=k.device), k, output_size=tokens.shape[0])
     patch_rows = torch.arange(tokens.shape[0], device=k.device) + p * (image_of_patch + 1)
     prefix_rows = (cu[:-1, None] + torch.arange(p, device=k.device)).reshape(-1)
     x = tokens.new_empty(tokens.shape[0] + b * p, d)
     x[prefix_rows] = prefix.reshape(b * p, d).to(tokens.dtype)
     x[patch_rows] = tokens
-    return x, cu.to(torch.int32), patch_rows, int(lengths.max())
+    return x, cu, patch_rows, int(k.max()) + p
 
 
 def _pad_ragged(keep: torch.Tensor, values: torch.Tensor, k: torch.Tensor):

@@ -9,7 +9,9 @@ Keys: patch_embed.proj.{weight,bias}, cls_token, reg_token, pos_embed, blocks.N.
 ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm.
 
 Besides the usual batched forward (B, N, D), every block runs on *packed* tokens (T, D) with FlashAttention-style
-cu_seqlens, so images with different token counts share one pass (attention through `lookfast.varlen_attention`).
+cu_seqlens, so images with different token counts share one pass. The caller validates the packed layout once per
+forward (`check_cu_seqlens`); each block then runs the attention op's inner path (`varlen_attention_fwd`: no
+re-validation, no host copy).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lookfast
+from ...ops.varlen_attention import varlen_attention_fwd
 
 LN_EPS = 1e-6  # timm's ViT default (partial(nn.LayerNorm, eps=1e-6))
 
@@ -56,16 +58,17 @@ class Attention(nn.Module):
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                        query_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Packed tokens x (T, D) of B sequences (cu_seqlens (B+1,) int32) -> (T, D).
+        """Packed tokens x (T, D) of B sequences (cu_seqlens (B+1,) int32, already validated) -> (T, D).
 
         query_rows: optional (B,) row of the one query kept per sequence (e.g. its CLS token): then the output is
         (B, D) for those rows only, while keys and values still cover every token (a last block feeding only CLS).
         """
         t, d = x.shape
         h, dh = self.num_heads, self.head_dim
+        scale = 1.0 / math.sqrt(dh)  # varlen_attention's default scale, computed the same way
         if query_rows is None:
             q, k, v = self.qkv(x).view(t, 3, h, dh).unbind(1)
-            out = lookfast.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+            out, _ = varlen_attention_fwd(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale, False)
         else:
             # Queries only for the kept rows; keys and values for all (the qkv weight rows are [q; k; v]).
             w, bias = self.qkv.weight, self.qkv.bias
@@ -73,7 +76,7 @@ class Attention(nn.Module):
             q = F.linear(x[query_rows], w[:d], bias[:d]).view(b, h, dh)
             k, v = F.linear(x, w[d:], bias[d:]).view(t, 2, h, dh).unbind(1)
             cu_q = torch.arange(b + 1, dtype=torch.int32, device=x.device)
-            out = lookfast.varlen_attention(q, k, v, cu_q, cu_seqlens, 1, max_seqlen)
+            out, _ = varlen_attention_fwd(q, k, v, cu_q, cu_seqlens, 1, max_seqlen, scale, False)
         return self.proj(out.reshape(out.shape[0], d))
 
 

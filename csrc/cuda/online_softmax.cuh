@@ -1,11 +1,12 @@
 #pragma once
-// Online-softmax math shared by the CPU and CUDA varlen attention kernels (host and device).
+// The online softmax of the CUDA varlen attention kernel, per query in the natural-log domain. (The CPU kernel runs
+// the same steps lane-wise over vectors of queries, in the log2 domain; what both share is in
+// common/varlen_attention.h.)
 //
 // A query keeps a running maximum m and a running sum l of exp(s - m) over the keys seen so far. When a new block of
 // scores raises the maximum to m_new, the old sum and the output accumulator are multiplied by rescale(m, m_new).
 // A query that has seen no key keeps m = -inf and l = 0: its output is 0 and its log-sum-exp -inf, never NaN.
 #include <cmath>
-#include <cstdint>
 #include <limits>
 
 #include "common/macros.h"
@@ -22,14 +23,6 @@ LOOKFAST_HOST_DEVICE float exp_(float x) { return ::expf(x); }
 LOOKFAST_HOST_DEVICE double exp_(double x) { return ::exp(x); }
 LOOKFAST_HOST_DEVICE float log_(float x) { return ::logf(x); }
 LOOKFAST_HOST_DEVICE double log_(double x) { return ::log(x); }
-
-// Number of keys query i (0-based within its sample of lq queries and lk keys) may attend to: keys 0 .. count-1.
-// Causal masking is bottom-right aligned (FlashAttention): key j is visible when j <= i + (lk - lq).
-LOOKFAST_HOST_DEVICE int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal) {
-  if (!causal) return lk;
-  const int64_t n = i + (lk - lq) + 1;
-  return n < 0 ? 0 : (n > lk ? lk : n);
-}
 
 // Factor that moves a sum taken relative to m_old onto m_new >= m_old; 0 when nothing was accumulated yet.
 template <typename T>

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "common/varlen_attention.h"
+#include "cpu/varlen_attention_lowp.h"
 #include "cpu/vector_math.h"
 
 namespace lookfast {
@@ -40,6 +41,7 @@ using namespace cpu_vec;
 
 constexpr int kKeyBlock = 128;   // keys per score block (S^T block = kKeyBlock x VL accumulators, fits L1)
 constexpr int kQueryChunk = 256; // queries per forward work item (K/V packing amortised over them)
+constexpr int kFlushTiles = 4;   // backward: query tiles summed apart before joining the dK/dV totals
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -508,6 +510,42 @@ LF_FORWARD_OVERLOAD(forward_items_bf16, c10::BFloat16)
 #undef LF_FORWARD_OVERLOAD
 
 // ------------------------------------------------------------------------------------------------ backward
+// Probabilities of one query tile for all the keys it sees, normalised as softmax does: P = exp2(s2 - max) / sum, with
+// max and sum taken here in acc_t. Recomputing P as exp2(s2 - lse * log2e) from the saved float32 lse instead
+// subtracts a number of magnitude |lse| (about log2 of the key count even for small scores) and inherits lse's float32
+// rounding: P then carries ~ulp(|lse|) relative error, which made float32 dk/dv 3-6x less accurate than torch's own
+// float32 attention math (near-uniform attention over 256 keys) and capped float64 gradients at ~1e-7. Q.K^T is still
+// computed once per tile: the scores are kept (keys x VL) and overwritten by P. `live` is 0 for pad lanes.
+template <typename acc_t, int DIM>
+LF_INLINE void tile_probabilities(const acc_t* qt, const acc_t* kbuf, int64_t ldh, int64_t Dh, int k_lo, int k_hi,
+                                  const int* key_end, typename Vec<acc_t>::type live, acc_t* p) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  V m = vbroadcast(neg_inf);
+  for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
+    const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0);
+    V mx = scores_t<acc_t, DIM>(qt, kbuf + j0 * ldh, ldh, Dh, nb, p + j0 * VL);
+    if (j0 + nb > k_lo) {
+      mask_causal(p + j0 * VL, j0, nb, key_end);
+      mx = vbroadcast(neg_inf);
+      for (int64_t j = 0; j < nb; ++j) mx = vmax(mx, vload(p + (j0 + j) * VL));
+    }
+    m = vmax(m, mx);
+  }
+  const V ms = m == neg_inf ? V{} : m;  // a lane with no key subtracts 0: exp2(-inf) stays 0, never NaN
+  V l = {};
+  for (int64_t j = 0; j < k_hi; ++j) {
+    const V e = vexp2(vload(p + j * VL) - ms);
+    vstore(p + j * VL, e);
+    l += e;
+  }
+  // A lane with no key (l == 0) or a pad lane weighs 0; a NaN sum stays NaN.
+  V inv = l > acc_t(0) ? acc_t(1) / l : (l == acc_t(0) ? V{} : l);
+  inv = live > acc_t(0) ? inv : V{};
+  for (int64_t j = 0; j < k_hi; ++j) vstore(p + j * VL, vload(p + j * VL) * inv);
+}
+
 template <typename scalar_t, typename acc_t, int DIM>
 LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, const scalar_t* dout, const scalar_t* q,
                                   const scalar_t* k, const scalar_t* v, const scalar_t* out, const float* lse,
@@ -524,12 +562,24 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
   const acc_t scale = static_cast<acc_t>(pb.scale);
 
   AlignedBuffer<acc_t> kbuf(len_k * ldh), vbuf(len_k * ldv), dkacc(len_k * ldh), dvacc(len_k * ldv);
-  AlignedBuffer<acc_t> qt(Dh * VL), qrows(VL * ldh), dot(Dv * VL), dorows(VL * ldv), pt(kKeyBlock * VL),
-      dst(kKeyBlock * VL), dqt(std::max<int64_t>(ldh, ldv) * VL);
+  AlignedBuffer<acc_t> qt(Dh * VL), qrows(VL * ldh), dot(Dv * VL), dorows(VL * ldv), pt(len_k * VL),
+      dst(kKeyBlock * VL), dqt(std::max<int64_t>(ldh, ldv) * VL), dqblk(ldh * VL);
   pack_rows(k + k0 * Hk * Dh + kvh * Dh, Hk * Dh, len_k, Dh, ldh, kbuf.data);
   pack_rows(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, ldv, vbuf.data);
   std::fill(dkacc.data, dkacc.data + len_k * ldh, acc_t(0));
   std::fill(dvacc.data, dvacc.data + len_k * ldv, acc_t(0));
+  // Two-level sums for dK and dV: each query tile adds a rank-VL update, and summing all of a sample's (query, head)
+  // rows in one running sum makes a chain of thousands of additions per element (dk/dv 3-6x torch's float32 error for
+  // MQA with 512 queries x 4 heads). Tiles add into dkblk/dvblk, flushed into dkacc/dvacc every kFlushTiles tiles.
+  AlignedBuffer<acc_t> dkblk(len_k * ldh), dvblk(len_k * ldv);
+  std::fill(dkblk.data, dkblk.data + len_k * ldh, acc_t(0));
+  std::fill(dvblk.data, dvblk.data + len_k * ldv, acc_t(0));
+  int64_t pending = 0;
+  const auto flush = [&] {
+    for (int64_t x = 0; x < len_k * ldh; ++x) dkacc.data[x] += dkblk.data[x], dkblk.data[x] = acc_t(0);
+    for (int64_t x = 0; x < len_k * ldv; ++x) dvacc.data[x] += dvblk.data[x], dvblk.data[x] = acc_t(0);
+    pending = 0;
+  };
 
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < len_q; i0 += VL) {
@@ -564,23 +614,30 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
       pack_transposed(orow, H * Dv, n, Dv, acc_t(1), dqt.data);
       V delta = {};
       for (int64_t c = 0; c < Dv; ++c) delta += vload(dot.data + c * VL) * vload(dqt.data + c * VL);
-      const V shift = vload(shift_l);
+      const V live = vload(shift_l) == std::numeric_limits<acc_t>::infinity() ? V{} : vbroadcast(acc_t(1));
+      tile_probabilities<acc_t, DIM>(qt.data, kbuf.data, ldh, Dh, k_lo, k_hi, key_end, live, pt.data);
       for (int64_t c = 0; c < ldh; ++c) vstore(dqt.data + c * VL, V{});
       for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
         const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0);
-        scores_t<acc_t, DIM>(qt.data, kbuf.data + j0 * ldh, ldh, Dh, nb, pt.data);
-        if (j0 + nb > k_lo) mask_causal(pt.data, j0, nb, key_end);
-        for (int64_t j = 0; j < nb; ++j) vstore(pt.data + j * VL, vexp2(vload(pt.data + j * VL) - shift));
+        const acc_t* pb = pt.data + j0 * VL;
         scores_t<acc_t, DIM>(dot.data, vbuf.data + j0 * ldv, ldv, Dv, nb, dst.data);  // dP^T = dO V^T
         for (int64_t j = 0; j < nb; ++j)
-          vstore(dst.data + j * VL, vload(pt.data + j * VL) * (vload(dst.data + j * VL) - delta));
-        accumulate_rows(pt.data, dorows.data, ldv, ldv, nb, dvacc.data + j0 * ldv, ldv);   // dV += P^T dO
-        accumulate_rows(dst.data, qrows.data, ldh, ldh, nb, dkacc.data + j0 * ldh, ldh);   // dK += dS^T Q
-        accumulate_pv(dst.data, kbuf.data + j0 * ldh, ldh, ldh, nb, dqt.data);             // dQ^T += K^T dS^T
+          vstore(dst.data + j * VL, vload(pb + j * VL) * (vload(dst.data + j * VL) - delta));
+        accumulate_rows(pb, dorows.data, ldv, ldv, nb, dvblk.data + j0 * ldv, ldv);        // dV += P^T dO
+        accumulate_rows(dst.data, qrows.data, ldh, ldh, nb, dkblk.data + j0 * ldh, ldh);   // dK += dS^T Q
+        if (k_hi <= kKeyBlock) {
+          accumulate_pv(dst.data, kbuf.data + j0 * ldh, ldh, ldh, nb, dqt.data);           // dQ^T += K^T dS^T
+        } else {  // per key block, then into the total (shorter summation chains, as for dK/dV below)
+          for (int64_t c = 0; c < ldh; ++c) vstore(dqblk.data + c * VL, V{});
+          accumulate_pv(dst.data, kbuf.data + j0 * ldh, ldh, ldh, nb, dqblk.data);
+          for (int64_t c = 0; c < ldh; ++c) vstore(dqt.data + c * VL, vload(dqt.data + c * VL) + vload(dqblk.data + c * VL));
+        }
       }
       store_transposed(dqt.data, n, Dh, scale, dq + ((q0 + i0) * H + h) * Dh, H * Dh);
+      if (++pending == kFlushTiles) flush();
     }
   }
+  if (pending > 0) flush();
   for (int64_t j = 0; j < len_k; ++j) {
     scalar_t* gk = dk + ((k0 + j) * Hk + kvh) * Dh;
     scalar_t* gv = dv + ((k0 + j) * Hk + kvh) * Dv;
@@ -650,6 +707,11 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return pb;
 }
 
+// bf16 on a CPU with AVX512-BF16 runs the dot-product kernel of varlen_attention_lowp.cpp.
+varlen_lowp::Shape lowp_shape(const Problem& pb) {
+  return {pb.batch, pb.heads, pb.kv_heads, pb.head_dim, pb.v_dim, pb.cu_q, pb.cu_k, pb.scale, pb.causal};
+}
+
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& cu_q,
                                                             const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
@@ -658,6 +720,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& q,
   const int64_t total_q = q.size(0);
   at::Tensor out = at::empty({total_q, pb.heads, pb.v_dim}, q.options());
   at::Tensor lse = at::empty({pb.heads, total_q}, q.options().dtype(at::kFloat));
+  if (varlen_lowp::use_dot_kernel(q.scalar_type(), pb.head_dim)) {
+    varlen_lowp::forward(lowp_shape(pb), q, k, v, out, lse);
+    return {out, lse};
+  }
   // Work items: (sample, head, chunk of queries), heads innermost within a kv head so K/V packing is reused.
   std::vector<FwdItem> items;
   for (int64_t b = 0; b < pb.batch; ++b) {
@@ -695,6 +761,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   const at::Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
+  if (varlen_lowp::use_dot_kernel(q.scalar_type(), pb.head_dim)) {
+    varlen_lowp::backward(lowp_shape(pb), dout_c, q, k, v, out_c, lse_c, dq, dk, dv);
+    return {dq, dk, dv};
+  }
   const int64_t work = pb.batch * pb.kv_heads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_bwd_cpu", [&] {
     const scalar_t* dop = dout_c.data_ptr<scalar_t>();

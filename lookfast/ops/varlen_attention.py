@@ -5,10 +5,10 @@ dim 0 of `q` (total_q, H, Dh), the keys/values along dim 0 of `k`/`v` (total_k, 
 (B+1,) int32 give each sample's row range. Query head h uses kv head h // (H // Hk) (grouped-query attention).
 
 Backends (see `lookfast._backend`): the library ops `lookfast::varlen_attention_fwd` / `_bwd` (CPU kernel in
-csrc/cpu/varlen_attention.cpp, CUDA kernel in csrc/cuda/varlen_attention.cu), their Triton twins
-`lookfast::varlen_attention_fwd_triton` / `_bwd_triton` defined by `lookfast.kernels.varlen_attention` (imported the
-first time Triton runs, so CPU users never need triton), and the pure-PyTorch reference `varlen_attention_reference`
-(per-sample math).
+csrc/cpu/varlen_attention.cpp, with the bf16 dot-product kernel in csrc/cpu/varlen_attention_lowp.cpp; CUDA kernel in
+csrc/cuda/varlen_attention.cu), their Triton twins `lookfast::varlen_attention_fwd_triton` / `_bwd_triton` defined by
+`lookfast.kernels.varlen_attention` (imported the first time Triton runs, so CPU users never need triton), and the
+pure-PyTorch reference `varlen_attention_reference` (per-sample math).
 """
 from __future__ import annotations
 
@@ -106,6 +106,56 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "") == "1"
 
 
+# --------------------------------------------------------------------------------------------- autocast
+# Under torch.autocast attention behaves as scaled_dot_product_attention (a "lower_precision_fp" op on CPU and CUDA):
+# float32/float16/bfloat16 q, k, v run in the autocast dtype; float64 is left alone. Outside autocast, mismatched
+# dtypes are refused (see _validate).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(device_type: str):
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(t, dtype):
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t
+
+
+def _autocast_inputs(q, k, v):
+    if not isinstance(q, torch.Tensor):
+        return q, k, v  # _validate names the bad argument
+    dtype = _autocast_dtype(q.device.type)
+    if dtype is None:
+        return q, k, v
+    return _autocast_cast(q, dtype), _autocast_cast(k, dtype), _autocast_cast(v, dtype)
+
+
+# Autocast kernels for the ops themselves (direct torch.ops.lookfast calls): cast q, k, v as above, then run the op
+# with the autocast key excluded (the pattern of torch.library.register_autocast, with the autocast dtype read at call
+# time instead of fixed at registration).
+_AUTOCAST_LIB = torch.library.Library("lookfast", "FRAGMENT")
+
+
+def _register_autocast(qualname: str) -> None:
+    op = getattr(torch.ops.lookfast, qualname.split("::")[1]).default
+    for device_type in ("cpu", "cuda"):
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def _impl(*args, _device_type=device_type, _key=key):
+            dtype = torch.get_autocast_dtype(_device_type)
+            q, k, v = (_autocast_cast(t, dtype) for t in args[:3])
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(q, k, v, *args[3:])
+
+        if op.has_kernel_for_dispatch_key(key):
+            op.py_kernels.pop(key, None)
+        op.py_impl(key)(_impl)
+        _AUTOCAST_LIB.impl(qualname.split("::")[1], lambda _ks, *args, _f=_impl: _f(*args), key_name, with_keyset=True)
+
+
 # --------------------------------------------------------------------------------------------- reference
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal=False):
     """Pure-PyTorch reference: per-sample softmax(q k^T * scale) v in float32 (float64 for float64 inputs).
@@ -184,8 +234,9 @@ def register_backend(suffix: str) -> None:
     compiled library (done here, at import), "_triton" for the Triton ops (by lookfast.kernels.varlen_attention)."""
     backward_op = f"varlen_attention_bwd{suffix}"
     _backend.register(backward_op, _fake_bwd)
-    _backend.register(f"varlen_attention_fwd{suffix}", _fake_fwd,
-                      _make_backward(lambda *a: getattr(torch.ops.lookfast, backward_op)(*a)), _setup_context)
+    if _backend.register(f"varlen_attention_fwd{suffix}", _fake_fwd,
+                         _make_backward(lambda *a: getattr(torch.ops.lookfast, backward_op)(*a)), _setup_context):
+        _register_autocast(f"lookfast::varlen_attention_fwd{suffix}")
 
 
 register_backend("")
@@ -229,9 +280,29 @@ def varlen_attention(
     for half types) outputs NaN, with lse NaN (NaN scores) or +inf/NaN; a NaN or inf in v makes NaN the outputs of
     the queries that see that key (lse stays finite). Nothing is silently dropped: a diverging run shows NaN.
 
+    Precision (CPU kernels), per input dtype:
+        float64: end to end in float64, softmax statistics included (the backward recomputes each row's max and sum
+            in float64 rather than using the float32 lse), so gradients agree with float64 math to ~1e-12.
+        float32: float32 throughout; the backward normalises probabilities as softmax does (exp(s - max) / sum,
+            recomputed per query tile) and meets FlashAttention's 3x rule against PyTorch's float32 math.
+        bfloat16: q, k, v, out and gradients stored in bf16; Q.K^T, P.V and the backward's dO.V^T, P^T.dO, dS^T.Q,
+            dS.K are bf16 products with float32 accumulation on the CPU's bf16 dot-product unit (AVX512-BF16, chosen
+            at run time, for head dims >= 32; narrower heads run the portable kernel, faster there); softmax max/sum/lse, delta and accumulators in float32; P and dS rounded to bf16 as GEMM
+            operands; outputs rounded once. CPUs without AVX512-BF16 (or LOOKFAST_CPU_ISA=baseline) run the portable
+            kernel, which widens to float32 and uses float32 FMAs.
+        float16: stored in fp16, computed by the portable kernel in float32 (no fp16 dot-product path yet).
+        lse is float32 for every input dtype (one op schema on every device).
+    Error against float64 truth is at most 2x (out) / 3x (gradients) that of plain PyTorch attention in the same
+    low precision (tests/test_varlen_attention_lowp.py).
+
+    Autocast: under torch.autocast (CPU or CUDA) this behaves as scaled_dot_product_attention: float32/float16/bfloat16
+    q, k, v are cast to the autocast dtype (mixed dtypes are fine there); float64 is left alone. Outside autocast,
+    q, k and v must share a dtype (TypeError naming the argument otherwise).
+
     cu_seqlens values are checked on the host for CPU tensors; for CUDA tensors that would sync the device on every
     call, so it is done only with LOOKFAST_CHECK_CU_SEQLENS=1 (the GPU kernels stay in bounds regardless).
     """
+    q, k, v = _autocast_inputs(q, k, v)
     scale = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal))
@@ -260,7 +331,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_length
             (a length of 0 gives zeros for that sample).
 
     Returns:
-        (B, Lq, H, Dv) in q's dtype, softmax(q k^T / sqrt(Dh)) v per sample and head.
+        (B, Lq, H, Dv) in q's dtype, softmax(q k^T / sqrt(Dh)) v per sample and head. Under torch.autocast, in the
+        autocast dtype (as varlen_attention).
 
     Without kv_lengths the packing is a view (no copy) for contiguous inputs; with kv_lengths the kept keys are
     gathered (one copy of k and v; for CUDA tensors this needs a host sync for the total length).

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md rows A1-A4: variable-length attention on the models' shapes (fp32, CPU).
+"""docs/benchmarks.md rows A1-A4: variable-length attention on the models' shapes (CPU), in float32 and bf16 (ids "-bf16").
 
 A1  Dyn-Perceiver x->z (reg800m stage 1): 64 samples, 128 latent queries x 49 keys, 1 head, width 32.
 A2  Dyn-Perceiver z->x (reg800m stage 2): 16 samples, 3136 pixel queries x 64 latent keys, 1 head, width 8.
@@ -7,14 +7,15 @@ A4  A3 forward + backward.
 
 Peers get their inputs already in their own layout (padding, nested tensors, batched views are built in setup and
 not timed), which favours them. The official Dyn-Perceiver attention is softmax(einsum(q, k) * scale) then einsum
-with v on (B, L, C) tensors.
+with v on (B, L, C) tensors. In bf16 every peer runs on bf16 tensors (SDPA's CPU flash kernel, the einsums in bf16).
+torch.nn.attention.varlen.varlen_attn (torch's own packed attention) is not a peer: in torch 2.13 it has no CPU kernel.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..case import Case
+from ..case import Case, dtype_variants
 
 
 def _cu(lengths: list[int]) -> torch.Tensor:
@@ -25,18 +26,23 @@ def _fwd_flops(lens_q: list[int], lens_k: list[int], heads: int, dh: int, dv: in
     return sum(2 * heads * lq * lk * (dh + dv) for lq, lk in zip(lens_q, lens_k))
 
 
-def _bytes(total_q: int, total_k: int, heads: int, kv_heads: int, dh: int, dv: int) -> int:
-    return 4 * (total_q * heads * (dh + dv) + total_k * kv_heads * (dh + dv))
+def _bytes(total_q: int, total_k: int, heads: int, kv_heads: int, dh: int, dv: int, dtype=torch.float32) -> int:
+    return dtype.itemsize * (total_q * heads * (dh + dv) + total_k * kv_heads * (dh + dv))
 
 
-def _cross_case(case_id: str, shape: str, batch: int, len_q: int, len_k: int, width: int, bars: dict) -> Case:
+def _close(dtype) -> dict:
+    return {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+
+
+def _cross_case(case_id: str, shape: str, batch: int, len_q: int, len_k: int, width: int, bars: dict,
+                dtype=torch.float32) -> Case:
     def setup():
         import lookfast
 
         g = torch.Generator().manual_seed(0)
-        q = torch.randn(batch, len_q, width, generator=g)
-        k = torch.randn(batch, len_k, width, generator=g)
-        v = torch.randn(batch, len_k, width, generator=g)
+        q = torch.randn(batch, len_q, width, generator=g).to(dtype)
+        k = torch.randn(batch, len_k, width, generator=g).to(dtype)
+        v = torch.randn(batch, len_k, width, generator=g).to(dtype)
         cu_q = torch.arange(batch + 1, dtype=torch.int32) * len_q
         cu_k = torch.arange(batch + 1, dtype=torch.int32) * len_k
         qp, kp, vp = (t.reshape(-1, 1, width) for t in (q, k, v))  # views: packed layout for free
@@ -54,7 +60,7 @@ def _cross_case(case_id: str, shape: str, batch: int, len_q: int, len_k: int, wi
             return torch.einsum("bij,bjd->bid", attn.softmax(dim=-1), v)
 
         with torch.no_grad():
-            torch.testing.assert_close(ours().reshape(batch, len_q, width), einsum(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours().reshape(batch, len_q, width), einsum(), **_close(dtype))
         return {"lookfast": ours, "sdpa": sdpa, "einsum (official)": einsum}
 
     lens = [len_q] * batch
@@ -63,7 +69,7 @@ def _cross_case(case_id: str, shape: str, batch: int, len_q: int, len_k: int, wi
         op="varlen_attention",
         shape=shape,
         setup=setup,
-        bytes=_bytes(batch * len_q, batch * len_k, 1, 1, width, width),
+        bytes=_bytes(batch * len_q, batch * len_k, 1, 1, width, width, dtype),
         flops=_fwd_flops(lens, [len_k] * batch, 1, width, width),
         bars=bars,
     )
@@ -77,12 +83,12 @@ def _a3_lengths() -> list[int]:
     return (5 + torch.randint(40, 281, (_A3_BATCH,), generator=g)).tolist()
 
 
-def _a3_inputs(requires_grad: bool = False):
+def _a3_inputs(requires_grad: bool = False, dtype=torch.float32):
     lengths = _a3_lengths()
     cu = _cu(lengths)
     g = torch.Generator().manual_seed(4)
     total = int(cu[-1])
-    q, k, v = (torch.randn(total, _A3_HEADS, _A3_DH, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(total, _A3_HEADS, _A3_DH, generator=g).to(dtype) for _ in range(3))
     if requires_grad:
         for t in (q, k, v):
             t.requires_grad_()
@@ -98,13 +104,13 @@ def _pad(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _a3_case() -> Case:
+def _a3_case(dtype=torch.float32) -> Case:
     lengths = _a3_lengths()
 
     def setup():
         import lookfast
 
-        lengths, cu, q, k, v = _a3_inputs()
+        lengths, cu, q, k, v = _a3_inputs(dtype=dtype)
         longest = max(lengths)
         qpad, kpad, vpad = (_pad(t, lengths) for t in (q, k, v))
         key_mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
@@ -130,7 +136,7 @@ def _a3_case() -> Case:
         def nested():
             return F.scaled_dot_product_attention(nq, nk, nv)
 
-        torch.testing.assert_close(ours(), loop(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours(), loop(), **_close(dtype))
         return {
             "lookfast": ours,
             "sdpa padded + key mask": padded,
@@ -144,22 +150,26 @@ def _a3_case() -> Case:
         op="varlen_attention",
         shape=f"B {_A3_BATCH}, 5+k_i tokens (total {total}, max {max(lengths)}), 12 heads, Dh 64",
         setup=setup,
-        bytes=_bytes(total, total, _A3_HEADS, _A3_HEADS, _A3_DH, _A3_DH),
+        bytes=_bytes(total, total, _A3_HEADS, _A3_HEADS, _A3_DH, _A3_DH, dtype),
         flops=_fwd_flops(lengths, lengths, _A3_HEADS, _A3_DH, _A3_DH),
-        bars={"sdpa padded + key mask": 1.5, "sdpa per-sample loop": 1.0, "sdpa nested (jagged)": 5.0},
+        bars=(
+            {"sdpa padded + key mask": 1.5, "sdpa per-sample loop": 1.0, "sdpa nested (jagged)": 5.0}
+            if dtype == torch.float32
+            else {"sdpa padded + key mask": 2.0, "sdpa per-sample loop": 1.2}  # issue 11's bf16 bars
+        ),
     )
 
 
-def _a4_case() -> Case:
+def _a4_case(dtype=torch.float32) -> Case:
     lengths = _a3_lengths()
 
     def setup():
         import lookfast
 
-        lengths, cu, q, k, v = _a3_inputs(requires_grad=True)
+        lengths, cu, q, k, v = _a3_inputs(requires_grad=True, dtype=dtype)
         longest = max(lengths)
         scale = _A3_DH**-0.5
-        grad = torch.randn(q.shape[0], _A3_HEADS, _A3_DH, generator=torch.Generator().manual_seed(5))
+        grad = torch.randn(q.shape[0], _A3_HEADS, _A3_DH, generator=torch.Generator().manual_seed(5)).to(dtype)
         qpad, kpad, vpad = (_pad(t, lengths).requires_grad_() for t in (q, k, v))
         gpad = _pad(grad, lengths)
         key_mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
@@ -201,26 +211,31 @@ def _a4_case() -> Case:
         op="varlen_attention",
         shape=f"A3 forward + backward (total {total} tokens, 12 heads, Dh 64)",
         setup=setup,
-        bytes=2 * _bytes(total, total, _A3_HEADS, _A3_HEADS, _A3_DH, _A3_DH),
+        bytes=2 * _bytes(total, total, _A3_HEADS, _A3_HEADS, _A3_DH, _A3_DH, dtype),
         flops=fwd * 7 // 2,  # forward 2 GEMMs + backward 5 (QK^T recomputed, dP, dV, dK, dQ)
         summarize=summarize,
     )
 
 
+def _bars(dtype, fp32_bars: dict) -> dict:
+    # bf16: issue 11 asks >= 2x SDPA in bf16; the official einsum keeps its float32 bar.
+    return fp32_bars if dtype == torch.float32 else {**fp32_bars, "sdpa": 2.0}
+
+
 def cases() -> list[Case]:
-    return [
-        _cross_case(
+    return (
+        dtype_variants(lambda dt: _cross_case(
             "A1",
             "Dyn-Perceiver x->z: B 64, 128 queries x 49 keys, 1 head, width 32",
             64, 128, 49, 32,
-            {"sdpa": 1.5, "einsum (official)": 1.5},
-        ),
-        _cross_case(
+            _bars(dt, {"sdpa": 1.5, "einsum (official)": 1.5}), dt,
+        ))
+        + dtype_variants(lambda dt: _cross_case(
             "A2",
             "Dyn-Perceiver z->x: B 16, 3136 queries x 64 keys, 1 head, width 8",
             16, 3136, 64, 8,
-            {"sdpa": 3.0, "einsum (official)": 3.0},
-        ),
-        _a3_case(),
-        _a4_case(),
-    ]
+            _bars(dt, {"sdpa": 3.0, "einsum (official)": 3.0}), dt,
+        ))
+        + dtype_variants(_a3_case)
+        + dtype_variants(_a4_case)
+    )

@@ -12,21 +12,12 @@ from lookfast.ops.varlen_attention import varlen_attention_reference
 from oracles import rel_err
 from oracles import varlen_attention as varlen_attention_f64
 
+from varlen_inputs import cu_seqlens as _cu
+from varlen_inputs import make_varlen as _make
+
 needs_cpp = pytest.mark.skipif(not _backend.has_kernel("varlen_attention_fwd", "CPU"), reason="C++ kernel not built")
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
-def _cu(lengths):
-    return torch.tensor([0] + list(torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()), dtype=torch.int32)
-
-
-def _make(lens_q, lens_k, heads, kv_heads, dh, dv, dtype=torch.float32, std=1.0):
-    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
-    q = (torch.randn(int(cu_q[-1]), heads, dh, dtype=torch.float64) * std).to(dtype)
-    k = (torch.randn(int(cu_k[-1]), kv_heads, dh, dtype=torch.float64) * std).to(dtype)
-    v = torch.randn(int(cu_k[-1]), kv_heads, dv, dtype=torch.float64).to(dtype)
-    return q, k, v, cu_q, cu_k, max(lens_q, default=0), max(lens_k, default=0)
 
 
 def _assert_lse(lse, ref):
@@ -150,12 +141,14 @@ def test_non_contiguous_inputs(seed):
 
 
 @needs_cpp
-def test_outputs_fully_written_over_poisoned_memory(seed):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dh, dv", [(9, 6), (64, 32)])  # (64, 32): bf16 takes the dot-product kernel where the CPU has it
+def test_outputs_fully_written_over_poisoned_memory(seed, dtype, dh, dv):
     # Fill the allocator's free blocks with NaN first, so an unwritten element of out/lse/dq/dk/dv would show.
     for _ in range(3):
         junk = torch.full((1 << 16,), float("nan"))
         del junk
-    q, k, v, cu_q, cu_k, mq, mk = _make([3, 0, 18], [5, 2, 0], 4, 2, 9, 6)
+    q, k, v, cu_q, cu_k, mq, mk = _make([3, 0, 18], [5, 2, 0], 4, 2, dh, dv, dtype)
     for causal in (False, True):
         out, lse = torch.ops.lookfast.varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, 0.3, causal)
         assert not torch.isnan(out).any() and not torch.isnan(lse).any()

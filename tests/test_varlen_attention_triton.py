@@ -35,18 +35,25 @@ CASES = [
 ]
 
 
+def _forward_and_truth(q, k, v, cu_q, cu_k, lens_q, lens_k, scale, causal):
+    """The Triton forward into NaN-poisoned outputs, and the float64 truth on leaf copies of q, k, v (for gradients)."""
+    heads, dv = q.shape[1], v.shape[2]
+    out = torch.full((q.shape[0], heads, dv), float("nan"), dtype=q.dtype)
+    lse = torch.full((heads, q.shape[0]), float("nan"), dtype=torch.float32)
+    vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), scale, causal,
+                                   out=out, lse=lse, _config=SMALL)
+    leaves = tuple(t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = varlen_attention_f64(*leaves, cu_q, cu_k, scale, causal)
+    return out, lse, leaves, ref_out, ref_lse
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_forward_and_backward(case, dtype, seed):
     lens_q, lens_k, heads, kv_heads, dk, dv, causal = CASES[case]
     q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, heads, kv_heads, dk, dv, dtype, seed)
     scale = 1.0 / math.sqrt(dk) * 1.3
-    out = torch.full((q.shape[0], heads, dv), float("nan"), dtype=dtype)
-    lse = torch.full((heads, q.shape[0]), float("nan"), dtype=torch.float32)
-    vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), scale, causal,
-                                   out=out, lse=lse, _config=SMALL)
-    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = varlen_attention_f64(qr, kr, vr, cu_q, cu_k, scale, causal)
+    out, lse, (qr, kr, vr), ref_out, ref_lse = _forward_and_truth(q, k, v, cu_q, cu_k, lens_q, lens_k, scale, causal)
     assert not out.isnan().any() and not lse.isnan().any()
     assert rel_err(out, ref_out) <= TOL[dtype]
     assert rel_err(lse, ref_lse) <= TOL[dtype]
@@ -103,12 +110,7 @@ def test_low_precision_within_flash_rule(case, dtype, seed):
     lens_q, lens_k, heads, kv_heads, dk, dv, causal = CASES[case]
     q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, heads, kv_heads, dk, dv, dtype, seed)
     scale = 1.0 / math.sqrt(dk)
-    out = torch.full((q.shape[0], heads, dv), float("nan"), dtype=dtype)
-    lse = torch.full((heads, q.shape[0]), float("nan"), dtype=torch.float32)
-    vk.varlen_attention_fwd_triton(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), scale, causal,
-                                   out=out, lse=lse, _config=SMALL)
-    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = varlen_attention_f64(qr, kr, vr, cu_q, cu_k, scale, causal)
+    out, lse, (qr, kr, vr), ref_out, ref_lse = _forward_and_truth(q, k, v, cu_q, cu_k, lens_q, lens_k, scale, causal)
     ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
     low_out = reference_lowp(ql, kl, vl, cu_q, cu_k, scale, causal)
     assert out.dtype == dtype and not out.isnan().any()

@@ -32,6 +32,7 @@
 
 #include "common/varlen_attention.h"
 #include "cpu/varlen_attention_lowp.h"
+#include "cpu/varlen_attention_work.h"
 #include "cpu/vector_math.h"
 
 namespace lookfast {
@@ -45,14 +46,7 @@ constexpr int kFlushTiles = 4;   // backward: query tiles summed apart before jo
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Everything a kernel needs to find one sample's rows in the packed tensors.
-struct Problem {
-  int64_t batch, heads, kv_heads, head_dim, v_dim;
-  const int32_t* cu_q;
-  const int32_t* cu_k;
-  double scale;
-  bool causal;
-};
+using Problem = VarlenProblem;  // cpu/varlen_attention_work.h
 
 // ------------------------------------------------------------------------------------------------ micro-kernels
 // S^T[j] (VL lanes) = sum_d Qt[d] * K[j][d] for keys j in [0, n); K rows have stride ldk. Returns the lane-wise max
@@ -407,10 +401,6 @@ LF_INLINE void forward_tile(const Problem& pb, const acc_t* qt, const acc_t* kp,
   l_out = l;
 }
 
-struct FwdItem {
-  int32_t b, h, q_begin, q_end;  // sample-local query range
-};
-
 template <typename scalar_t, typename acc_t>
 LF_INLINE void forward_items_impl(const Problem& pb, const FwdItem* items, int64_t count, const scalar_t* q,
                                   const scalar_t* k, const scalar_t* v, scalar_t* out, float* lse, int64_t total_q) {
@@ -707,11 +697,6 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return pb;
 }
 
-// bf16 on a CPU with AVX512-BF16 runs the dot-product kernel of varlen_attention_lowp.cpp.
-varlen_lowp::Shape lowp_shape(const Problem& pb) {
-  return {pb.batch, pb.heads, pb.kv_heads, pb.head_dim, pb.v_dim, pb.cu_q, pb.cu_k, pb.scale, pb.causal};
-}
-
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& cu_q,
                                                             const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
@@ -721,17 +706,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& q,
   at::Tensor out = at::empty({total_q, pb.heads, pb.v_dim}, q.options());
   at::Tensor lse = at::empty({pb.heads, total_q}, q.options().dtype(at::kFloat));
   if (varlen_lowp::use_dot_kernel(q.scalar_type(), pb.head_dim)) {
-    varlen_lowp::forward(lowp_shape(pb), q, k, v, out, lse);
+    varlen_lowp::forward(pb, q, k, v, out, lse);
     return {out, lse};
   }
-  // Work items: (sample, head, chunk of queries), heads innermost within a kv head so K/V packing is reused.
-  std::vector<FwdItem> items;
-  for (int64_t b = 0; b < pb.batch; ++b) {
-    const int32_t len_q = pb.cu_q[b + 1] - pb.cu_q[b];
-    for (int32_t s = 0; s < len_q; s += kQueryChunk)
-      for (int64_t h = 0; h < pb.heads; ++h)
-        items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), s, std::min(len_q, s + kQueryChunk)});
-  }
+  const std::vector<FwdItem> items = forward_work_items(pb, kQueryChunk);
   if (items.empty()) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_fwd_cpu", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -762,7 +740,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
   if (varlen_lowp::use_dot_kernel(q.scalar_type(), pb.head_dim)) {
-    varlen_lowp::backward(lowp_shape(pb), dout_c, q, k, v, out_c, lse_c, dq, dk, dv);
+    varlen_lowp::backward(pb, dout_c, q, k, v, out_c, lse_c, dq, dk, dv);
     return {dq, dk, dv};
   }
   const int64_t work = pb.batch * pb.kv_heads;

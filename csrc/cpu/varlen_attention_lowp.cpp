@@ -203,9 +203,6 @@ LF_BF16_TARGET inline __attribute__((always_inline)) float hsum(VF x) {
 }
 
 // ------------------------------------------------------------------------------------------------ forward
-struct FwdItem {
-  int32_t b, h, q_begin, q_end;
-};
 
 LF_BF16_TARGET void forward_items(const Shape& s, const FwdItem* items, int64_t count, const c10::BFloat16* q,
                                   const c10::BFloat16* k, const c10::BFloat16* v, c10::BFloat16* out, float* lse,
@@ -407,13 +404,7 @@ constexpr int32_t kQueryChunk = 256;  // queries per forward work item (K/V pack
 
 void forward(const Shape& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
              at::Tensor& lse) {
-  std::vector<FwdItem> items;
-  for (int64_t b = 0; b < s.batch; ++b) {
-    const int32_t len_q = s.cu_q[b + 1] - s.cu_q[b];
-    for (int32_t c = 0; c < len_q; c += kQueryChunk)
-      for (int64_t h = 0; h < s.heads; ++h)
-        items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), c, std::min(len_q, c + kQueryChunk)});
-  }
+  const std::vector<FwdItem> items = forward_work_items(s, kQueryChunk);
   if (items.empty()) return;
   const auto* qp = q.data_ptr<c10::BFloat16>();
   const auto* kp = k.data_ptr<c10::BFloat16>();

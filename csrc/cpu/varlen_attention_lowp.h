@@ -7,17 +7,13 @@
 
 #include <cstdint>
 
+#include "cpu/varlen_attention_work.h"
+
 namespace lookfast {
 namespace varlen_lowp {
 
-// One packed batch of samples, as in the float kernels (see common/varlen_attention.h for the conventions).
-struct Shape {
-  int64_t batch, heads, kv_heads, head_dim, v_dim;
-  const int32_t* cu_q;
-  const int32_t* cu_k;
-  double scale;
-  bool causal;
-};
+// One packed batch of samples, the float kernels' definition (cpu/varlen_attention_work.h).
+using Shape = VarlenProblem;
 
 // True when these inputs run on the bf16 dot-product kernel here: bf16, head dim >= kMinDotHeadDim, a CPU with
 // AVX512-BF16, and the environment variable LOOKFAST_CPU_ISA not set to "baseline" (the switch the tests use to run

@@ -1,12 +1,17 @@
 """varlen_attention in bf16/fp16 on the CPU, and the per-dtype precision contract.
 
 FlashAttention's rule: against a float64 truth, lookfast's error in a low precision is at most 2x (forward) / 3x
-(gradients) the error of plain PyTorch attention math run in that same precision. Both CPU kernels are tested: the
-bf16 dot-product kernel (AVX512-BF16, where the CPU has it) and the portable kernel (LOOKFAST_CPU_ISA=baseline, any
-CPU). Also: float64 gradients to ~1e-12, float32 gradients within 3x of PyTorch's float32 math, NaN propagation,
+(gradients) the error of plain PyTorch attention math run in that same precision. Every CPU kernel present is tested
+with the same bodies (the `isa` fixture, LOOKFAST_CPU_ISA): the automatic choice, the portable kernel (baseline, any
+CPU), the hand-written bf16 dot-product kernel (avx512bf16, where the CPU has AVX512-BF16) and the oneDNN brgemm
+kernel (brgemm: AMX or AVX512-BF16 for bf16, AMX-FP16 for fp16); a kernel this CPU lacks is skipped with the reason. Also: float64 gradients to ~1e-12, float32 gradients within 3x of PyTorch's float32 math, NaN propagation,
 poisoned outputs, autocast (as scaled_dot_product_attention), opcheck and torch.compile in bf16.
 """
 import math
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -30,14 +35,33 @@ def _cpu_has_avx512_bf16() -> bool:
         return False
 
 
-@pytest.fixture(params=["native", "baseline"])
+def _kernel(dtype, head_dim=64, backward=False) -> str:
+    """The CPU kernel varlen_attention runs now (under the current LOOKFAST_CPU_ISA) for this dtype and head dim:
+    "brgemm", "avx512bf16" or "baseline" (csrc/cpu/varlen_attention_isa.cpp)."""
+    return torch.ops.lookfast_cpu.varlen_attention_kernel(dtype, head_dim, backward)
+
+
+FORCED = ["avx512bf16", "brgemm"]
+
+
+@pytest.fixture(params=["native", "baseline"] + FORCED)
 def isa(request, monkeypatch):
-    """Runs a test on the kernel the CPU picks (for bf16 with head dim >= 32, the dot-product kernel where the CPU has
-    AVX512-BF16) and on the portable one."""
-    if request.param == "baseline":
-        monkeypatch.setenv("LOOKFAST_CPU_ISA", "baseline")
-    else:
+    """Runs a test on the kernel the CPU picks, on the portable one, and on each matrix-engine kernel forced (skipped,
+    with the reason, where this CPU lacks it for the test's dtype: forcing it would run another kernel)."""
+    if request.param == "native":
         monkeypatch.delenv("LOOKFAST_CPU_ISA", raising=False)
+        return request.param
+    monkeypatch.setenv("LOOKFAST_CPU_ISA", request.param)
+    if request.param in FORCED and _backend.has_kernel("varlen_attention_fwd", "CPU"):
+        dtype = request.getfixturevalue("dtype") if "dtype" in request.fixturenames else torch.bfloat16
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the one-time "forced kernel missing" warning has its own test
+            got = _kernel(dtype)
+        if got != request.param:
+            need = {"avx512bf16": "AVX512-BF16 and bf16 inputs",
+                    "brgemm": "an oneDNN brgemm micro-kernel for this dtype (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16)"}
+            pytest.skip(f"LOOKFAST_CPU_ISA={request.param} is not available for {dtype} on this CPU "
+                        f"(needs {need[request.param]}); it would run {got}")
     return request.param
 
 
@@ -83,6 +107,7 @@ CASES = [
     ([130, 3], [16, 49], 2, 2, 8, 8),  # Dyn-Perceiver z->x (many queries, few keys, width 8)
     ([49, 50], [128, 7], 3, 3, 32, 32),  # x->z-like
     ([0, 0], [0, 5], 2, 2, 8, 5),
+    ([300, 2, 1], [520, 1, 0], 3, 1, 48, 40),  # > 256 queries (two work items), > 512 keys (three key blocks)
 ]
 
 
@@ -134,6 +159,98 @@ def test_dot_kernel_runs_where_the_cpu_has_it(seed, monkeypatch):
         assert not torch.equal(native, portable)
     else:
         assert torch.equal(native, portable)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@needs_cpp
+def test_kernel_choice_follows_the_cpu_and_the_switch(monkeypatch):
+    # The documented rule (docs/ops.md, csrc/cpu/varlen_attention_isa.cpp), checked against /proc/cpuinfo.
+    flags = _cpu_flags()
+    amx, dot = " amx_bf16" in flags, " avx512_bf16" in flags
+    monkeypatch.delenv("LOOKFAST_CPU_ISA", raising=False)
+    for dtype in (torch.float32, torch.float64):
+        assert _kernel(dtype, 64) == "baseline" and _kernel(dtype, 64, True) == "baseline"
+    auto = _kernel(torch.bfloat16, 64)
+    if flags:
+        assert auto == ("brgemm" if amx else "avx512bf16" if dot else "baseline")
+    assert _kernel(torch.bfloat16, 8) == "baseline"  # narrow heads: the portable kernel is the faster one
+    assert _kernel(torch.bfloat16, 64, True) in ("avx512bf16", "baseline")  # no brgemm backward yet
+    monkeypatch.setenv("LOOKFAST_CPU_ISA", "baseline")
+    assert _kernel(torch.bfloat16, 64) == _kernel(torch.bfloat16, 64, True) == _kernel(torch.float16, 64) == "baseline"
+    monkeypatch.setenv("LOOKFAST_CPU_ISA", "brgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        forced = _kernel(torch.bfloat16, 8)
+    if dot or amx:  # torch's oneDNN has a bf16 micro-kernel on both; forced, brgemm runs every head dim
+        assert forced == "brgemm" == _kernel(torch.bfloat16, 64)
+
+
+@needs_cpp
+def test_forcing_a_missing_kernel_warns_once_and_runs_the_automatic_choice():
+    # In a fresh process (the warning is once per process): an unknown value and a kernel this CPU / dtype lacks
+    # both fall back to the automatic choice with a warning, never an error.
+    # The warning reaches Python's warnings or, where torch's dispatcher has no Python handler installed, stderr
+    # (c10's handler): both are collected, and each message must appear exactly once over two calls.
+    script = """
+import os, warnings
+import torch, lookfast
+warnings.simplefilter("always")
+q = torch.randn(9, 2, 32).half(); cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+os.environ["LOOKFAST_CPU_ISA"] = "auto"
+auto = {d: torch.ops.lookfast_cpu.varlen_attention_kernel(d, 32) for d in (torch.float16, torch.bfloat16)}
+want = lookfast.varlen_attention(q, q, q, cu, cu, 5, 5)
+fell_back = []
+with warnings.catch_warnings(record=True) as caught:
+    for value, dtype in (("fastest", torch.float16), ("avx512bf16", torch.float16), ("brgemm", torch.float16)):
+        os.environ["LOOKFAST_CPU_ISA"] = value
+        for _ in range(2):
+            kernel = torch.ops.lookfast_cpu.varlen_attention_kernel(dtype, 32)
+            out = lookfast.varlen_attention(q, q, q, cu, cu, 5, 5)
+        if kernel != value:
+            assert kernel == auto[dtype], (value, kernel, auto)
+            assert torch.equal(out, want)
+            fell_back.append(value)
+for w in caught:
+    print("WARNING", w.message)
+print("FELL_BACK", ",".join(fell_back))
+print("ok")
+"""
+    env = dict(os.environ)
+    env.pop("LOOKFAST_CPU_ISA", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    fell_back = [line for line in proc.stdout.splitlines() if line.startswith("FELL_BACK")][0].split(" ", 1)[1]
+    assert "fastest" in fell_back  # an unknown value never selects a kernel
+    said = proc.stdout + proc.stderr
+    for value in filter(None, fell_back.split(",")):
+        assert said.count(f"LOOKFAST_CPU_ISA={value} is not one") + said.count(f"LOOKFAST_CPU_ISA={value}, but") == 1, said
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("dh, dv", [(9, 6), (64, 32), (33, 17)])
+def test_lowp_outputs_fully_written_over_poisoned_memory(seed, isa, dtype, dh, dv):
+    # NaN-filled free blocks first, so an unwritten element of out/lse/dq/dk/dv would show.
+    for _ in range(3):
+        junk = torch.full((1 << 16,), float("nan"))
+        del junk
+    q, k, v, cu_q, cu_k, mq, mk = _make([3, 0, 18, 40], [5, 2, 0, 1], 4, 2, dh, dv, dtype)
+    for causal in (False, True):
+        out, lse = torch.ops.lookfast.varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, 0.3, causal)
+        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+        grads = torch.ops.lookfast.varlen_attention_bwd(out.clone(), q, k, v, out, lse, cu_q, cu_k, mq, mk, 0.3, causal)
+        for g in grads:
+            assert not torch.isnan(g).any()
+    # Sample 2 has no keys: zeros and -inf; sample 1 has no queries: its keys get zero gradients.
+    assert (out[3:21] == 0).all() and torch.isneginf(lse[:, 3:21]).all()
+    assert (grads[1][5:7] == 0).all() and (grads[2][5:7] == 0).all()
 
 
 @needs_cpp

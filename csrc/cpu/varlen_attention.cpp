@@ -31,6 +31,8 @@
 #include <vector>
 
 #include "common/varlen_attention.h"
+#include "cpu/varlen_attention_brgemm.h"
+#include "cpu/varlen_attention_isa.h"
 #include "cpu/varlen_attention_lowp.h"
 #include "cpu/varlen_attention_work.h"
 #include "cpu/vector_math.h"
@@ -705,9 +707,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cpu(const at::Tensor& q,
   const int64_t total_q = q.size(0);
   at::Tensor out = at::empty({total_q, pb.heads, pb.v_dim}, q.options());
   at::Tensor lse = at::empty({pb.heads, total_q}, q.options().dtype(at::kFloat));
-  if (varlen_lowp::use_dot_kernel(q.scalar_type(), pb.head_dim)) {
-    varlen_lowp::forward(pb, q, k, v, out, lse);
-    return {out, lse};
+  // bf16/fp16: the matrix-engine kernels where the CPU has them (cpu/varlen_attention_isa.cpp chooses).
+  switch (varlen_isa::forward_kernel(q.scalar_type(), pb.head_dim)) {
+    case varlen_isa::Kernel::kBrgemm: varlen_brgemm::forward(pb, q, k, v, out, lse); return {out, lse};
+    case varlen_isa::Kernel::kDot: varlen_lowp::forward(pb, q, k, v, out, lse); return {out, lse};
+    case varlen_isa::Kernel::kPortable: break;
   }
   const std::vector<FwdItem> items = forward_work_items(pb, kQueryChunk);
   if (items.empty()) return {out, lse};
@@ -739,7 +743,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   const at::Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
-  if (varlen_lowp::use_dot_kernel(q.scalar_type(), pb.head_dim)) {
+  if (varlen_isa::backward_kernel(q.scalar_type(), pb.head_dim) == varlen_isa::Kernel::kDot) {
     varlen_lowp::backward(pb, dout_c, q, k, v, out_c, lse_c, dq, dk, dv);
     return {dq, dk, dv};
   }

@@ -1,0 +1,332 @@
+// bf16/fp16 variable-length attention forward with both products on oneDNN's brgemm micro-kernel, called through
+// torch's at::native::cpublas::brgemm: AMX tiles (TDPBF16PS / TDPFP16PS) on CPUs with AMX, vdpbf16ps on AVX512-BF16
+// ones. The same call runs on both; oneDNN picks the instructions when it JIT-compiles each shape (once per thread).
+//
+// Roofline (one (sample, head), Lq queries, Lk keys, head dims Dh/Dv): 2*Lq*Lk*(Dh+Dv) FLOPs against
+// 2*(Lq*(Dh+Dv) + Lk*(Dh+Dv)) bytes of bf16 in and out: 10..100 FLOP/byte for the models' shapes (Lk 49..577,
+// Dh 32..64), K/V packed once per (sample, kv head, query chunk) and L2-resident, so the products are compute-bound
+// on the matrix engine (AMX: ~16x the float32 FMA rate per core; AVX512-BF16: 2x) and what is left is the float32
+// softmax (one exp2 per score, ~Lq*Lk*10 vector ops), which AMX does not speed up: with AMX the softmax, not the
+// products, is the expected bound for Dh <= 64.
+//
+// Precision contract (as the hand-written kernel, cpu/varlen_attention_lowp.cpp): Q·Kᵀ and P·V multiply bf16/fp16
+// operands exactly and accumulate in float32; scale, softmax max/sum and lse in float32 (log2 domain); P is rounded
+// to the input dtype once as the P·V operand (as FlashAttention and torch's CPU flash attention do); the float32
+// accumulator is divided by the sum and rounded once into out. A query that sees no key gets zeros and lse -inf;
+// NaN in q/k/v reaches the rows whose scores or values it touches (exp2 keeps NaN).
+//
+// Layout: oneDNN's brgemm wants B in VNNI-2 (pairs along the reduction: element (k, n) at ((k/2)*ldb + n)*2 + k%2).
+// Kᵀ is packed in one slab per key block of kKeyBlock keys (so ldb is the same constant for every sample), V as
+// pairs of key rows padded to 16 columns; the query tile is copied into a zero-padded (rows up to 8, head dim up to
+// even) buffer. Every brgemm shape is then (M in {8,16,24,32}) x (N a multiple of 16) x (K fixed per problem) with
+// constant leading dimensions: a bounded set of JIT-compiled kernels per thread, whatever the ragged lengths.
+#include "cpu/varlen_attention_brgemm.h"
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#include "common/varlen_attention.h"
+#include "cpu/vector_math.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define LF_HAVE_BRGEMM_KERNEL 1
+// The vector code around the products (softmax, conversions): AVX-512 with bf16 conversions. available() requires
+// these features before anything here runs.
+#define LF_BRGEMM_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#else
+#define LF_HAVE_BRGEMM_KERNEL 0
+#endif
+
+namespace lookfast {
+namespace varlen_brgemm {
+
+#if LF_HAVE_BRGEMM_KERNEL
+namespace {
+
+using cpu_vec::Vec;
+typedef Vec<float>::type VF;  // 16 float32 lanes
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kTileQ = 32;         // queries per tile: rows of the score block (M of both products, up to 32)
+constexpr int kKeyBlock = 256;     // keys per score block (S: 32 x 256 float32 = 32 KiB, L1/L2)
+constexpr int32_t kQueryChunk = 256;  // queries per work item: K/V packing amortised over them
+
+inline int64_t up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+template <typename T>
+struct Buf {
+  T* data;
+  explicit Buf(int64_t n)
+      : data(static_cast<T*>(::operator new[](sizeof(T) * std::max<int64_t>(n, 16), std::align_val_t(64)))) {}
+  ~Buf() { ::operator delete[](data, std::align_val_t(64)); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+};
+
+template <typename T>
+inline uint16_t bits(T x) {
+  return x.x;
+}
+inline uint32_t pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
+
+// One VNNI-2 probe: C (2 x 16) = A (2 x 4) · B (4 x 16) with B given in VNNI-2 and values whose products and sums
+// are exact in float32. A wrong layout assumption (or no micro-kernel: torch raises) gives false.
+template <typename T>
+bool probe() {
+  constexpr int M = 2, N = 16, K = 4;
+  T a[M * K], b[K * N];
+  float c[M * N], want[M * N];
+  float bf[K][N];
+  for (int i = 0; i < M * K; ++i) a[i] = T(static_cast<float>(i + 1));
+  for (int k = 0; k < K; ++k)
+    for (int n = 0; n < N; ++n) {
+      bf[k][n] = static_cast<float>((k * 5 + n * 3) % 7 - 3);
+      b[((k / 2) * N + n) * 2 + k % 2] = T(bf[k][n]);
+    }
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      float s = 0.f;
+      for (int k = 0; k < K; ++k) s += static_cast<float>(a[m * K + k]) * bf[k][n];
+      want[m * N + n] = s;
+      c[m * N + n] = -1234.f;
+    }
+  try {
+    at::native::cpublas::brgemm(M, N, K, K, N, N, false, a, b, c, /*is_vnni=*/true);
+    at::native::cpublas::brgemm_release(true);
+  } catch (const c10::Error&) {
+    return false;
+  }
+  return std::memcmp(c, want, sizeof(c)) == 0;
+}
+
+// ------------------------------------------------------------------------------------------------ packing
+// Kᵀ of one (sample, kv head) in VNNI-2, one slab per block of kKeyBlock keys: the pair (K[j][2p], K[j][2p+1]) of
+// key j = kb*kKeyBlock + jj at kt[(kb*dh2 + p)*kKeyBlock + jj]; zero for the odd head dim's pad and for the keys
+// from len_k up to the next multiple of 16 (what the last block's N covers).
+template <typename T>
+void pack_kt(const T* src, int64_t stride, int64_t len_k, int64_t Dh, int64_t dh2, uint32_t* kt) {
+  const int64_t full = Dh / 2;
+  for (int64_t j = 0; j < up(len_k, 16); ++j) {
+    uint32_t* d = kt + (j / kKeyBlock) * dh2 * kKeyBlock + j % kKeyBlock;
+    if (j >= len_k) {
+      for (int64_t p = 0; p < dh2; ++p) d[p * kKeyBlock] = 0;
+      continue;
+    }
+    const T* y = src + j * stride;
+    for (int64_t p = 0; p < full; ++p) d[p * kKeyBlock] = pair(bits(y[2 * p]), bits(y[2 * p + 1]));
+    if (full != dh2) d[full * kKeyBlock] = pair(bits(y[Dh - 1]), 0);
+  }
+}
+
+// V of one (sample, kv head) in VNNI-2: vn[p*ldv + c] = (V[2p][c], V[2p+1][c]); zero past len_k (up to the next
+// multiple of 16 keys) and for the columns from Dv to ldv.
+template <typename T>
+void pack_v(const T* src, int64_t stride, int64_t len_k, int64_t Dv, int64_t ldv, uint32_t* vn) {
+  const int64_t rows2 = up(len_k, 16) / 2;
+  for (int64_t p = 0; p < rows2; ++p) {
+    uint32_t* d = vn + p * ldv;
+    const T* y0 = 2 * p < len_k ? src + 2 * p * stride : nullptr;
+    const T* y1 = 2 * p + 1 < len_k ? src + (2 * p + 1) * stride : nullptr;
+    for (int64_t c = 0; c < Dv; ++c) d[c] = pair(y0 ? bits(y0[c]) : uint16_t(0), y1 ? bits(y1[c]) : uint16_t(0));
+    for (int64_t c = Dv; c < ldv; ++c) d[c] = 0;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ vector helpers
+template <typename T>
+LF_BRGEMM_TARGET inline __attribute__((always_inline)) void store_lowp(uint16_t* dst, VF x) {
+  if constexpr (std::is_same<T, c10::BFloat16>::value) {
+    const __m256bh h = _mm512_cvtneps_pbh((__m512)x);  // round to nearest even, NaN stays NaN
+    std::memcpy(dst, &h, 32);
+  } else {
+    const __m256i h = _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    std::memcpy(dst, &h, 32);
+  }
+}
+LF_BRGEMM_TARGET inline __attribute__((always_inline)) VF lane_index() {
+  return VF{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+}
+LF_BRGEMM_TARGET inline __attribute__((always_inline)) float hmax(VF x) { return _mm512_reduce_max_ps((__m512)x); }
+LF_BRGEMM_TARGET inline __attribute__((always_inline)) float hsum(VF x) { return _mm512_reduce_add_ps((__m512)x); }
+
+// ------------------------------------------------------------------------------------------------ forward
+template <typename T>
+LF_BRGEMM_TARGET void forward_items(const VarlenProblem& s, const FwdItem* items, int64_t count, const T* q,
+                                    const T* k, const T* v, T* out, float* lse, int64_t total_q) {
+  const int64_t H = s.heads, Hk = s.kv_heads, Dh = s.head_dim, Dv = s.v_dim, group = H / Hk;
+  const int64_t dh2 = up(Dh, 2) / 2, dhe = 2 * dh2, ldv = up(Dv, 16);
+  int64_t max_lk = 0;
+  for (int64_t i = 0; i < count; ++i) max_lk = std::max<int64_t>(max_lk, s.cu_k[items[i].b + 1] - s.cu_k[items[i].b]);
+  const int64_t kblocks = std::max<int64_t>(up(max_lk, kKeyBlock) / kKeyBlock, 1);
+  Buf<uint32_t> kt(kblocks * dh2 * kKeyBlock), vn((kblocks * kKeyBlock / 2) * ldv);
+  Buf<uint16_t> qa(kTileQ * std::max<int64_t>(dhe, 2)), pa(kTileQ * kKeyBlock);
+  Buf<float> sc(kTileQ * kKeyBlock), acc(kTileQ * std::max<int64_t>(ldv, 16));
+  std::memset(qa.data, 0, sizeof(uint16_t) * kTileQ * std::max<int64_t>(dhe, 2));
+  std::memset(pa.data, 0, sizeof(uint16_t) * kTileQ * kKeyBlock);  // rows past a tile's queries: finite, unused
+  const T* qa_t = reinterpret_cast<const T*>(qa.data);
+  const T* pa_t = reinterpret_cast<const T*>(pa.data);
+  const float qs = static_cast<float>(s.scale) * kLog2e;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  int64_t packed_b = -1, packed_kvh = -1;
+  for (int64_t it = 0; it < count; ++it) {
+    const FwdItem w = items[it];
+    const int64_t q0 = s.cu_q[w.b], k0 = s.cu_k[w.b];
+    const int64_t len_q = s.cu_q[w.b + 1] - q0, len_k = s.cu_k[w.b + 1] - k0, kvh = w.h / group;
+    if (w.b != packed_b || kvh != packed_kvh) {
+      pack_kt(k + k0 * Hk * Dh + kvh * Dh, Hk * Dh, len_k, Dh, dh2, kt.data);
+      pack_v(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, ldv, vn.data);
+      packed_b = w.b;
+      packed_kvh = kvh;
+    }
+    for (int64_t i0 = w.q_begin; i0 < w.q_end; i0 += kTileQ) {
+      const int64_t n = std::min<int64_t>(kTileQ, w.q_end - i0), mp = up(n, 8);
+      // Query rows n..mp-1 of qa stay as the previous tile left them (finite values or the initial zeros): their
+      // score and output rows are computed and ignored.
+      for (int64_t r = 0; r < n; ++r)
+        std::memcpy(qa.data + r * dhe, q + ((q0 + i0 + r) * H + w.h) * Dh, sizeof(uint16_t) * Dh);
+      if (dhe != Dh)
+        for (int64_t r = 0; r < n; ++r) qa.data[r * dhe + Dh] = 0;
+      int key_end[kTileQ];
+      float m[kTileQ], l[kTileQ];
+      int k_hi = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        key_end[r] = static_cast<int>(varlen::causal_key_end(i0 + r, len_q, len_k, s.causal));
+        k_hi = std::max(k_hi, key_end[r]);
+        m[r] = neg_inf;
+        l[r] = 0.f;
+      }
+      for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
+        const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0), nbp = up(nb, 16);
+        if (dhe > 0) {
+          at::native::cpublas::brgemm(mp, nbp, dhe, dhe, kKeyBlock, kKeyBlock, false, qa_t,
+                                      reinterpret_cast<const T*>(kt.data + (j0 / kKeyBlock) * dh2 * kKeyBlock),
+                                      sc.data, /*is_vnni=*/true);
+        } else {  // head dim 0: every score is 0
+          std::memset(sc.data, 0, sizeof(float) * kTileQ * kKeyBlock);
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          float* srow = sc.data + r * kKeyBlock;
+          uint16_t* prow = pa.data + r * kKeyBlock;
+          const float lim = static_cast<float>(std::clamp<int64_t>(key_end[r] - j0, 0, nbp));
+          VF mx = cpu_vec::vbroadcast(neg_inf);
+          for (int64_t c = 0; c < nbp; c += 16) {
+            VF x = cpu_vec::vload(srow + c) * qs;
+            x = (lane_index() + static_cast<float>(c)) < lim ? x : cpu_vec::vbroadcast(neg_inf);
+            cpu_vec::vstore(srow + c, x);
+            mx = cpu_vec::vmax(mx, x);
+          }
+          const float bm = hmax(mx);
+          const float m_new = bm > m[r] ? bm : m[r];
+          const float ms = m_new == neg_inf ? 0.f : m_new;  // no key seen yet: subtract 0, exp2(-inf) stays 0
+          VF sum = {};
+          for (int64_t c = 0; c < nbp; c += 16) {
+            const VF p = cpu_vec::vexp2(cpu_vec::vload(srow + c) - ms);  // NaN stays NaN
+            sum += p;
+            store_lowp<T>(prow + c, p);
+          }
+          if (j0 > 0) {
+            const float alpha = m[r] == neg_inf ? 0.f : std::exp2(m[r] - ms);
+            l[r] *= alpha;
+            float* arow = acc.data + r * ldv;
+            for (int64_t c = 0; c < ldv; c += 16) cpu_vec::vstore(arow + c, cpu_vec::vload(arow + c) * alpha);
+          }
+          l[r] += hsum(sum);
+          m[r] = m_new;
+        }
+        if (ldv > 0)
+          at::native::cpublas::brgemm(mp, ldv, nbp, kKeyBlock, ldv, ldv, /*add_C=*/j0 > 0, pa_t,
+                                      reinterpret_cast<const T*>(vn.data + (j0 / 2) * ldv), acc.data,
+                                      /*is_vnni=*/true);
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        // No key seen: exact zeros (whatever v holds) and lse -inf. Keys seen but every score -inf (overflow):
+        // 0/0 = NaN, as softmax. A NaN sum (NaN or +inf score) stays NaN through the multiply.
+        T* orow = out + ((q0 + i0 + r) * H + w.h) * Dv;
+        float* lse_r = lse + w.h * total_q + q0 + i0 + r;
+        if (key_end[r] == 0) {
+          for (int64_t c = 0; c < Dv; ++c) orow[c] = T(0.f);
+          *lse_r = neg_inf;
+          continue;
+        }
+        const float* arow = acc.data + r * ldv;
+        const float inv = l[r] == 0.f ? nan : 1.f / l[r];
+        for (int64_t c = 0; c < Dv; ++c) orow[c] = T(arow[c] * inv);
+        *lse_r = l[r] == 0.f ? nan : (m[r] + std::log2(l[r])) * varlen::kLn2;  // log2 domain -> natural log
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_typed(const VarlenProblem& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   at::Tensor& out, at::Tensor& lse) {
+  const std::vector<FwdItem> items = forward_work_items(s, kQueryChunk);
+  if (items.empty()) return;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t total_q = q.size(0);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    forward_items<T>(s, items.data() + begin, end - begin, qp, kp, vp, op, lp, total_q);
+    at::native::cpublas::brgemm_release(true);  // AMX: hand the tile state back (a no-op elsewhere)
+  });
+}
+
+}  // namespace
+
+bool available(at::ScalarType dtype) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  // torch routes brgemm to oneDNN only while mkldnn is enabled (torch.backends.mkldnn.flags can turn it off).
+  if (!at::globalContext().userEnabledMkldnn()) return false;
+  static const bool cpu = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (!cpu) return false;
+  if (dtype == at::kBFloat16) {
+    static const bool ok = probe<c10::BFloat16>();
+    return ok;
+  }
+  static const bool ok = probe<c10::Half>();
+  return ok;
+}
+
+bool has_amx(at::ScalarType dtype) { return available(dtype) && at::native::cpublas::could_pack(dtype); }
+
+void forward(const VarlenProblem& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+             at::Tensor& lse) {
+  TORCH_CHECK(available(q.scalar_type()), "varlen_attention: the brgemm kernel is not available for ",
+              q.scalar_type(), " on this CPU");
+  if (q.scalar_type() == at::kBFloat16)
+    forward_typed<c10::BFloat16>(s, q, k, v, out, lse);
+  else
+    forward_typed<c10::Half>(s, q, k, v, out, lse);
+}
+
+#else  // not x86 with GCC/Clang: available() is false, forward is never called
+
+bool available(at::ScalarType) { return false; }
+bool has_amx(at::ScalarType) { return false; }
+void forward(const VarlenProblem&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+             at::Tensor&) {
+  TORCH_CHECK(false, "varlen_attention: the brgemm kernel is not built for this CPU");
+}
+
+#endif
+
+}  // namespace varlen_brgemm
+}  // namespace lookfast

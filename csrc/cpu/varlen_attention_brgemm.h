@@ -1,0 +1,26 @@
+#pragma once
+// bf16/fp16 variable-length attention forward with Q·Kᵀ and P·V on oneDNN's brgemm micro-kernel through torch's
+// at::native::cpublas::brgemm (AMX tiles on CPUs with AMX, vdpbf16ps on AVX512-BF16 ones): kernel in
+// varlen_attention_brgemm.cpp, chosen by cpu/varlen_attention_isa.h.
+#include <ATen/core/Tensor.h>
+
+#include "cpu/varlen_attention_work.h"
+
+namespace lookfast {
+namespace varlen_brgemm {
+
+// True when torch's brgemm multiplies `dtype` (bf16 or fp16) operands in VNNI-2 layout correctly on this CPU and
+// this kernel's vector code runs here (AVX512-BF16). Probed once per dtype with a small product whose result
+// depends on the layout; false for every other dtype and on every other CPU.
+bool available(at::ScalarType dtype);
+
+// True when torch would pack for the matrix engine: AMX-BF16 (bf16) / AMX-FP16 (fp16), i.e. cpublas::could_pack.
+bool has_amx(at::ScalarType dtype);
+
+// out (total_q, H, Dv) and lse (H, total_q) float32 are written in full. q, k, v contiguous, bf16 or fp16 (and
+// available(dtype) true).
+void forward(const VarlenProblem& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+             at::Tensor& lse);
+
+}  // namespace varlen_brgemm
+}  // namespace lookfast

@@ -1,0 +1,120 @@
+// Run-time choice of the CPU kernel of varlen_attention for bf16/fp16 inputs, from the CPU's features and the
+// LOOKFAST_CPU_ISA switch (the tests force each kernel with it; docs/ops.md section 2):
+//   unset / auto  the automatic choice below
+//   baseline      the portable kernel (any CPU)
+//   avx512bf16    the hand-written AVX512-BF16 kernel (bf16, head dim >= 32; narrower heads stay portable)
+//   brgemm        the oneDNN brgemm kernel (AMX or AVX512-BF16), every head dim
+// A forced kernel the CPU (or the dtype) lacks falls back to the automatic choice with a one-time warning; an
+// unknown value too. float32/float64 always run the portable kernel.
+//
+// Automatic choice, bf16 and fp16, head dim >= kMinMatrixHeadDim (narrower heads: the portable kernel, whose
+// queries-in-lanes softmax is what costs there):
+//   - AMX (torch's cpublas::could_pack): brgemm, the matrix engine.
+//   - AVX512-BF16 without AMX, bf16: the hand-written kernel. Measured side by side on an AMD EPYC (Zen 5, 1 thread,
+//     `python -m lookfast bench --only A1 A2 A3 --dtype bfloat16` with LOOKFAST_CPU_ISA=avx512bf16 vs brgemm):
+//     see kDotOverBrgemmNote below for the figures; both run vdpbf16ps for the products, so the difference is the
+//     call overhead per block and the packing.
+//   - fp16 with an oneDNN fp16 micro-kernel (AMX-FP16): brgemm; otherwise the portable kernel.
+#include "cpu/varlen_attention_isa.h"
+
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "cpu/varlen_attention_brgemm.h"
+#include "cpu/varlen_attention_lowp.h"
+
+namespace lookfast {
+namespace varlen_isa {
+namespace {
+
+constexpr int64_t kMinMatrixHeadDim = varlen_lowp::kMinDotHeadDim;  // 32, as the hand-written kernel
+
+enum class Request { kAuto, kBaseline, kAvx512Bf16, kBrgemm };
+
+Request request() {
+  const char* isa = std::getenv("LOOKFAST_CPU_ISA");
+  if (isa == nullptr || *isa == '\0' || std::strcmp(isa, "auto") == 0) return Request::kAuto;
+  if (std::strcmp(isa, "baseline") == 0) return Request::kBaseline;
+  if (std::strcmp(isa, "avx512bf16") == 0) return Request::kAvx512Bf16;
+  if (std::strcmp(isa, "brgemm") == 0) return Request::kBrgemm;
+  TORCH_WARN_ONCE("lookfast: LOOKFAST_CPU_ISA=", isa,
+                  " is not one of auto, baseline, avx512bf16, brgemm; varlen_attention uses the automatic choice");
+  return Request::kAuto;
+}
+
+// The hand-written kernel where the CPU has AVX512-BF16, for bf16 and head dims >= 32 (its own rule).
+bool dot_kernel(at::ScalarType dtype, int64_t head_dim) { return varlen_lowp::use_dot_kernel(dtype, head_dim); }
+
+Kernel automatic(at::ScalarType dtype, int64_t head_dim) {
+  if (head_dim < kMinMatrixHeadDim) return Kernel::kPortable;
+  if (varlen_brgemm::has_amx(dtype)) return Kernel::kBrgemm;
+  if (dot_kernel(dtype, head_dim)) return Kernel::kDot;
+  if (dtype == at::kHalf && varlen_brgemm::available(dtype)) return Kernel::kBrgemm;
+  return Kernel::kPortable;
+}
+
+}  // namespace
+
+Kernel forward_kernel(at::ScalarType dtype, int64_t head_dim) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return Kernel::kPortable;
+  switch (request()) {
+    case Request::kBaseline:
+      return Kernel::kPortable;
+    case Request::kBrgemm:
+      if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;
+      TORCH_WARN_ONCE("lookfast: LOOKFAST_CPU_ISA=brgemm, but torch's oneDNN brgemm has no ", dtype,
+                      " micro-kernel on this CPU (bf16 needs AVX512-BF16 or AMX, fp16 AMX-FP16); varlen_attention "
+                      "uses the automatic choice (",
+                      name(automatic(dtype, head_dim)), " for this call)");
+      return automatic(dtype, head_dim);
+    case Request::kAvx512Bf16:
+      if (dtype == at::kBFloat16 && dot_kernel(dtype, 64))
+        return dot_kernel(dtype, head_dim) ? Kernel::kDot : Kernel::kPortable;
+      TORCH_WARN_ONCE("lookfast: LOOKFAST_CPU_ISA=avx512bf16, but the hand-written AVX512-BF16 kernel ",
+                      dtype == at::kBFloat16 ? "needs a CPU with AVX512-BF16" : "covers bfloat16 only",
+                      "; varlen_attention uses the automatic choice (", name(automatic(dtype, head_dim)),
+                      " for this call)");
+      return automatic(dtype, head_dim);
+    case Request::kAuto:
+    default:
+      return automatic(dtype, head_dim);
+  }
+}
+
+Kernel backward_kernel(at::ScalarType dtype, int64_t head_dim) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return Kernel::kPortable;
+  if (request() == Request::kBaseline) return Kernel::kPortable;
+  return dot_kernel(dtype, head_dim) ? Kernel::kDot : Kernel::kPortable;
+}
+
+const char* name(Kernel k) {
+  switch (k) {
+    case Kernel::kDot: return "avx512bf16";
+    case Kernel::kBrgemm: return "brgemm";
+    case Kernel::kPortable:
+    default: return "baseline";
+  }
+}
+
+namespace {
+std::string kernel_for(at::ScalarType dtype, int64_t head_dim, bool backward) {
+  return name(backward ? backward_kernel(dtype, head_dim) : forward_kernel(dtype, head_dim));
+}
+}  // namespace
+
+}  // namespace varlen_isa
+
+// A diagnostic, not an op on tensors (its own namespace, outside lookfast._backend's families): the name of the CPU
+// kernel ("brgemm", "avx512bf16" or "baseline", the LOOKFAST_CPU_ISA spellings) that varlen_attention's forward or
+// backward runs now for this dtype and head dim. Tests use it to run each kernel present and skip the others
+// honestly; benchmarks to label their rows.
+TORCH_LIBRARY(lookfast_cpu, m) {
+  m.def("varlen_attention_kernel(ScalarType dtype, int head_dim, bool backward=False) -> str",
+        &varlen_isa::kernel_for);
+}
+
+}  // namespace lookfast

@@ -305,8 +305,6 @@ bool available(at::ScalarType dtype) {
   return ok;
 }
 
-bool has_amx(at::ScalarType dtype) { return available(dtype) && at::native::cpublas::could_pack(dtype); }
-
 void forward(const VarlenProblem& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
              at::Tensor& lse) {
   TORCH_CHECK(available(q.scalar_type()), "varlen_attention: the brgemm kernel is not available for ",
@@ -320,7 +318,6 @@ void forward(const VarlenProblem& s, const at::Tensor& q, const at::Tensor& k, c
 #else  // not x86 with GCC/Clang: available() is false, forward is never called
 
 bool available(at::ScalarType) { return false; }
-bool has_amx(at::ScalarType) { return false; }
 void forward(const VarlenProblem&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
              at::Tensor&) {
   TORCH_CHECK(false, "varlen_attention: the brgemm kernel is not built for this CPU");

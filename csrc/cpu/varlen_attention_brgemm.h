@@ -14,9 +14,6 @@ namespace varlen_brgemm {
 // depends on the layout; false for every other dtype and on every other CPU.
 bool available(at::ScalarType dtype);
 
-// True when torch would pack for the matrix engine: AMX-BF16 (bf16) / AMX-FP16 (fp16), i.e. cpublas::could_pack.
-bool has_amx(at::ScalarType dtype);
-
 // out (total_q, H, Dv) and lse (H, total_q) float32 are written in full. q, k, v contiguous, bf16 or fp16 (and
 // available(dtype) true).
 void forward(const VarlenProblem& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,

@@ -8,13 +8,15 @@
 // unknown value too. float32/float64 always run the portable kernel.
 //
 // Automatic choice, bf16 and fp16, head dim >= kMinMatrixHeadDim (narrower heads: the portable kernel, whose
-// queries-in-lanes softmax is what costs there):
-//   - AMX (torch's cpublas::could_pack): brgemm, the matrix engine.
-//   - AVX512-BF16 without AMX, bf16: the hand-written kernel. Measured side by side on an AMD EPYC (Zen 5, 1 thread,
-//     `python -m lookfast bench --only A1 A2 A3 --dtype bfloat16` with LOOKFAST_CPU_ISA=avx512bf16 vs brgemm):
-//     see kDotOverBrgemmNote below for the figures; both run vdpbf16ps for the products, so the difference is the
-//     call overhead per block and the packing.
-//   - fp16 with an oneDNN fp16 micro-kernel (AMX-FP16): brgemm; otherwise the portable kernel.
+// queries-in-lanes softmax is what costs there; forced brgemm measured 1.2-1.6x slower than it on A2, width 8):
+//   - bf16 with a oneDNN bf16 micro-kernel (AMX-BF16, or AVX512-BF16 without AMX): brgemm, for the forward.
+//     On AVX512-BF16 without AMX both brgemm and the hand-written kernel run vdpbf16ps; measured side by side in
+//     one process (AMD EPYC Zen 5, 1 thread, shared machine, median of 14 alternating calls per kernel, forward op),
+//     brgemm / hand-written time: A1 0.87-0.94, A3 0.77-0.84, A3 causal 0.82-0.91. oneDNN's register blocking
+//     (up to 32 rows x 64 columns per call) beats the hand kernel's 4 x 64 blocks, so brgemm is the default there too.
+//   - fp16 with an oneDNN fp16 micro-kernel in VNNI-2 layout (AMX-FP16): brgemm; otherwise the portable kernel.
+//   - The backward has no brgemm version yet: the hand-written kernel where the CPU has AVX512-BF16 (bf16, head dim
+//     >= 32), else the portable one; it reads only the forward's out and lse, which every kernel writes alike.
 #include "cpu/varlen_attention_isa.h"
 
 #include <c10/util/Exception.h>
@@ -51,9 +53,8 @@ bool dot_kernel(at::ScalarType dtype, int64_t head_dim) { return varlen_lowp::us
 
 Kernel automatic(at::ScalarType dtype, int64_t head_dim) {
   if (head_dim < kMinMatrixHeadDim) return Kernel::kPortable;
-  if (varlen_brgemm::has_amx(dtype)) return Kernel::kBrgemm;
+  if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;  // AMX, or AVX512-BF16 (measured faster, above)
   if (dot_kernel(dtype, head_dim)) return Kernel::kDot;
-  if (dtype == at::kHalf && varlen_brgemm::available(dtype)) return Kernel::kBrgemm;
   return Kernel::kPortable;
 }
 

@@ -286,11 +286,14 @@ def varlen_attention(
         float32: float32 throughout; the backward normalises probabilities as softmax does (exp(s - max) / sum,
             recomputed per query tile) and meets FlashAttention's 3x rule against PyTorch's float32 math.
         bfloat16: q, k, v, out and gradients stored in bf16; Q.K^T, P.V and the backward's dO.V^T, P^T.dO, dS^T.Q,
-            dS.K are bf16 products with float32 accumulation on the CPU's bf16 dot-product unit (AVX512-BF16, chosen
-            at run time, for head dims >= 32; narrower heads run the portable kernel, faster there); softmax max/sum/lse, delta and accumulators in float32; P and dS rounded to bf16 as GEMM
-            operands; outputs rounded once. CPUs without AVX512-BF16 (or LOOKFAST_CPU_ISA=baseline) run the portable
-            kernel, which widens to float32 and uses float32 FMAs.
-        float16: stored in fp16, computed by the portable kernel in float32 (no fp16 dot-product path yet).
+            dS.K are bf16 products with float32 accumulation on the CPU's matrix engine, chosen at run time for head
+            dims >= 32: the forward on oneDNN's brgemm micro-kernel (AMX tiles where the CPU has AMX, AVX512-BF16
+            dot products otherwise), the backward on the hand-written AVX512-BF16 kernel; softmax max/sum/lse, delta
+            and accumulators in float32; P and dS rounded to bf16 as GEMM operands; outputs rounded once. Narrower
+            heads, CPUs without AVX512-BF16, and LOOKFAST_CPU_ISA=baseline run the portable kernel, which widens to
+            float32 and uses float32 FMAs. LOOKFAST_CPU_ISA=brgemm|avx512bf16 forces one matrix kernel (docs/ops.md).
+        float16: stored in fp16; on the brgemm kernel where oneDNN has an fp16 micro-kernel (AMX-FP16), else
+            computed by the portable kernel in float32.
         lse is float32 for every input dtype (one op schema on every device).
     Error against float64 truth is at most 2x (out) / 3x (gradients) that of plain PyTorch attention in the same
     low precision (tests/test_varlen_attention_lowp.py).

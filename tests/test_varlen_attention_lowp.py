@@ -147,18 +147,26 @@ def test_lowp_random_shapes(seed, isa, dtype):
 
 
 @needs_cpp
-def test_dot_kernel_runs_where_the_cpu_has_it(seed, monkeypatch):
-    # Where the CPU has AVX512-BF16, bf16 with head dim >= 32 must take the dot-product kernel: its rounding (P in
-    # bf16 before P.V) differs from the portable kernel's float32 P, so the two results differ in some bits.
+def test_matrix_kernels_run_where_the_cpu_has_them(seed, monkeypatch):
+    # bf16 with head dim >= 32 must take a matrix-engine kernel where the CPU has one (the automatic choice and each
+    # forced kernel the query names): their rounding (P in bf16 before P.V) differs from the portable kernel's float32
+    # P, so the results differ in some bits; where none is present every setting runs the portable kernel.
     q, k, v, cu_q, cu_k, mq, mk = _make([40, 7], [50, 9], 2, 1, 32, 32, torch.bfloat16)
-    monkeypatch.delenv("LOOKFAST_CPU_ISA", raising=False)
-    native = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk)
     monkeypatch.setenv("LOOKFAST_CPU_ISA", "baseline")
     portable = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk)
+    monkeypatch.setenv("LOOKFAST_CPU_ISA", "auto")
+    auto = _kernel(torch.bfloat16, 32)
+    for setting in ["auto"] + FORCED:
+        monkeypatch.setenv("LOOKFAST_CPU_ISA", setting)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kernel = _kernel(torch.bfloat16, 32)
+            out = lookfast.varlen_attention(q, k, v, cu_q, cu_k, mq, mk)
+        assert kernel in (setting, auto), (setting, kernel, auto)  # the forced kernel, or the fallback
+        assert torch.equal(out, portable) == (kernel == "baseline"), (setting, kernel)
     if _cpu_has_avx512_bf16():
-        assert not torch.equal(native, portable)
-    else:
-        assert torch.equal(native, portable)
+        monkeypatch.delenv("LOOKFAST_CPU_ISA", raising=False)
+        assert _kernel(torch.bfloat16, 32) != "baseline"
 
 
 def _cpu_flags() -> str:
@@ -269,13 +277,12 @@ def test_lowp_non_contiguous_inputs(seed, isa, dtype):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_lowp_nan_propagates_like_torch_math(seed, dtype, monkeypatch):
+def test_lowp_nan_propagates_like_torch_math(seed, isa, dtype):
     # Two samples, 2 heads on 1 kv head. Sample 0: a NaN in key 5, so every query that sees key 5 is NaN in both
     # heads (causal: only rows i >= 5 - (Lk - Lq)). Sample 1: a NaN in query row 2 of head 0: only that row and head.
     # The pattern is torch's attention math in float64 (SDPA's own CPU flash kernel drops some NaN query rows).
-    if not _cpu_has_avx512_bf16():
-        pytest.skip("the portable kernel's NaN propagation is issue 14's work; this checks the bf16 dot-product kernel")
-    monkeypatch.delenv("LOOKFAST_CPU_ISA", raising=False)
+    if _kernel(dtype, 32) == "baseline":
+        pytest.skip("the portable kernel's NaN propagation is issue 14's work; this checks the matrix-engine kernels")
     q, k, v, cu_q, cu_k, mq, mk = _make([9, 6], [12, 5], 2, 1, 32, 32, dtype)
     k[5, 0, 7] = float("nan")
     q[9 + 2, 0, 3] = float("nan")
@@ -355,8 +362,9 @@ def test_autocast_cross_attention_and_backward(seed):
 
 
 @needs_cpp
-def test_opcheck_bfloat16(seed):
-    q, k, v, cu_q, cu_k, mq, mk = _make([5, 0, 40], [4, 3, 21], 4, 2, 8, 6, torch.bfloat16)
+@pytest.mark.parametrize("dh", [8, 32])
+def test_opcheck_bfloat16(seed, isa, dh):
+    q, k, v, cu_q, cu_k, mq, mk = _make([5, 0, 40], [4, 3, 21], 4, 2, dh, 6, torch.bfloat16)
     for t in (q, k, v):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.lookfast.varlen_attention_fwd, (q, k, v, cu_q, cu_k, mq, mk, 0.35, True))

@@ -1,8 +1,8 @@
 #pragma once
 // bfloat16 variable-length attention on the CPU's bf16 dot-product unit (AVX512-BF16 `vdpbf16ps`): the entry points
-// varlen_attention.cpp calls for bf16 inputs when the CPU has the instructions (kernel in varlen_attention_lowp.cpp).
-// Every other case (fp16, a CPU without AVX512-BF16, LOOKFAST_CPU_ISA=baseline) runs the portable kernel there, which
-// widens bf16/fp16 to float32 and multiplies with float32 FMAs.
+// varlen_attention.cpp calls for bf16 inputs when cpu/varlen_attention_isa.cpp picks this kernel (the backward where
+// the CPU has the instructions; the forward when forced, brgemm being the default there). The portable kernel in
+// varlen_attention.cpp widens bf16/fp16 to float32 and multiplies with float32 FMAs.
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -15,7 +15,7 @@ namespace varlen_lowp {
 // One packed batch of samples, the float kernels' definition (cpu/varlen_attention_work.h).
 using Shape = VarlenProblem;
 
-// True when these inputs run on the bf16 dot-product kernel here: bf16, head dim >= kMinDotHeadDim, a CPU with
+// True when these inputs can run on the bf16 dot-product kernel here: bf16, head dim >= kMinDotHeadDim, a CPU with
 // AVX512-BF16, and the environment variable LOOKFAST_CPU_ISA not set to "baseline" (the switch the tests use to run
 // the portable kernel on any CPU). Narrow heads (Dyn-Perceiver z->x, width 8) stay on the portable kernel: there the
 // softmax, not the products, is the work, and its queries-in-lanes layout is faster (measured 2.0 vs 3.1 ms on A2).

@@ -743,9 +743,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
   const at::Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
              dv = at::empty(v.sizes(), v.options());
-  if (varlen_isa::backward_kernel(q.scalar_type(), pb.head_dim) == varlen_isa::Kernel::kDot) {
-    varlen_lowp::backward(pb, dout_c, q, k, v, out_c, lse_c, dq, dk, dv);
-    return {dq, dk, dv};
+  switch (varlen_isa::backward_kernel(q.scalar_type(), pb.head_dim)) {
+    case varlen_isa::Kernel::kBrgemm:
+      varlen_brgemm::backward(pb, dout_c, q, k, v, out_c, lse_c, dq, dk, dv);
+      return {dq, dk, dv};
+    case varlen_isa::Kernel::kDot:
+      varlen_lowp::backward(pb, dout_c, q, k, v, out_c, lse_c, dq, dk, dv);
+      return {dq, dk, dv};
+    case varlen_isa::Kernel::kPortable: break;
   }
   const int64_t work = pb.batch * pb.kv_heads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_bwd_cpu", [&] {

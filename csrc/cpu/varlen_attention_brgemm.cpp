@@ -1,4 +1,4 @@
-// bf16/fp16 variable-length attention forward with both products on oneDNN's brgemm micro-kernel, called through
+// bf16/fp16 variable-length attention, forward and backward, with every product on oneDNN's brgemm micro-kernel, via
 // torch's at::native::cpublas::brgemm: AMX tiles (TDPBF16PS / TDPFP16PS) on CPUs with AMX, vdpbf16ps on AVX512-BF16
 // ones. The same call runs on both; oneDNN picks the instructions when it JIT-compiles each shape (once per thread).
 //
@@ -7,7 +7,7 @@
 // Dh 32..64), K/V packed once per (sample, kv head, query chunk) and L2-resident, so the products are compute-bound
 // on the matrix engine (AMX: ~16x the float32 FMA rate per core; AVX512-BF16: 2x) and what is left is the float32
 // softmax (one exp2 per score, ~Lq*Lk*10 vector ops), which AMX does not speed up: with AMX the softmax, not the
-// products, is the expected bound for Dh <= 64.
+// products, is the expected bound for Dh <= 64. Backward: 2.5x the forward's FLOPs (five products), same bound.
 //
 // Precision contract (as the hand-written kernel, cpu/varlen_attention_lowp.cpp): Q·Kᵀ and P·V multiply bf16/fp16
 // operands exactly and accumulate in float32; scale, softmax max/sum and lse in float32 (log2 domain); P is rounded
@@ -19,7 +19,8 @@
 // Kᵀ is packed in one slab per key block of kKeyBlock keys (so ldb is the same constant for every sample), V as
 // pairs of key rows padded to 16 columns; the query tile is copied into a zero-padded (rows up to 8, head dim up to
 // even) buffer. Every brgemm shape is then (M in {8,16,24,32}) x (N a multiple of 16) x (K fixed per problem) with
-// constant leading dimensions: a bounded set of JIT-compiled kernels per thread, whatever the ragged lengths.
+// constant leading dimensions (the backward's dK/dV products: M the block's 16-padded key count, K the tile's
+// padded query count): a bounded set of JIT-compiled kernels per thread, whatever the ragged lengths.
 #include "cpu/varlen_attention_brgemm.h"
 
 #include <ATen/Context.h>
@@ -288,6 +289,156 @@ void forward_typed(const VarlenProblem& s, const at::Tensor& q, const at::Tensor
   });
 }
 
+// ------------------------------------------------------------------------------------------------ backward
+// One (sample, kv head): owns dK/dV rows of that sample (no races); loops over its query heads and query tiles,
+// recomputing S = Q·Kᵀ and dP = dO·Vᵀ per key block, P = exp2(S*scale*log2e - lse*log2e) from the saved float32 lse
+// (as the hand-written kernel), dS = P * (dP - delta); dV += Pᵀ·dO, dK += dSᵀ·Q (accumulated over all query tiles in
+// float32) and dQ += dS·K (finished per tile). Five brgemm calls per (tile, key block); P and dS rounded to the input
+// dtype once as operands. Extra operand layouts: Vᵀ slabs (as Kᵀ), K and the tile's Q and dO in VNNI-2 pairs along
+// their rows, Pᵀ and dSᵀ as plain (keys x queries) rows.
+template <typename T>
+LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t kvh, const T* dout, const T* q,
+                                    const T* k, const T* v, const float* lse, const T* out, int64_t total_q, T* dq,
+                                    T* dk, T* dv) {
+  const int64_t H = s.heads, Hk = s.kv_heads, Dh = s.head_dim, Dv = s.v_dim, group = H / Hk;
+  const int64_t q0 = s.cu_q[b], k0 = s.cu_k[b];
+  const int64_t len_q = s.cu_q[b + 1] - q0, len_k = s.cu_k[b + 1] - k0;
+  const int64_t dh2 = up(Dh, 2) / 2, dhe = 2 * dh2, dv2 = up(Dv, 2) / 2, dve = 2 * dv2;
+  const int64_t ldh = up(Dh, 16), ldv = up(Dv, 16);
+  const int64_t kblocks = std::max<int64_t>(up(len_k, kKeyBlock) / kKeyBlock, 1), krows = kblocks * kKeyBlock;
+  const float qs = static_cast<float>(s.scale) * kLog2e;
+  const float scale = static_cast<float>(s.scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  Buf<uint32_t> kt(kblocks * dh2 * kKeyBlock), vt(kblocks * dv2 * kKeyBlock), kn((krows / 2) * ldh);
+  Buf<float> dkacc(krows * ldh), dvacc(krows * ldv);
+  std::memset(dkacc.data, 0, sizeof(float) * krows * ldh);
+  std::memset(dvacc.data, 0, sizeof(float) * krows * ldv);
+  const T* kbase = k + k0 * Hk * Dh + kvh * Dh;
+  pack_kt(kbase, Hk * Dh, len_k, Dh, dh2, kt.data);
+  pack_kt(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, dv2, vt.data);
+  pack_v(kbase, Hk * Dh, len_k, Dh, ldh, kn.data);
+
+  Buf<uint16_t> qa(kTileQ * std::max<int64_t>(dhe, 2)), doa(kTileQ * std::max<int64_t>(dve, 2));
+  Buf<uint32_t> qn((kTileQ / 2) * std::max<int64_t>(ldh, 16)), don((kTileQ / 2) * std::max<int64_t>(ldv, 16));
+  Buf<uint16_t> dsa(kTileQ * kKeyBlock), pt(kKeyBlock * kTileQ), dst(kKeyBlock * kTileQ);
+  Buf<float> sc(kTileQ * kKeyBlock), dp(kTileQ * kKeyBlock), dqacc(kTileQ * std::max<int64_t>(ldh, 16));
+  std::memset(qa.data, 0, sizeof(uint16_t) * kTileQ * std::max<int64_t>(dhe, 2));
+  std::memset(doa.data, 0, sizeof(uint16_t) * kTileQ * std::max<int64_t>(dve, 2));
+  std::memset(dsa.data, 0, sizeof(uint16_t) * kTileQ * kKeyBlock);
+  const auto as_t = [](const void* p) { return reinterpret_cast<const T*>(p); };
+
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+    for (int64_t i0 = 0; i0 < len_q; i0 += kTileQ) {
+      const int64_t n = std::min<int64_t>(kTileQ, len_q - i0), mp = up(n, 8);
+      const T* qrow = q + ((q0 + i0) * H + h) * Dh;
+      const T* dorow = dout + ((q0 + i0) * H + h) * Dv;
+      const T* orow = out + ((q0 + i0) * H + h) * Dv;
+      // A operands (rows n..mp-1 zero: their products are computed and ignored), B operands along the tile's rows.
+      std::memset(qa.data, 0, sizeof(uint16_t) * mp * dhe);
+      std::memset(doa.data, 0, sizeof(uint16_t) * mp * dve);
+      for (int64_t r = 0; r < n; ++r) {
+        std::memcpy(qa.data + r * dhe, qrow + r * H * Dh, sizeof(uint16_t) * Dh);
+        std::memcpy(doa.data + r * dve, dorow + r * H * Dv, sizeof(uint16_t) * Dv);
+      }
+      pack_v(qrow, H * Dh, n, Dh, ldh, qn.data);
+      pack_v(dorow, H * Dv, n, Dv, ldv, don.data);
+      int key_end[kTileQ];
+      float shift[kTileQ], delta[kTileQ];
+      int k_hi = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        key_end[r] = static_cast<int>(varlen::causal_key_end(i0 + r, len_q, len_k, s.causal));
+        k_hi = std::max(k_hi, key_end[r]);
+        const float lv = lse[h * total_q + q0 + i0 + r];
+        shift[r] = lv == neg_inf ? std::numeric_limits<float>::infinity() : lv * kLog2e;  // no key: P = 0
+        float d = 0.f;  // delta = rowsum(dO * O) in float32 from the stored values
+        const T* o = orow + r * H * Dv;
+        const T* g = dorow + r * H * Dv;
+        for (int64_t c = 0; c < Dv; ++c) d += static_cast<float>(o[c]) * static_cast<float>(g[c]);
+        delta[r] = d;
+      }
+      for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
+        const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0), nbp = up(nb, 16), slab = j0 / kKeyBlock;
+        if (dhe > 0)
+          at::native::cpublas::brgemm(mp, nbp, dhe, dhe, kKeyBlock, kKeyBlock, false, as_t(qa.data),
+                                      as_t(kt.data + slab * dh2 * kKeyBlock), sc.data, true);  // S = Q Kᵀ
+        else
+          std::memset(sc.data, 0, sizeof(float) * kTileQ * kKeyBlock);
+        if (dve > 0)
+          at::native::cpublas::brgemm(mp, nbp, dve, dve, kKeyBlock, kKeyBlock, false, as_t(doa.data),
+                                      as_t(vt.data + slab * dv2 * kKeyBlock), dp.data, true);  // dP = dO Vᵀ
+        else
+          std::memset(dp.data, 0, sizeof(float) * kTileQ * kKeyBlock);
+        for (int64_t r = 0; r < n; ++r) {
+          const float* srow = sc.data + r * kKeyBlock;
+          const float* dprow = dp.data + r * kKeyBlock;
+          uint16_t* dsrow = dsa.data + r * kKeyBlock;
+          const float lim = static_cast<float>(std::clamp<int64_t>(key_end[r] - j0, 0, nbp));
+          for (int64_t c = 0; c < nbp; c += 16) {
+            VF x = cpu_vec::vload(srow + c) * qs;
+            x = (lane_index() + static_cast<float>(c)) < lim ? x : cpu_vec::vbroadcast(neg_inf);
+            const VF p = cpu_vec::vexp2(x - shift[r]);
+            const VF ds = p * (cpu_vec::vload(dprow + c) - delta[r]);
+            store_lowp<T>(dsrow + c, ds);
+            alignas(64) uint16_t pb[16], db[16];
+            store_lowp<T>(pb, p);
+            store_lowp<T>(db, ds);
+            for (int t = 0; t < 16; ++t) {  // transposed copies: keys as rows, queries along the reduction
+              pt.data[(c + t) * kTileQ + r] = pb[t];
+              dst.data[(c + t) * kTileQ + r] = db[t];
+            }
+          }
+        }
+        for (int64_t c = 0; c < nbp; ++c)  // the pad queries weigh exactly 0 (stale values could be inf/NaN)
+          for (int64_t r = n; r < mp; ++r) pt.data[c * kTileQ + r] = dst.data[c * kTileQ + r] = 0;
+        if (ldv > 0)  // dV += Pᵀ dO
+          at::native::cpublas::brgemm(nbp, ldv, mp, kTileQ, ldv, ldv, true, as_t(pt.data), as_t(don.data),
+                                      dvacc.data + j0 * ldv, true);
+        if (ldh > 0) {
+          // dK += dSᵀ Q
+          at::native::cpublas::brgemm(nbp, ldh, mp, kTileQ, ldh, ldh, true, as_t(dst.data), as_t(qn.data),
+                                      dkacc.data + j0 * ldh, true);
+          // dQ (+)= dS K
+          at::native::cpublas::brgemm(mp, ldh, nbp, kKeyBlock, ldh, ldh, j0 > 0, as_t(dsa.data),
+                                      as_t(kn.data + (j0 / 2) * ldh), dqacc.data, true);
+        }
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        T* g = dq + ((q0 + i0 + r) * H + h) * Dh;
+        const float* a = dqacc.data + r * ldh;
+        for (int64_t d = 0; d < Dh; ++d) g[d] = k_hi > 0 ? T(a[d] * scale) : T(0.f);
+      }
+    }
+  }
+  for (int64_t j = 0; j < len_k; ++j) {
+    T* gk = dk + ((k0 + j) * Hk + kvh) * Dh;
+    T* gv = dv + ((k0 + j) * Hk + kvh) * Dv;
+    for (int64_t d = 0; d < Dh; ++d) gk[d] = T(dkacc.data[j * ldh + d] * scale);
+    for (int64_t c = 0; c < Dv; ++c) gv[c] = T(dvacc.data[j * ldv + c]);
+  }
+}
+
+template <typename T>
+void backward_typed(const VarlenProblem& s, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+                    at::Tensor& dv) {
+  const T* dop = dout.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* op = out.data_ptr<T>();
+  const float* lp = lse.data_ptr<float>();
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* dvp = dv.data_ptr<T>();
+  const int64_t total_q = q.size(0);
+  at::parallel_for(0, s.batch * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w)
+      backward_item<T>(s, w / s.kv_heads, w % s.kv_heads, dop, qp, kp, vp, lp, op, total_q, dqp, dkp, dvp);
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
 }  // namespace
 
 bool available(at::ScalarType dtype) {
@@ -315,11 +466,26 @@ void forward(const VarlenProblem& s, const at::Tensor& q, const at::Tensor& k, c
     forward_typed<c10::Half>(s, q, k, v, out, lse);
 }
 
-#else  // not x86 with GCC/Clang: available() is false, forward is never called
+void backward(const VarlenProblem& s, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+              at::Tensor& dv) {
+  TORCH_CHECK(available(q.scalar_type()), "varlen_attention: the brgemm kernel is not available for ",
+              q.scalar_type(), " on this CPU");
+  if (q.scalar_type() == at::kBFloat16)
+    backward_typed<c10::BFloat16>(s, dout, q, k, v, out, lse, dq, dk, dv);
+  else
+    backward_typed<c10::Half>(s, dout, q, k, v, out, lse, dq, dk, dv);
+}
+
+#else  // not x86 with GCC/Clang: available() is false, forward/backward are never called
 
 bool available(at::ScalarType) { return false; }
 void forward(const VarlenProblem&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
              at::Tensor&) {
+  TORCH_CHECK(false, "varlen_attention: the brgemm kernel is not built for this CPU");
+}
+void backward(const VarlenProblem&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {
   TORCH_CHECK(false, "varlen_attention: the brgemm kernel is not built for this CPU");
 }
 

@@ -1,5 +1,5 @@
 #pragma once
-// bf16/fp16 variable-length attention forward with Q·Kᵀ and P·V on oneDNN's brgemm micro-kernel through torch's
+// bf16/fp16 variable-length attention, forward and backward, with Q·Kᵀ and P·V on oneDNN's brgemm micro-kernel through torch's
 // at::native::cpublas::brgemm (AMX tiles on CPUs with AMX, vdpbf16ps on AVX512-BF16 ones): kernel in
 // varlen_attention_brgemm.cpp, chosen by cpu/varlen_attention_isa.h.
 #include <ATen/core/Tensor.h>
@@ -18,6 +18,11 @@ bool available(at::ScalarType dtype);
 // available(dtype) true).
 void forward(const VarlenProblem& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
              at::Tensor& lse);
+
+// dq, dk, dv (q's, k's, v's shapes and dtype) are written in full; dout and out contiguous, lse (H, total_q) float32.
+void backward(const VarlenProblem& s, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+              at::Tensor& dv);
 
 }  // namespace varlen_brgemm
 }  // namespace lookfast

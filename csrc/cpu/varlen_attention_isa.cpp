@@ -3,7 +3,7 @@
 //   unset / auto  the automatic choice below
 //   baseline      the portable kernel (any CPU)
 //   avx512bf16    the hand-written AVX512-BF16 kernel (bf16, head dim >= 32; narrower heads stay portable)
-//   brgemm        the oneDNN brgemm kernel (AMX or AVX512-BF16), every head dim
+//   brgemm        the oneDNN brgemm kernel (AMX or AVX512-BF16), forward and backward, every head dim
 // A forced kernel the CPU (or the dtype) lacks falls back to the automatic choice with a one-time warning; an
 // unknown value too. float32/float64 always run the portable kernel.
 //
@@ -15,10 +15,14 @@
 //     brgemm / hand-written time: A1 0.87-0.94, A3 0.77-0.84, A3 causal 0.82-0.91. oneDNN's register blocking
 //     (up to 32 rows x 64 columns per call) beats the hand kernel's 4 x 64 blocks, so brgemm is the default there too.
 //   - fp16 with an oneDNN fp16 micro-kernel in VNNI-2 layout (AMX-FP16): brgemm; otherwise the portable kernel.
-//   - The backward has no brgemm version yet: the hand-written kernel where the CPU has AVX512-BF16 (bf16, head dim
-//     >= 32), else the portable one; it reads only the forward's out and lse, which every kernel writes alike.
+//   - Backward (it reads only the forward's out and lse, which every kernel writes alike): brgemm with AMX; on
+//     AVX512-BF16 without AMX the hand-written kernel, because there brgemm measured slower (same protocol, backward
+//     op alone, best of 11: brgemm / hand-written time A1 1.05, A3 1.18, A3 causal 1.23: its five products per
+//     (query tile, key block) cost five oneDNN calls and the Pᵀ/dSᵀ transposes, for the same vdpbf16ps work).
+//     kBrgemmBackwardWithoutAmx flips that choice.
 #include "cpu/varlen_attention_isa.h"
 
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -34,6 +38,9 @@ namespace varlen_isa {
 namespace {
 
 constexpr int64_t kMinMatrixHeadDim = varlen_lowp::kMinDotHeadDim;  // 32, as the hand-written kernel
+
+// The backward on AVX512-BF16 without AMX: brgemm or the hand-written kernel (measured: the file's note above).
+constexpr bool kBrgemmBackwardWithoutAmx = false;
 
 enum class Request { kAuto, kBaseline, kAvx512Bf16, kBrgemm };
 
@@ -55,6 +62,15 @@ Kernel automatic(at::ScalarType dtype, int64_t head_dim) {
   if (head_dim < kMinMatrixHeadDim) return Kernel::kPortable;
   if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;  // AMX, or AVX512-BF16 (measured faster, above)
   if (dot_kernel(dtype, head_dim)) return Kernel::kDot;
+  return Kernel::kPortable;
+}
+
+Kernel automatic_backward(at::ScalarType dtype, int64_t head_dim) {
+  if (head_dim < kMinMatrixHeadDim) return Kernel::kPortable;
+  if (varlen_brgemm::available(dtype) && (kBrgemmBackwardWithoutAmx || at::native::cpublas::could_pack(dtype)))
+    return Kernel::kBrgemm;
+  if (dot_kernel(dtype, head_dim)) return Kernel::kDot;
+  if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;  // fp16 with an oneDNN fp16 micro-kernel
   return Kernel::kPortable;
 }
 
@@ -88,8 +104,20 @@ Kernel forward_kernel(at::ScalarType dtype, int64_t head_dim) {
 
 Kernel backward_kernel(at::ScalarType dtype, int64_t head_dim) {
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return Kernel::kPortable;
-  if (request() == Request::kBaseline) return Kernel::kPortable;
-  return dot_kernel(dtype, head_dim) ? Kernel::kDot : Kernel::kPortable;
+  switch (request()) {
+    case Request::kBaseline:
+      return Kernel::kPortable;
+    case Request::kBrgemm:
+      if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;
+      return automatic_backward(dtype, head_dim);  // forward_kernel warned
+    case Request::kAvx512Bf16:
+      if (dtype == at::kBFloat16 && dot_kernel(dtype, 64))
+        return dot_kernel(dtype, head_dim) ? Kernel::kDot : Kernel::kPortable;
+      return automatic_backward(dtype, head_dim);
+    case Request::kAuto:
+    default:
+      return automatic_backward(dtype, head_dim);
+  }
 }
 
 const char* name(Kernel k) {

@@ -16,7 +16,7 @@ enum class Kernel {
 
 // The forward kernel for these inputs now (reads LOOKFAST_CPU_ISA on every call, so tests can switch it).
 Kernel forward_kernel(at::ScalarType dtype, int64_t head_dim);
-// The backward kernel: the brgemm path has no backward yet, so it is the dot-product kernel or the portable one.
+// The backward kernel (the same switch; its automatic choice can differ from the forward's, see the .cpp).
 Kernel backward_kernel(at::ScalarType dtype, int64_t head_dim);
 
 const char* name(Kernel k);

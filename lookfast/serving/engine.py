@@ -203,25 +203,18 @@ class Engine:
         return futures
 
     def _submit_block(self, block: torch.Tensor) -> list[Future]:
-        """run()'s path for a (B, 3, H, W) tensor: checked and queued `max_batch` images at a time, each group as one
-        chunk of consecutive rows (views of `block`, no copy). So the first stage's batches need no torch.cat of
-        single images (~0.4 ms per 224 px image on one core, ~2 % of Dyn-Perceiver's work per image), and the worker
-        starts on the first group while the next is checked. A block of the wrong dtype or shape goes the
-        per-image way, which fails every image with the same error as `submit` would."""
+        """run()'s path for a (B, 3, H, W) tensor: checked as a whole (one sum per image for NaN/inf) and queued under
+        one lock hold as chunks of up to `max_batch` consecutive good rows (views of `block`, no copy). So the first
+        stage's batches need no torch.cat of single images (~0.4 ms per 224 px image on one core, ~2 % of
+        Dyn-Perceiver's work per image). Everything is queued at once, as `_submit_all` does: queued group by group,
+        a deep stage would find nothing upstream between two groups and run a partial batch. A block of the wrong
+        dtype or shape goes the per-image way, which fails every image with the same error as `submit` would."""
         if (not block.dtype.is_floating_point or block.shape[1] != 3
                 or (self.image_shape is not None and tuple(block.shape[1:]) != self.image_shape)):
             return self._submit_all(list(block))
-        futures: list[Future] = []
-        for part in block.split(self.max_batch):
-            futures += self._queue_rows(part)
-        return futures
-
-    def _queue_rows(self, part: torch.Tensor) -> list[Future]:
-        """Check the images of `part` (m, 3, H, W) (float, right shape: checked by the caller) for NaN/inf, and queue
-        the runs of consecutive good rows as chunks (views) under one lock hold."""
         t = time.perf_counter()
-        good = finite_per_image(part).tolist()
-        x = part.to(device=self.device, dtype=self.dtype)
+        good = finite_per_image(block).tolist()
+        x = block.to(device=self.device, dtype=self.dtype)
         futures: list[Future] = [Future() for _ in good]
         failed = []
         with self._cond:
@@ -239,11 +232,11 @@ class Engine:
                 ok = ok and shape_error is None
                 if ok and start is None:
                     start = r
-                elif not ok and start is not None:  # rows start..r-1 are good: one chunk
+                if start is not None and (not ok or r - start == self.max_batch):  # rows start..r-1: one chunk
                     reqs = [_Request(f, t) for f in futures[start:r]]
                     self._queues[0].append(_Chunk((x[start:r],), reqs, [1] * (r - start), t))
                     self._units[0] += r - start
-                    start = None
+                    start = r if ok else None
                 if not ok and r < len(good):
                     self._stats["failed"] += 1
                     failed.append((futures[r], shape_error or ValueError("image has NaN or infinite values")))

@@ -44,8 +44,9 @@ def finite_per_image(images: torch.Tensor) -> torch.Tensor:
         raise ValueError("images must have a batch dimension")
     if not images.dtype.is_floating_point:
         return torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
-    dims = tuple(range(1, images.dim()))
-    ok = images.sum(dims, dtype=_sum_dtype(images)).isfinite() if dims else images.isfinite()
+    if images.dim() == 1:  # one value per image
+        return images.isfinite()
+    ok = images.sum(tuple(range(1, images.dim())), dtype=_sum_dtype(images)).isfinite()
     if images.shape[0] and not bool(ok.all()):
         suspect = (~ok).nonzero().squeeze(1)
         ok[suspect] = torch.isfinite(images.index_select(0, suspect)).flatten(1).all(1)

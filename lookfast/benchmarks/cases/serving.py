@@ -14,8 +14,9 @@ S3  an open-loop Poisson stream (bounded count; arrivals at 80 % of the engine's
     when full or 50 ms after their first request), and through the HTTP server (`python -m lookfast serve` in a
     subprocess on 127.0.0.1) with a local client. Time column: the wall time of one stream; the notes give p50/p99
     latency (arrival to answer) and the achieved throughput.
-S4  the runner at 0 % early exits (`forward_early_exit` with no threshold reachable) against the plain model, reg800m
-    B 32 (quick: B 8). Bar: <= 1.03x the plain model's time.
+S4  the runner at 0 % early exits (`forward_early_exit` with thresholds no softmax reaches, the exit test still
+    evaluated) against the plain model (which also computes all four exits' logits), reg800m B 32 (quick: B 8),
+    alternating call by call. Bar: <= 1.03x the plain model's time.
 
 Full-size rows are slow on a small CPU (S1 ~25 s per call, S2 ~35 s per call at 1 thread): they are in the full
 suite only; `s1_case(n)`, `s2_case(n)`, `s3_case(n)` build the same rows at other sizes.
@@ -114,12 +115,12 @@ def _with_cpu_time(box: dict, impls: dict) -> dict:
     return {name: wrap(name, fn) for name, fn in impls.items()}
 
 
-def _cpu_notes(box: dict, ours: str) -> list[str]:
+def _cpu_notes(box: dict, ours: str, label: str = "the engine") -> list[str]:
     cpu = {k: statistics.median(v) for k, v in box.get("cpu", {}).items() if v}
     if ours not in cpu:
         return []
     return ["CPU time (median, s): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
-            + "; ratios to the engine: " + ", ".join(f"{k} {v / cpu[ours]:.2f}x" for k, v in cpu.items() if k != ours)]
+            + f"; ratios to {label}: " + ", ".join(f"{k} {v / cpu[ours]:.2f}x" for k, v in cpu.items() if k != ours)]
 
 
 # ------------------------------------------------------------------------------------------------ S1
@@ -436,13 +437,23 @@ def s3_case(n_requests: int = 256) -> Case:
 
 
 # ------------------------------------------------------------------------------------------------ S4
+S4_TURNS = {True: 15, False: 11}  # quick (B 8, ~0.3 s a call), full (B 32, ~1 s a call)
+
+
 def s4_case(batch: int, quick: bool) -> Case:
+    """Like with like: the same model object (float32, fused ops), the same images, both under no_grad, both computing
+    all four exits' logits (the plain forward returns (y1, y2, y3, y4); the runner runs the same four pieces and
+    heads). What the runner adds: threshold validation, the max-softmax confidence of exits 1-3 and the exit test
+    (thresholds 2.0: computed, and no softmax reaches it; +inf would skip the test altogether), the output buffer
+    and one scatter. The two alternate call by call (one call per turn, `S4_TURNS` turns), so load drift on a shared
+    machine hits both alike; the notes add the median of the per-turn ratios and the CPU-time ratio."""
     runner, plain = "forward_early_exit, 0 % exits", "plain model (all four exits)"
+    box: dict = {}
 
     def setup():
         model = _dp_model()
         x = _dp_images(batch, 1)
-        never = [math.inf, math.inf, math.inf, 0.0]
+        never = [2.0, 2.0, 2.0, 0.0]  # unreachable (softmax <= 1) but evaluated: the exit test is part of the cost
 
         def early():
             return model.forward_early_exit(x, never)
@@ -453,10 +464,34 @@ def s4_case(batch: int, quick: bool) -> Case:
 
         _, idx = early()
         assert bool((idx == 3).all())
-        return {runner: early, plain: full}
+        return _with_samples(box, _with_cpu_time(box, {runner: early, plain: full}))
+
+    def summarize(times):
+        notes = _cpu_notes(box, runner, "the runner")
+        walls = box.get("walls", {})
+        if walls.get(runner) and walls.get(plain):
+            n = S4_TURNS[quick]  # the timed calls (one per turn) are the last n: the first calls warmed up
+            pairs = [a / b for a, b in zip(walls[runner][-n:], walls[plain][-n:])]
+            notes.insert(0, f"runner / plain, median of {len(pairs)} consecutive pairs: {statistics.median(pairs):.3f} "
+                            f"(ratio of medians {times[runner] / times[plain]:.3f})")
+        return notes
 
     return Case(id=f"S4-b{batch}", op="serving", shape=f"dyn_perceiver {DP_NAME} B {batch} {DP_SIZE}px, 0 % exits",
-                setup=setup, bars={plain: 1 / 1.03}, quick=quick, multi_thread=False, turns=5)
+                setup=setup, bars={plain: 1 / 1.03}, quick=quick, multi_thread=False, summarize=summarize,
+                turns=S4_TURNS[quick])
+
+
+def _with_samples(box: dict, impls: dict) -> dict:
+    """Also record each call's wall time, in call order (the k-th calls of two implementations alternating one call
+    per turn are neighbours in time: their ratio is free of the load drift between turns)."""
+    def wrap(name, fn):
+        def run():
+            start = time.perf_counter()
+            result = fn()
+            box.setdefault("walls", {}).setdefault(name, []).append(time.perf_counter() - start)
+            return result
+        return run
+    return {name: wrap(name, fn) for name, fn in impls.items()}
 
 
 def cases() -> list[Case]:

@@ -497,5 +497,74 @@ def _with_samples(box: dict, impls: dict) -> dict:
     return {name: wrap(name, fn) for name, fn in impls.items()}
 
 
+# ------------------------------------------------------------------------------------------------ S1-stages
+STAGE_BATCHES = (32, 4, 8, 16, 64)
+
+
+def s1_stages_case(n_images: int = 64) -> Case:
+    """Why S1's bars are (not) reachable on a machine: Dyn-Perceiver's cost per image at each stage against the batch
+    size. Each implementation runs `n_images` images through the four stages (`stages[i]` then `heads[i]` of
+    `exit_stages.stages_and_heads`, nobody exiting) in batches of B, timing each stage. Notes: ms per image per stage
+    (medians over calls), GMAC/s per stage, and from them (a) the engine's best case (every stage at B 32, no
+    overhead) against static `forward_early_exit` batches of 32 (stages 2-4 at the survivors' batch sizes) for S1's
+    exit rates, and (b) that best case's time ratio to the full model over the MACs ratio (S1's second bar)."""
+    box: dict = {"ms": {}}
+
+    def setup():
+        from lookfast.models.dyn_perceiver.exit_stages import stages_and_heads
+
+        model = _dp_model()
+        stages, heads = stages_and_heads(model)
+        images = _dp_images(n_images, 1)
+        box["macs"] = model.exit_macs()
+
+        def at(b):
+            def run():
+                per_stage = [0.0] * 4
+                with torch.inference_mode():
+                    for chunk in images.split(b):
+                        state = (chunk,)
+                        for i in range(4):
+                            t = time.perf_counter()
+                            state = stages[i](state)
+                            state = state if isinstance(state, tuple) else (state,)
+                            out = heads[i](state)
+                            per_stage[i] += time.perf_counter() - t
+                            state = out[1] if isinstance(out, tuple) else state
+                box["ms"].setdefault(b, []).append([1e3 * t / n_images for t in per_stage])
+            return run
+
+        return {f"stages at B {b}": at(b) for b in STAGE_BATCHES}
+
+    def summarize(times):
+        if not box["ms"] or 32 not in box["ms"]:
+            return []
+        ms = {b: [statistics.median(c[i] for c in calls) for i in range(4)] for b, calls in box["ms"].items()}
+        macs = box["macs"]
+        share = [macs[0]] + [macs[i] - macs[i - 1] for i in range(1, 4)]
+        notes = [f"B {b:>2}: ms per image per stage " + " / ".join(f"{v:.2f}" for v in ms[b])
+                 + f" (all {sum(ms[b]):.2f}); GMAC/s " + " / ".join(f"{share[i] / 1e6 / ms[b][i]:.1f}" for i in range(4))
+                 for b in sorted(ms)]
+        running = [1.0]  # fraction of images that run stage i
+        for p in S1_EXITS[:-1]:
+            running.append(running[-1] - p)
+        best = sum(f * ms[32][i] for i, f in enumerate(running))
+        static_batch = [max(1, round(BATCH * f)) for f in running]  # survivors of a batch of 32
+        if all(b in ms for b in static_batch):
+            static = sum(f * ms[b][i] for i, (f, b) in enumerate(zip(running, static_batch)))
+            notes.append(f"exits {'/'.join(f'{100 * p:.1f}' for p in S1_EXITS)} %: engine best case {best:.2f} ms per "
+                         f"image vs static B32 early exit {static:.2f} (stages at B "
+                         f"{'/'.join(map(str, static_batch))}): {static / best:.3f}x (S1 bar 1.15x)")
+        macs_ratio = sum(f * s_ for f, s_ in zip(running, share)) / macs[-1]
+        time_ratio = best / sum(ms[32])
+        notes.append(f"best-case time / full-model time {time_ratio:.3f} vs MACs ratio {macs_ratio:.3f}: "
+                     f"{time_ratio / macs_ratio:.3f}x (S1 bar <= 1.05x)")
+        return notes
+
+    return Case(id="S1-stages", op="serving",
+                shape=f"dyn_perceiver {DP_NAME} {n_images} images {DP_SIZE}px, per-stage cost vs batch size",
+                setup=setup, quick=False, multi_thread=False, summarize=summarize)
+
+
 def cases() -> list[Case]:
-    return [s4_case(8, True), s4_case(BATCH, False), s1_case(), s2_case(), s3_case()]
+    return [s4_case(8, True), s4_case(BATCH, False), s1_case(), s1_stages_case(), s2_case(), s3_case()]

@@ -542,9 +542,9 @@ def s1_stages_case(n_images: int = 64) -> Case:
         ms = {b: [statistics.median(c[i] for c in calls) for i in range(4)] for b, calls in box["ms"].items()}
         macs = box["macs"]
         share = [macs[0]] + [macs[i] - macs[i - 1] for i in range(1, 4)]
+        gmacs = {b: [share[i] / 1e6 / ms[b][i] for i in range(4)] for b in ms}
         notes = [f"B {b:>2}: ms per image per stage " + " / ".join(f"{v:.2f}" for v in ms[b])
-                 + f" (all {sum(ms[b]):.2f}); GMAC/s " + " / ".join(f"{share[i] / 1e6 / ms[b][i]:.1f}" for i in range(4))
-                 for b in sorted(ms)]
+                 + f" (all {sum(ms[b]):.2f}); GMAC/s " + " / ".join(f"{g:.1f}" for g in gmacs[b]) for b in sorted(ms)]
         running = [1.0]  # fraction of images that run stage i
         for p in S1_EXITS[:-1]:
             running.append(running[-1] - p)

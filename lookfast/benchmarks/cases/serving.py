@@ -446,8 +446,8 @@ def s4_case(batch: int, quick: bool) -> Case:
     heads). What the runner adds: threshold validation, the max-softmax confidence of exits 1-3 and the exit test
     (thresholds 2.0: computed, and no softmax reaches it; +inf would skip the test altogether), the output buffer
     and one scatter. The two alternate call by call (one call per turn, `S4_TURNS` turns), so load drift on a shared
-    machine hits both alike; the notes add the median of the per-turn ratios, the ratio of the fastest calls and the
-    CPU-time ratio."""
+    machine hits both alike; the notes add the runner's own time (a call minus the model pieces' time inside it), the
+    median of the per-turn ratios, the ratio of the fastest calls and the CPU-time ratio."""
     runner, plain = "forward_early_exit, 0 % exits", "plain model (all four exits)"
     box: dict = {}
 
@@ -465,10 +465,16 @@ def s4_case(batch: int, quick: bool) -> Case:
 
         _, idx = early()
         assert bool((idx == 3).all())
+        box["own_ms"] = _runner_own_ms(model, early)
         return _with_samples(box, _with_cpu_time(box, {runner: early, plain: full}))
 
     def summarize(times):
         notes = _cpu_notes(box, runner, "the runner")
+        if box.get("own_ms") and times.get(plain):
+            own = statistics.median(box["own_ms"])
+            notes.insert(0, f"the runner's own time (a call minus its four model pieces, median of "
+                            f"{len(box['own_ms'])}): {own:.2f} ms = {100 * own / (1e3 * times[plain]):.2f} % of the "
+                            "plain call")
         walls = box.get("walls", {})
         if walls.get(runner) and walls.get(plain):
             n = S4_TURNS[quick]  # the timed calls (one per turn) are the last n: the first calls warmed up
@@ -482,6 +488,36 @@ def s4_case(batch: int, quick: bool) -> Case:
     return Case(id=f"S4-b{batch}", op="serving", shape=f"dyn_perceiver {DP_NAME} B {batch} {DP_SIZE}px, 0 % exits",
                 setup=setup, bars={plain: 1 / 1.03}, quick=quick, multi_thread=False, summarize=summarize,
                 turns=S4_TURNS[quick])
+
+
+def _runner_own_ms(model, early, calls: int = 5) -> list[float]:
+    """ms per `early()` call spent outside the model's four pieces (forward_exit1..4, timed by wrappers put on the
+    instance for these calls only): what the runner itself costs, independent of load drift between calls."""
+    inside = [0.0]
+
+    def timed(fn):
+        def run(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                inside[0] += time.perf_counter() - start
+        return run
+
+    names = [f"forward_exit{i}" for i in range(1, 5)]
+    own = []
+    try:
+        for name in names:
+            setattr(model, name, timed(getattr(model, name)))
+        for _ in range(calls):
+            inside[0] = 0.0
+            start = time.perf_counter()
+            early()
+            own.append(1e3 * (time.perf_counter() - start - inside[0]))
+    finally:
+        for name in names:
+            model.__dict__.pop(name, None)
+    return own
 
 
 def _with_samples(box: dict, impls: dict) -> dict:

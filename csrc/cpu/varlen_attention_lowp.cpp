@@ -2,9 +2,14 @@
 // (AVX512-BF16 `vdpbf16ps`: 32 bf16 products summed pairwise into 16 float32 lanes per instruction).
 //
 // Roofline (one (sample, head), Lq queries, Lk keys, head dims Dh/Dv): forward 2*Lq*Lk*(Dh+Dv) FLOPs against
-// 2*(Lq*(Dh+Dv) + Lk*(Dh+Dv)) bytes; backward 2.5x the FLOPs. For the models' shapes (Lk 49..577, Dh 8..64) that is
-// 10..100 FLOP/byte with everything but Q streaming from L1/L2, so the bound is the dot unit (2x the float32 FMA rate
-// on Zen 4/5 and Sapphire Rapids) plus the float32 softmax (exp2 per score) that small head dims cannot hide.
+// 2*(Lq*(Dh+Dv) + Lk*(Dh+Dv)) bytes; backward 2.5x the FLOPs (five GEMMs to two). For the models' shapes (Lk 49..577,
+// Dh 8..64) that is 10..100 FLOP/byte with everything but Q streaming from L1/L2, so the bound is the dot unit (2x the
+// float32 FMA rate on Zen 4/5 and Sapphire Rapids) plus the float32 softmax (exp2 per score) that small head dims
+// cannot hide. Measured on the A4 shape (2683 tokens, 12 heads, Dh 64, 1 thread, Zen 5, CPU time on a shared
+// machine, indicative): forward ~8 ms, backward ~16 ms, backward/forward 1.7-2.0 (2.3-2.7 when the backward wrote
+// transposed copies of P and dS with scalar stores). Of the backward, the five GEMMs take ~60% (about the rate of the
+// forward's), the exp2/dS pass ~20%, and first-touch memory the rest: K, V, O, dO and Q read once per (sample, head)
+// as slices of rows H heads long, dq/dk/dv written into fresh pages.
 //
 // Precision contract (bf16 stored, float32 everywhere else): Q·Kᵀ, P·V, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q and dS·K multiply bf16
 // operands exactly and accumulate in float32; softmax max/sum/lse, delta = rowsum(dO*O), dS = P*(dP - delta) and the
@@ -14,7 +19,10 @@
 //
 // Layout: operands of C += A·B are A = bf16 rows read as uint32 pairs along the reduction, B = "VNNI" pairs:
 // B32[p][j] = (B[2p][j], B[2p+1][j]) with columns padded to 16 (zero), C float32 with 16-padded rows. K and V of one
-// (sample, kv-head) are packed once per work item in the layouts their three products need.
+// (sample, kv-head) are packed once per work item in the layouts their three products need. The backward computes
+// dVᵀ += dOᵀ·P and dKᵀ += Qᵀ·dS into transposed float32 accumulators, so P and dS are B operands (VNNI pairs of query
+// rows, written by the elementwise pass from its registers) and dO, Q are A operands read from their VNNI packing with
+// a pair stride: nothing is transposed per tile; dK and dV leave through 16x16 register transposes once per item.
 #include "cpu/varlen_attention_lowp.h"
 
 #include <ATen/Parallel.h>
@@ -437,8 +445,9 @@ LF_BF16_TARGET void backward_item(const Shape& s, int64_t b, int64_t kvh, const 
       const c10::BFloat16* qrow = q + ((q0 + i0) * H + h) * Dh;
       const c10::BFloat16* dorow = dout + ((q0 + i0) * H + h) * Dv;
       const c10::BFloat16* orow = out + ((q0 + i0) * H + h) * Dv;
-      {  // Prefetch the next tile's Q, dO and O rows (one head's slice of rows H heads long, which the hardware
-         // prefetchers miss), and in the item's last tile the next item's K and V (to L2): measured 8% of the time.
+      {  // Prefetch (to L2: the tile's 64 KiB of S and dP would evict L1) the next tile's Q, dO and O rows, one
+         // head's slice of rows H heads long that the hardware prefetchers miss, and in the item's last tile the next
+         // item's K and V. Their first-touch misses were ~8% of the backward (A4 shape).
         int64_t nq0 = q0, nlen = len_q, ni = i0 + kTileQ, nh = h;
         if (ni >= len_q) {
           ni = 0;
@@ -456,9 +465,9 @@ LF_BF16_TARGET void backward_item(const Shape& s, int64_t b, int64_t kvh, const 
         }
         const int64_t nn = std::min<int64_t>(kTileQ, nlen - ni), row = (nq0 + ni) * H + nh;
         if (nn > 0) {
-          prefetch_rows<_MM_HINT_T0>(q + row * Dh, H * Dh, nn, Dh);
-          prefetch_rows<_MM_HINT_T0>(dout + row * Dv, H * Dv, nn, Dv);
-          prefetch_rows<_MM_HINT_T0>(out + row * Dv, H * Dv, nn, Dv);
+          prefetch_rows<_MM_HINT_T1>(q + row * Dh, H * Dh, nn, Dh);
+          prefetch_rows<_MM_HINT_T1>(dout + row * Dv, H * Dv, nn, Dv);
+          prefetch_rows<_MM_HINT_T1>(out + row * Dv, H * Dv, nn, Dv);
         }
       }
       pack_a(qrow, H * Dh, n, Dh, reinterpret_cast<uint16_t*>(qa.data));

@@ -40,7 +40,12 @@
 #include "cpu/vector_math.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// GCC 12's AVX-512 intrinsics pass an "undefined" vector to their masked builtins and then warn that it may be used
+// uninitialized at every inlined call (GCC bug 105593, fixed in 13); the warning is about the header's own code.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #define LF_HAVE_DOT_KERNEL 1
 #define LF_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 #else

@@ -6,7 +6,7 @@
 // Dh 8..64) that is 10..100 FLOP/byte with everything but Q streaming from L1/L2, so the bound is the dot unit (2x the
 // float32 FMA rate on Zen 4/5 and Sapphire Rapids) plus the float32 softmax (exp2 per score) that small head dims
 // cannot hide. Measured on the A4 shape (2683 tokens, 12 heads, Dh 64, 1 thread, Zen 5, CPU time on a shared
-// machine, indicative): forward ~8 ms, backward ~16 ms, backward/forward 1.7-2.0 (2.3-2.7 when the backward wrote
+// machine, indicative): forward ~8 ms, backward ~16 ms, backward/forward 1.9-2.1 (2.3-2.7 when the backward wrote
 // transposed copies of P and dS with scalar stores). Of the backward, the five GEMMs take ~60% (about the rate of the
 // forward's), the exp2/dS pass ~20%, and first-touch memory the rest: K, V, O, dO and Q read once per (sample, head)
 // as slices of rows H heads long, dq/dk/dv written into fresh pages.

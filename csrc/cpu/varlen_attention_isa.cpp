@@ -9,17 +9,16 @@
 //
 // Automatic choice, bf16 and fp16, head dim >= kMinMatrixHeadDim (narrower heads: the portable kernel, whose
 // queries-in-lanes softmax is what costs there; forced brgemm measured 1.2-1.6x slower than it on A2, width 8):
-//   - bf16 with a oneDNN bf16 micro-kernel (AMX-BF16, or AVX512-BF16 without AMX): brgemm, for the forward.
-//     On AVX512-BF16 without AMX both brgemm and the hand-written kernel run vdpbf16ps; measured side by side in
-//     one process (AMD EPYC Zen 5, 1 thread, shared machine, median of 14 alternating calls per kernel, forward op),
-//     brgemm / hand-written time: A1 0.87-0.94, A3 0.77-0.84, A3 causal 0.82-0.91. oneDNN's register blocking
-//     (up to 32 rows x 64 columns per call) beats the hand kernel's 4 x 64 blocks, so brgemm is the default there too.
-//   - fp16 with an oneDNN fp16 micro-kernel in VNNI-2 layout (AMX-FP16): brgemm; otherwise the portable kernel.
-//   - Backward (it reads only the forward's out and lse, which every kernel writes alike): brgemm with AMX; on
-//     AVX512-BF16 without AMX the hand-written kernel, because there brgemm measured slower (same protocol, backward
-//     op alone, best of 11: brgemm / hand-written time A1 1.05, A3 1.18, A3 causal 1.23: its five products per
-//     (query tile, key block) cost five oneDNN calls and the Pᵀ/dSᵀ transposes, for the same vdpbf16ps work).
-//     kBrgemmBackwardWithoutAmx flips that choice.
+//   - With AMX (torch's cpublas::could_pack: AMX-BF16 for bf16, AMX-FP16 for fp16): brgemm, forward and backward,
+//     the matrix engine (not measured here: the development machine has no AMX).
+//   - AVX512-BF16 without AMX, bf16: the hand-written kernel, forward and backward. Both kernels run vdpbf16ps for
+//     the products there; measured side by side in one process (AMD EPYC Zen 5, 1 thread, shared machine, best of
+//     24 alternating calls per kernel, the ops alone, after main's prefetching hand kernel of 2 Dec), brgemm /
+//     hand-written time: forward A1 0.95, A3 1.26-1.31, A3 causal 1.40-1.46; backward A1 1.68, A3 1.63, A3 causal
+//     1.94 (five oneDNN calls per (query tile, key block), scalar K/V packing and the Pᵀ/dSᵀ transposes, against
+//     the hand kernel's prefetching and register-level VNNI stores). (Before that hand-kernel work brgemm's forward
+//     was 0.77-0.94x; kBrgemmWithoutAmx flips the choice if a later measurement says so.)
+//   - fp16 without an oneDNN fp16 micro-kernel: the portable kernel (the hand-written kernel is bf16 only).
 #include "cpu/varlen_attention_isa.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -39,8 +38,9 @@ namespace {
 
 constexpr int64_t kMinMatrixHeadDim = varlen_lowp::kMinDotHeadDim;  // 32, as the hand-written kernel
 
-// The backward on AVX512-BF16 without AMX: brgemm or the hand-written kernel (measured: the file's note above).
-constexpr bool kBrgemmBackwardWithoutAmx = false;
+// On AVX512-BF16 without AMX: brgemm (true) or the hand-written kernel (false), forward and backward (measured: the
+// file's note above).
+constexpr bool kBrgemmWithoutAmx = false;
 
 enum class Request { kAuto, kBaseline, kAvx512Bf16, kBrgemm };
 
@@ -60,14 +60,7 @@ bool dot_kernel(at::ScalarType dtype, int64_t head_dim) { return varlen_lowp::us
 
 Kernel automatic(at::ScalarType dtype, int64_t head_dim) {
   if (head_dim < kMinMatrixHeadDim) return Kernel::kPortable;
-  if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;  // AMX, or AVX512-BF16 (measured faster, above)
-  if (dot_kernel(dtype, head_dim)) return Kernel::kDot;
-  return Kernel::kPortable;
-}
-
-Kernel automatic_backward(at::ScalarType dtype, int64_t head_dim) {
-  if (head_dim < kMinMatrixHeadDim) return Kernel::kPortable;
-  if (varlen_brgemm::available(dtype) && (kBrgemmBackwardWithoutAmx || at::native::cpublas::could_pack(dtype)))
+  if (varlen_brgemm::available(dtype) && (kBrgemmWithoutAmx || at::native::cpublas::could_pack(dtype)))
     return Kernel::kBrgemm;
   if (dot_kernel(dtype, head_dim)) return Kernel::kDot;
   if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;  // fp16 with an oneDNN fp16 micro-kernel
@@ -109,14 +102,14 @@ Kernel backward_kernel(at::ScalarType dtype, int64_t head_dim) {
       return Kernel::kPortable;
     case Request::kBrgemm:
       if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;
-      return automatic_backward(dtype, head_dim);  // forward_kernel warned
+      return automatic(dtype, head_dim);  // forward_kernel warned
     case Request::kAvx512Bf16:
       if (dtype == at::kBFloat16 && dot_kernel(dtype, 64))
         return dot_kernel(dtype, head_dim) ? Kernel::kDot : Kernel::kPortable;
-      return automatic_backward(dtype, head_dim);
+      return automatic(dtype, head_dim);
     case Request::kAuto:
     default:
-      return automatic_backward(dtype, head_dim);
+      return automatic(dtype, head_dim);
   }
 }
 

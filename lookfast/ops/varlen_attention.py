@@ -287,9 +287,8 @@ def varlen_attention(
             recomputed per query tile) and meets FlashAttention's 3x rule against PyTorch's float32 math.
         bfloat16: q, k, v, out and gradients stored in bf16; Q.K^T, P.V and the backward's dO.V^T, P^T.dO, dS^T.Q,
             dS.K are bf16 products with float32 accumulation on the CPU's matrix engine, chosen at run time for head
-            dims >= 32: oneDNN's brgemm micro-kernel (AMX tiles where the CPU has AMX, AVX512-BF16 dot products
-            otherwise) for the forward, and for the backward with AMX (the hand-written AVX512-BF16 backward
-            without AMX); softmax max/sum/lse, delta
+            dims >= 32: oneDNN's brgemm micro-kernel on AMX tiles where the CPU has AMX, the hand-written
+            AVX512-BF16 (vdpbf16ps) kernel on CPUs with AVX512-BF16 but no AMX; softmax max/sum/lse, delta
             and accumulators in float32; P and dS rounded to bf16 as GEMM operands; outputs rounded once. Narrower
             heads, CPUs without AVX512-BF16, and LOOKFAST_CPU_ISA=baseline run the portable kernel, which widens to
             float32 and uses float32 FMAs. LOOKFAST_CPU_ISA=brgemm|avx512bf16 forces one matrix kernel (docs/ops.md).

@@ -1,8 +1,8 @@
 #pragma once
 // bfloat16 variable-length attention on the CPU's bf16 dot-product unit (AVX512-BF16 `vdpbf16ps`): the entry points
-// varlen_attention.cpp calls for bf16 inputs when cpu/varlen_attention_isa.cpp picks this kernel (the backward where
-// the CPU has the instructions; the forward when forced, brgemm being the default there). The portable kernel in
-// varlen_attention.cpp widens bf16/fp16 to float32 and multiplies with float32 FMAs.
+// varlen_attention.cpp calls for bf16 inputs when cpu/varlen_attention_isa.cpp picks this kernel (the default on CPUs
+// with AVX512-BF16 and no AMX; with AMX the oneDNN brgemm kernel). The portable kernel in varlen_attention.cpp widens
+// bf16/fp16 to float32 and multiplies with float32 FMAs.
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>

@@ -370,15 +370,28 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
         else
           std::memset(dp.data, 0, sizeof(float) * kTileQ * kKeyBlock);
         for (int64_t r = 0; r < n; ++r) {
-          const float* srow = sc.data + r * kKeyBlock;
+          float* srow = sc.data + r * kKeyBlock;
           const float* dprow = dp.data + r * kKeyBlock;
           uint16_t* dsrow = dsa.data + r * kKeyBlock;
           const float lim = static_cast<float>(std::clamp<int64_t>(key_end[r] - j0, 0, nbp));
-          for (int64_t c = 0; c < nbp; c += 16) {
+          for (int64_t c = 0; c < nbp; c += 16) {  // P over S, in place
             VF x = cpu_vec::vload(srow + c) * qs;
             x = (lane_index() + static_cast<float>(c)) < lim ? x : cpu_vec::vbroadcast(neg_inf);
-            const VF p = cpu_vec::vexp2(x - shift[r]);
-            const VF ds = p * (cpu_vec::vload(dprow + c) - delta[r]);
+            cpu_vec::vstore(srow + c, cpu_vec::vexp2(x - shift[r]));
+          }
+          float dlt = delta[r];
+          if (k_hi <= kKeyBlock) {
+            // All the row's keys in this block: delta = rowsum(P * dP) = dO . (P V), the unrounded output, in float32.
+            // rowsum(dO * O) from the bf16-rounded O differs from it by O's rounding, which dS = P (dP - delta) then
+            // carries into every key's gradient: with one or two keys per query (causal, few keys) that made dq/dk
+            // 3-4x the error of torch's bf16 math.
+            VF acc = {};
+            for (int64_t c = 0; c < nbp; c += 16) acc += cpu_vec::vload(srow + c) * cpu_vec::vload(dprow + c);
+            dlt = hsum(acc);
+          }
+          for (int64_t c = 0; c < nbp; c += 16) {
+            const VF p = cpu_vec::vload(srow + c);
+            const VF ds = p * (cpu_vec::vload(dprow + c) - dlt);
             store_lowp<T>(dsrow + c, ds);
             alignas(64) uint16_t pb[16], db[16];
             store_lowp<T>(pb, p);

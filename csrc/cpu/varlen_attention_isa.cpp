@@ -13,9 +13,9 @@
 //     the matrix engine (not measured here: the development machine has no AMX).
 //   - AVX512-BF16 without AMX, bf16: the hand-written kernel, forward and backward. Both kernels run vdpbf16ps for
 //     the products there; measured side by side in one process (AMD EPYC Zen 5, 1 thread, shared machine, best of
-//     24 alternating calls per kernel, the ops alone, after main's prefetching hand kernel of 2 Dec), brgemm /
-//     hand-written time: forward A1 0.95, A3 1.26-1.31, A3 causal 1.40-1.46; backward A1 1.68, A3 1.63, A3 causal
-//     1.94 (five oneDNN calls per (query tile, key block), scalar K/V packing and the Pᵀ/dSᵀ transposes, against
+//     11-24 alternating calls per kernel, the ops alone, after main's prefetching hand kernel of 2 Dec), brgemm /
+//     hand-written time over 3 runs: forward A1 0.95, A3 1.19-1.31, A3 causal 1.31-1.46; backward A1 1.67-1.68,
+//     A3 1.54-1.63, A3 causal 1.65-1.94 (five oneDNN calls per (query tile, key block), scalar K/V packing and the Pᵀ/dSᵀ transposes, against
 //     the hand kernel's prefetching and register-level VNNI stores). (Before that hand-kernel work brgemm's forward
 //     was 0.77-0.94x; kBrgemmWithoutAmx flips the choice if a later measurement says so.)
 //   - fp16 without an oneDNN fp16 micro-kernel: the portable kernel (the hand-written kernel is bf16 only).

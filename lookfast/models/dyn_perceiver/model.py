@@ -20,9 +20,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import mobilenetv3, regnet, resnet
+from .derived import derived
+from .layers import SqueezeExcitation, global_avg_pool
 from .perceiver import CrossAttentionLayer, MultiHeadAttention, SelfAttentionBlock, layernorm_linear
 
 POOLED = 7  # x->z keys: the features pooled to 7 x 7 = 49 tokens ("spatial_reduction")
+
+
+def _dwc_plus_identity(dwc: nn.Conv2d) -> torch.Tensor:
+    """The depthwise 7x7 weight with its centre tap raised by 1 (dwc(x) + x as one conv), cached (derived.py)."""
+
+    def build():
+        w = dwc.weight.clone()
+        w[:, :, 3, 3] += 1
+        return w
+
+    return derived(dwc, "plus_identity", [dwc.weight], dwc.weight.dtype, build)
 
 
 def family_of(cnn_arch: str) -> str:
@@ -147,7 +160,7 @@ class DynPerceiver(nn.Module):
         # Fused: the CNN runs channels-last, so the z->x blocks read and write pixels as (B*H*W, C) rows in place.
         self.to(memory_format=torch.channels_last if ops == "fused" else torch.contiguous_format)
         for m in self.modules():
-            if isinstance(m, MultiHeadAttention):
+            if isinstance(m, (MultiHeadAttention, SqueezeExcitation)):
                 m.fused = ops == "fused"
             if hasattr(m, "fold_bn"):  # conv + BatchNorm pairs: one folded conv in fused (inference) mode
                 m.fold_bn = ops == "fused"
@@ -165,9 +178,7 @@ class DynPerceiver(nn.Module):
             kv = x
         elif self.ops == "fused":
             # dwc(x) + x is one depthwise conv whose centre tap is raised by 1: no separate add pass.
-            w = dwc.weight.clone()
-            w[:, :, 3, 3] += 1
-            kv = F.conv2d(x, w, dwc.bias, 1, 3, 1, dwc.groups)
+            kv = F.conv2d(x, _dwc_plus_identity(dwc), dwc.bias, 1, 3, 1, dwc.groups)
         else:
             kv = dwc(x) + x
         kv = F.adaptive_avg_pool2d(kv, POOLED).flatten(2).transpose(1, 2)
@@ -182,6 +193,10 @@ class DynPerceiver(nn.Module):
         b, c, h, w = x.shape
         out = layer(x.flatten(2).transpose(1, 2), z)
         return out.transpose(1, 2).reshape(b, c, h, w)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Spatial mean (B, C, H, W) -> (B, C); fused: without a float32 copy of a bf16 map (layers.global_avg_pool)."""
+        return global_avg_pool(x) if self.ops == "fused" else x.mean((2, 3))
 
     def _mix(self, i: int, z: torch.Tensor) -> torch.Tensor:
         """Token mixer i: (B, L, C_i) -> (B, L/2, C_{i+1})."""
@@ -251,13 +266,13 @@ class DynPerceiver(nn.Module):
     def forward_exit3(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (x after CNN stage 4, y3 from the CNN head)."""
         x = self.cnn_stage(4)(x)
-        return x, self.classifier_cnn(x.mean((2, 3)))
+        return x, self.classifier_cnn(self._pool(x))
 
     def forward_exit4(self, x: torch.Tensor, z: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
         """The merged head: pooled features after a final z->x, mean latent, and (isc) a projection of y2."""
         if self.last_cross_att_z2x is not None:
             x = self._z2x(self.last_cross_att_z2x, x, z)
-        parts = [x.mean((2, 3)), z.mean(1)]
+        parts = [self._pool(x), z.mean(1)]
         if self.with_isc:
             parts.append(self.isc4(y2))
         return self.classifier_merge(torch.cat(parts, 1))

@@ -12,7 +12,8 @@ an optimizer step or any in-place update changes the address or the version, and
 
 Not cached (computed fresh, as before): while tracing with torch.compile (Inductor folds constants itself), and when
 autograd could need the derivation (grad mode on and a source requires grad), so training sees the live parameters.
-The cache lives in the module's `__dict__`, not in `state_dict()`.
+The cache lives in the module's `__dict__`, not in `state_dict()`; copies and pickles of the module start with an
+empty one.
 """
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ T = TypeVar("T")
 _SLOT = "_lookfast_derived"
 
 
+class _Store(dict):
+    """The per-module cache. Copies and pickles of the module start empty: entries can be oneDNN-layout tensors
+    (no storage to copy or save), and a copy's parameters live at other addresses anyway."""
+
+    def __copy__(self):
+        return _Store()
+
+    def __deepcopy__(self, memo):
+        return _Store()
+
+    def __reduce__(self):
+        return (_Store, ())
+
+
 def derived(module: torch.nn.Module, name: str, sources: Sequence[torch.Tensor], dtype: torch.dtype,
             build: Callable[[], T]) -> T:
     """`build()` (a tensor or tuple of tensors derived from `sources`, in `dtype`), cached on `module` under `name`."""
@@ -32,7 +47,7 @@ def derived(module: torch.nn.Module, name: str, sources: Sequence[torch.Tensor],
     key = (dtype, tuple((s.data_ptr(), s._version) for s in sources))
     store = module.__dict__.get(_SLOT)
     if store is None:
-        store = module.__dict__[_SLOT] = {}
+        store = module.__dict__[_SLOT] = _Store()
     hit = store.get(name)
     if hit is not None and hit[0] == key:
         return hit[2]

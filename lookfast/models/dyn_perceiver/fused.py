@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .derived import derived
 from .perceiver import CrossAttentionLayer, attention_core
 
 
@@ -67,3 +68,65 @@ def z2x_fused(layer: CrossAttentionLayer, x: torch.Tensor, z: torch.Tensor) -> t
         out.addmm_(hid, mlp.fc2.weight.to(dt).t())
         out.add_(mlp.fc2.bias.to(dt))
     return out.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """x's dtype, or under torch.autocast the autocast dtype (what the layer's nn.Linear calls would run in)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _self_attention_weights(layer, dt: torch.dtype):
+    """The folded weights of a SelfAttentionLayer in `dt`, cached (derived.py): q/k/v as one (C, 3C) matrix with the
+    LayerNorm affine folded in (+ its bias), the output projection, fc1 with the MLP LayerNorm's affine folded in
+    (+ bias), fc2; matrices transposed for `rows @ W`."""
+    sa, mlp = layer.self_attn, layer.mlp
+    att = sa.attention
+
+    def build():
+        f32 = lambda t: t.float() if t.dtype != torch.float64 else t  # noqa: E731  folds in fp32 (fp64 stays)
+        w_in = f32(torch.cat((att.q_proj.weight, att.k_proj.weight, att.v_proj.weight)))   # (qk+qk+v, C)
+        w_qkv = (w_in * f32(sa.norm.weight)).t().to(dt)
+        b_qkv = (w_in @ f32(sa.norm.bias)).to(dt)
+        ln = mlp.layernorm
+        w1 = (f32(mlp.fc1.weight) * f32(ln.weight)).t().to(dt)
+        b1 = torch.addmv(f32(mlp.fc1.bias), f32(mlp.fc1.weight), f32(ln.bias)).to(dt)
+        return (w_qkv, b_qkv, att.o_proj.weight.t().to(dt), att.o_proj.bias.to(dt), w1, b1,
+                mlp.fc2.weight.t().to(dt), mlp.fc2.bias.to(dt))
+
+    sources = [sa.norm.weight, sa.norm.bias, att.q_proj.weight, att.k_proj.weight, att.v_proj.weight,
+               att.o_proj.weight, att.o_proj.bias, mlp.layernorm.weight, mlp.layernorm.bias, mlp.fc1.weight,
+               mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]  # named, not layer.parameters(): that walk costs ~10 us
+    return derived(layer, "self_attention", sources, dt, build)
+
+
+def self_attention_layer_fused(layer, x: torch.Tensor) -> torch.Tensor:
+    """x (B, L, C) latents -> `layer(x)` for a SelfAttentionLayer (x + SA(x), then + MLP), with the same math in
+    fewer, larger ops: each LayerNorm a plain normalisation whose affine is folded into the following projection,
+    q/k/v from one GEMM, the output projection accumulated onto the residual in its GEMM, fc2 accumulated into the
+    residual in place. The latents are few (B x L <= a few thousand rows), so per-op overhead, not arithmetic,
+    sets this block's time; this halves the op count. Precision as z2x_fused."""
+    b, l, c = x.shape
+    att = layer.self_attn.attention
+    dt = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        w_qkv, b_qkv, w_o, b_o, w1, b1, w2, b2 = _self_attention_weights(layer, dt)
+        # The residual stream keeps x's dtype: under autocast float32 latents stay float32, as the official adds
+        # (float32 + autocast output) promote them; the normalised rows go into the GEMMs in `dt`.
+        rows = x.reshape(b * l, c)
+        h = F.layer_norm(rows, (c,), None, None, layer.self_attn.norm.eps).to(dt)
+        qkv = torch.addmm(b_qkv, h, w_qkv)
+        d, dv = att.qk_channels, att.v_channels
+        q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
+        a = attention_core(q.reshape(b, l, d), k.reshape(b, l, d), v.reshape(b, l, dv), att.heads, fused=True)
+        a = a.reshape(b * l, dv)
+        if rows.dtype == dt:
+            out = torch.addmm(rows, a, w_o).add_(b_o)                                  # x + o_proj(a)
+        else:
+            out = rows + torch.addmm(b_o, a, w_o)
+        h = F.layer_norm(out, (c,), None, None, layer.mlp.layernorm.eps).to(dt)
+        hid = F.gelu(torch.addmm(b1, h, w1))
+        if out.dtype == dt:
+            out.addmm_(hid, w2).add_(b2)                                               # + fc2(hid), in place
+        else:
+            out = out + torch.addmm(b2, hid, w2)
+    return out.view(b, l, c)

@@ -215,6 +215,8 @@ class DynPerceiver(nn.Module):
     # Fused mode runs the first piece (full-resolution CNN stages) in chunks of this many images: their activations
     # then stay in cache between the memory-bound ops (measured ~25% faster per image than one B=32 batch on CPU).
     # Later pieces work on small maps and prefer the whole batch. Results do not depend on it (eval mode).
+    # The chunk is counted in float32 images; 16-bit activations take half the bytes, so bf16/fp16 (weights or
+    # autocast) use chunks twice as long (bf16, B 64, 1 thread: 8 -> 16 images per chunk ~9% faster for this piece).
     exit1_chunk = 8
 
     def _check_images(self, images) -> None:
@@ -240,8 +242,11 @@ class DynPerceiver(nn.Module):
         self._check_images(images)
         if self.ops == "fused":
             images = images.contiguous(memory_format=torch.channels_last)
-            if images.shape[0] > self.exit1_chunk and not torch.compiler.is_compiling():
-                parts = [self._exit1(chunk) for chunk in images.split(self.exit1_chunk)]
+            dev = images.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.latent.dtype
+            chunk = self.exit1_chunk * (2 if dt in (torch.bfloat16, torch.float16) else 1)
+            if images.shape[0] > chunk and not torch.compiler.is_compiling():
+                parts = [self._exit1(c) for c in images.split(chunk)]
                 return tuple(torch.cat(p) for p in zip(*parts))
         return self._exit1(images)
 

@@ -181,3 +181,31 @@ def test_bf16_exit1_chunks_match_one_batch():
     for a, b in zip(whole, parts):
         assert a.shape == b.shape and a.dtype == b.dtype == BF16
         assert _err(b, a.double()) <= 3e-2                        # bf16 batch-composition noise only
+
+
+# ------------------------------------------------------------------------------------------------ z->x in place
+def test_z2x_inplace_matches_and_public_pieces_leave_inputs_alone():
+    from lookfast.models.dyn_perceiver.fused import z2x_fused
+    from lookfast.models.dyn_perceiver.perceiver import CrossAttentionLayer
+
+    layer = CrossAttentionLayer(40, 24, 5, 5).eval()
+    x = torch.randn(2, 40, 5, 7).contiguous(memory_format=torch.channels_last)
+    z = torch.randn(2, 16, 24)
+    x0 = x.clone()
+    with torch.no_grad():
+        want = z2x_fused(layer, x, z)
+        assert torch.equal(x, x0)                                 # not in place unless asked
+        xi = x.clone()
+        got = z2x_fused(layer, xi, z, inplace=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert got.data_ptr() == xi.data_ptr()                        # written into the caller's pixels
+    m = small_model("reg800m_perceiver_t128", ops="fused", seed=4).eval()
+    with torch.no_grad():
+        x1, z1, y1 = m.forward_exit1(torch.randn(2, 3, 64, 64))
+        x2, z2, y2 = m.forward_exit2(x1, z1, y1)
+        x3, _ = m.forward_exit3(x2)
+        kept = [t.clone() for t in (x1, x2, x3)]
+        m.forward_exit2(x1, z1, y1)
+        m.forward_exit4(x3, z2, y2)
+    for a, b in zip((x1, x2, x3), kept):
+        assert torch.equal(a, b)                                  # the public pieces never touch their inputs

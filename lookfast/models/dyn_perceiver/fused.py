@@ -58,9 +58,10 @@ def _z2x_weights(layer: CrossAttentionLayer, dt: torch.dtype):
     return derived(layer, "z2x", sources, dt, build)
 
 
-def z2x_fused(layer: CrossAttentionLayer, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def z2x_fused(layer: CrossAttentionLayer, x: torch.Tensor, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """x (B, C, H, W) pixels, z (B, L, Cz) latents -> updated x (B, C, H, W), channels-last memory.
-    Equals `layer` applied to x as (B, HW, C) tokens."""
+    Equals `layer` applied to x as (B, HW, C) tokens. With `inplace` (for a caller that owns x and drops it), a
+    channels-last x of the compute dtype is overwritten with the result: one pass over the pixels fewer."""
     b, c, h, w = x.shape
     ca, mlp = layer.cross_attn, layer.mlp
     att = ca.attention
@@ -78,7 +79,10 @@ def z2x_fused(layer: CrossAttentionLayer, x: torch.Tensor, z: torch.Tensor) -> t
         a = attention_core(q.view(b, h * w, d), k.contiguous(), v.contiguous(), att.heads, fused=True)
         # Output projection + bias + residual in one GEMM: [a, 1] @ [Wo^T; bo] added to the pixels.
         a1 = torch.cat((a.reshape(-1, att.v_channels), a.new_ones(a.shape[0] * a.shape[1], 1)), 1)
-        out = torch.addmm(rows, a1, w_o)                             # (N, C) = x + o_proj(a)
+        if inplace:
+            out = rows.addmm_(a1, w_o)                               # x += o_proj(a) (rows may be x's memory)
+        else:
+            out = torch.addmm(rows, a1, w_o)                         # (N, C) = x + o_proj(a)
         # MLP: LN affine folded into fc1, GELU, fc2 accumulated into the residual in place.
         hid = F.gelu(torch.addmm(b1, F.layer_norm(out, (c,), None, None, mlp.layernorm.eps), w1))
         out.addmm_(hid, w2)

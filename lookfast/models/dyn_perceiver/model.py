@@ -184,12 +184,12 @@ class DynPerceiver(nn.Module):
         kv = F.adaptive_avg_pool2d(kv, POOLED).flatten(2).transpose(1, 2)
         return getattr(self, f"cross_att{i}_x2z")(z, kv)
 
-    def _z2x(self, layer: CrossAttentionLayer, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _z2x(self, layer: CrossAttentionLayer, x: torch.Tensor, z: torch.Tensor, owned: bool = False) -> torch.Tensor:
         """Every pixel of x (B, C, H, W) attends to the latents z; returns updated x (B, C, H, W)."""
         if self.ops == "fused":
             from .fused import z2x_fused
 
-            return z2x_fused(layer, x, z)
+            return z2x_fused(layer, x, z, inplace=owned)
         b, c, h, w = x.shape
         out = layer(x.flatten(2).transpose(1, 2), z)
         return out.transpose(1, 2).reshape(b, c, h, w)
@@ -206,8 +206,8 @@ class DynPerceiver(nn.Module):
     def _latent_stage(self, i: int, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent work of stage i >= 2, given the CNN output x of stage i-1: mix, z->x, x->z, self-attention."""
         z = self._mix(i - 2, z)
-        if self.with_z2x:
-            x = self._z2x(getattr(self, f"cross_att{i}_z2x"), x, z)
+        if self.with_z2x:  # x is a CNN stage's fresh output (see the callers): the block may update it in place
+            x = self._z2x(getattr(self, f"cross_att{i}_z2x"), x, z, owned=True)
         if self.with_x2z:
             z = self._x2z(i, x, z)
         return x, getattr(self, f"self_att{i}")(z)

@@ -32,6 +32,15 @@ def check_finite_images(images: torch.Tensor, name: str = "images") -> None:
     """ValueError if `images` holds NaN or inf (checked on the CPU, and on GPUs outside torch.compile: one sync)."""
     if torch.compiler.is_compiling() or images.numel() == 0 or images.device.type == "meta":
         return  # traced, empty, or shapes only (MAC counting runs the model on meta tensors): no values to check
+    # One summing pass decides the usual case: a NaN or inf anywhere makes the sum NaN or inf, so a finite sum
+    # proves every value finite (an element-wise isfinite costs ~30x more: 12 ms on a 1036 px bf16 image, 1 thread).
+    # Only a non-finite sum, possibly an overflow of finite values, takes the exact element-wise check.
+    # (float16 sums to float32: its own range would overflow on any large image; the other float types sum in their
+    # own dtype, bf16 with float32 accumulation inside, without a converted copy of the image.)
+    if images.is_floating_point():
+        total = images.sum(dtype=torch.float32) if images.dtype == torch.float16 else images.sum()
+        if bool(torch.isfinite(total)):
+            return
     if not bool(torch.isfinite(images).all()):
         bad = int((~torch.isfinite(images)).sum())
         raise ValueError(f"{name} holds {bad} NaN or inf value(s); a model cannot give a meaningful output for them "

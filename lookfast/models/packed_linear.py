@@ -14,10 +14,11 @@ Contract:
 - `linear(module, x, rows=None)` is `F.linear(x, module.weight, module.bias)` (or, with `rows=slice`, the linear
   restricted to those output rows: `F.linear(x, weight[rows], bias[rows])`). It uses the pack only when one exists,
   no gradient is being recorded, x is bf16 on CPU and not an N-D non-contiguous input to a layer with a bias (there
-  F.linear rounds before adding the bias; plain F.linear runs), and the weight is still the tensor that was packed: same data
-  pointer and same version counter (an in-place edit through the parameter, a `load_state_dict`, an optimizer step
-  or a `.to()` re-packs on the next call). NOT seen: in-place edits through `weight.data` (PyTorch gives `.data` a
-  version counter of its own); after such an edit call `pack_linears` again, as after editing a frozen model.
+  F.linear rounds before adding the bias; plain F.linear runs), and the weight is still the tensor that was packed:
+  same data pointer and same version counter (an in-place edit through the parameter, a `load_state_dict`, an
+  optimizer step or a `.to()` re-packs on the next call). NOT seen: in-place edits through `weight.data` (PyTorch
+  gives `.data` a version counter of its own); after such an edit call `pack_linears` again, as after editing a
+  frozen model.
 - The packs live outside the modules (a weak-keyed table), so `state_dict`, `deepcopy` and pickling never see the
   opaque oneDNN tensors; a copied model starts unpacked.
 """

@@ -110,3 +110,14 @@ def test_lookwhere_pack_weights_same_outputs(task):
                 assert torch.equal(packed[name], plain[ops][name]), (ops, name)
         model.pack_weights(False)
         assert not model.selector.packed_linears and not is_packed(model.extractor.blocks[0].mlp.fc1)
+
+
+@needs_packing
+def test_torch_compile_traces_the_plain_linear():
+    """Under torch.compile (fullgraph) a packed module traces as F.linear: same values, no graph break."""
+    layer = _layer(7)
+    pack_linears([layer])
+    x = torch.randn(5, 72).to(BF16)
+    compiled = torch.compile(lambda t: linear(layer, t), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), F.linear(x, layer.weight, layer.bias))

@@ -92,7 +92,9 @@ def is_packed(module: nn.Module) -> bool:
 def linear(module: nn.Linear, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
     """`F.linear(x, module.weight[rows], module.bias[rows])` (rows None: the whole layer), on the packed weight
     when there is a valid one (see the module docstring), else plain F.linear. Same result either way."""
-    packs = _PACKS.get(module) if _PACKS else None
+    # Traced by torch.compile: plain F.linear (inductor packs weights itself under `freezing`; the table lookup and
+    # the version checks are eager-only bookkeeping).
+    packs = _PACKS.get(module) if _PACKS and not torch.compiler.is_compiling() else None
     # F.linear folds a contiguous (or <= 2-D) input into one GEMM with the bias in its epilogue, as the packed call
     # does; a non-contiguous N-D input with a bias it runs as matmul, then a separately rounded bias add: that case
     # stays on F.linear, to keep every result bitwise F.linear's.

@@ -121,6 +121,33 @@ def test_lowp_random_shapes(seed, isa, dtype):
     _check_rule(case, bool(r(0, 1)), dtype, scale=0.05 + torch.rand(1, generator=g).item())
 
 
+# The bf16 dot-product kernel's edges (bf16 with head dim >= 32 takes it where the CPU has AVX512-BF16): head dims
+# 32/40/64/80/128 and odd ones, value widths that are not a multiple of 16 or of 2, query tiles of odd size (the
+# backward pairs query rows), several 256-key blocks, samples with 0 or 1 queries or keys, GQA, few keys for many
+# queries and few queries for many keys. The outputs land in NaN-poisoned memory: an unwritten element fails the rule.
+DOT_CASES = [
+    # lens_q, lens_k, H, Hk, Dh, Dv
+    ([33, 0, 1, 65], [1, 4, 0, 600], 4, 2, 32, 31),
+    ([1, 97, 31], [290, 3, 31], 2, 1, 40, 40),
+    ([63, 2], [513, 17], 3, 3, 64, 65),
+    ([129, 5, 0], [2, 1, 7], 2, 2, 80, 80),  # few keys, many queries
+    ([3, 1], [257, 300], 2, 1, 128, 128),  # few queries, many keys
+    ([70], [70], 1, 1, 33, 1),  # odd head dim, value width 1
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", range(len(DOT_CASES)))
+def test_dot_kernel_edges_meet_flash_rule(seed, isa, causal, case):
+    lens_q, lens_k, h, hk, dh, dv = DOT_CASES[case]
+    largest = max(sum(lens_q) * h * max(dh, dv), sum(lens_k) * hk * max(dh, dv))
+    for _ in range(3):  # the allocator's free blocks of the outputs' sizes, filled with NaN
+        junk = [torch.full((n,), float("nan"), dtype=torch.bfloat16) for n in (largest, largest // 2 + 1)]
+        del junk
+    _check_rule(DOT_CASES[case], causal, torch.bfloat16)
+
+
 @needs_cpp
 def test_dot_kernel_runs_where_the_cpu_has_it(seed, monkeypatch):
     # Where the CPU has AVX512-BF16, bf16 with head dim >= 32 must take the dot-product kernel: its rounding (P in

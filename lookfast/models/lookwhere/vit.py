@@ -11,7 +11,9 @@ ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm.
 Besides the usual batched forward (B, N, D), every block runs on *packed* tokens (T, D) with FlashAttention-style
 cu_seqlens, so images with different token counts share one pass. The caller validates the packed layout once per
 forward (`check_cu_seqlens`); each block then runs the attention op's inner path (`varlen_attention_fwd`: no
-re-validation, no host copy).
+re-validation, no host copy). The packed path's linear layers (and the batched path's with packed=True, which the
+selector passes) run through `packed_linear.linear`: on oneDNN-prepacked weights once `LookWhere.pack_weights` made
+them, with bitwise the same results.
 """
 from __future__ import annotations
 

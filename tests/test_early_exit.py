@@ -125,6 +125,34 @@ def test_runner_all_none_and_skipped_stages():
     assert calls == [9, 4, 4, 4] and (exit_index == 0).sum() == 5
 
 
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_runner_computes_no_confidence_at_an_exit_nobody_can_pass(monkeypatch, criterion):
+    """+inf ("entropy": -inf) is the documented "nobody exits here": no exit_compact call at such an exit, and the
+    results are those of running every stage (the oracle). A finite unreachable threshold still computes the
+    confidence (the skip is exact, not a guess about which finite values are reachable)."""
+    import lookfast.early_exit.runner as runner_module
+
+    calls = []
+    real = runner_module.exit_compact
+    monkeypatch.setattr(runner_module, "exit_compact", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stages, heads = toy_model()
+    runner = lookfast.EarlyExitRunner(stages, heads, criterion=criterion)
+    inputs = toy_inputs(7)
+    inputs[0][2] = float("nan")
+    never = -math.inf if criterion == "entropy" else math.inf
+    want_logits, want_exit = run_alone(stages, heads, inputs, [never] * 3 + [0.0], criterion)
+    logits, exit_index = runner(inputs, [never, never, never, 0.0])
+    assert calls == [] and exit_index.tolist() == want_exit.tolist() == [3] * 7
+    torch.testing.assert_close(logits, want_logits, equal_nan=True, rtol=1e-4, atol=1e-4)
+    finite = -1.0 if criterion == "entropy" else 2.0  # also unreachable, but not the documented value: computed
+    _, exit_index = runner(inputs, [never, finite, never, 0.0])
+    assert calls == [1] and exit_index.tolist() == [3] * 7
+    # The opposite infinity is "everybody passes" under this criterion: computed, and everybody leaves at exit 0.
+    _, exit_index = runner(inputs, [-never, never, never, 0.0])
+    assert calls == [1, 1] and exit_index.tolist() == [0, 0, 3, 0, 0, 0, 0]
+    assert runner_module.never_passes(criterion, never) and not runner_module.never_passes(criterion, -never)
+
+
 def test_runner_single_tensor_state_and_head_forms():
     w = torch.randn(4, 3)
     runner = lookfast.EarlyExitRunner([lambda s: s[0] * 2, lambda s: s[0] + 1], [lambda s: s[0] @ w] * 2)

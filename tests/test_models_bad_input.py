@@ -57,25 +57,6 @@ def test_lookwhere_refuses_non_finite_images(lw, bad):
         lw(x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_finite_check_is_exact_when_the_fast_sum_overflows(dtype):
-    """The check decides most images by one sum (finite sum: all finite); a sum that overflows on finite values
-    must not be taken for a NaN, and one NaN / inf (or +inf and -inf together, whose sum is NaN) is always found."""
-    from lookfast.models.checkpoint_io import check_finite_images
-
-    big = torch.full((1, 3, 16, 16), torch.finfo(dtype).max, dtype=dtype)
-    big[0, 1] *= -1  # finite, and both signs: the running sum overflows either way
-    check_finite_images(big)
-    check_finite_images(torch.randn(2, 3, 20, 20).to(dtype))
-    for bad in ([math.nan], [math.inf], [-math.inf], [math.inf, -math.inf]):
-        for base in (big, torch.randn(1, 3, 16, 16).to(dtype)):
-            x = base.clone()
-            for i, value in enumerate(bad):
-                x[0, i, 3, 5 + i] = value
-            with pytest.raises(ValueError, match=f"images holds {len(bad)} NaN or inf"):
-                check_finite_images(x)
-
-
 def test_lookwhere_wrong_size(lw):
     with pytest.raises(ValueError, match="70x70"):
         lw(torch.randn(1, 3, 84, 84))

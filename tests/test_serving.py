@@ -379,6 +379,80 @@ def test_no_compaction_copy_when_nobody_or_everybody_exits(monkeypatch, where):
     assert calls, "a mixed exit should compact the survivors"
 
 
+# ------------------------------------------------------------------------------- run() of a (B, 3, H, W) tensor
+def test_run_of_a_tensor_batches_views_of_it_without_a_copy():
+    """A (B, 3, H, W) tensor given to run() reaches the first stage as views of its rows (no torch.cat of single
+    images): every batch the model sees starts at the data pointer of one of the tensor's rows, and the batches are
+    the consecutive groups of max_batch. The predictions are the model's own rows."""
+    seen = []
+
+    def model(images):
+        seen.append((images.data_ptr(), images.shape[0]))
+        return images.flatten(1)[:, :3] * 2
+
+    x = torch.randn(10, 3, 2, 2)
+    with Engine(model, max_batch=4, max_wait_ms=60_000) as engine:
+        preds = engine.run(x)
+    rows = {x[i].data_ptr(): i for i in range(10)}
+    assert sorted((rows[p], n) for p, n in seen) == [(0, 4), (4, 4), (8, 2)]
+    for i, p in enumerate(preds):
+        torch.testing.assert_close(p.logits, x[i].flatten()[:3] * 2)
+    # A list of the same images is copied into batches (each a fresh tensor), with the same results.
+    seen.clear()
+    with Engine(model, max_batch=4, max_wait_ms=60_000) as engine:
+        again = engine.run(list(x))
+    assert sorted(n for _, n in seen) == [2, 4, 4] and not any(p in rows for p, _ in seen)
+    for a, b in zip(preds, again):
+        torch.testing.assert_close(a.logits, b.logits)
+
+
+def test_run_of_a_tensor_with_bad_rows_fails_them_alone(dp_setup):
+    m, x, thresholds, logits, exits = dp_setup
+    y = x.clone()
+    y[2, 0, 5, 5] = float("nan")
+    y[7, 2, 0, 0] = float("-inf")
+    y[8, 1, 1, 1] = float("inf")
+    y[8, 1, 1, 2] = float("-inf")  # inf + -inf: the row's sum is NaN, still caught
+    with Engine(m, max_batch=3, thresholds=thresholds, image_shape=(3, SIZE, SIZE)) as engine:
+        results = engine.run(y, return_exceptions=True)
+        stats = engine.stats()
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            engine.run(y[:4])
+    good = [i for i in range(16) if i not in (2, 7, 8)]
+    for i in (2, 7, 8):
+        assert isinstance(results[i], ValueError) and "NaN or infinite" in str(results[i])
+    _check_dp([results[i] for i in good], logits, exits, rows=good)
+    assert stats["images_failed"] == 3 and stats["images_done"] == 13 and stats["rows_per_stage"][0] == 13
+    # A block of the wrong dtype or shape fails every image with submit's error.
+    with Engine(m, max_batch=3, thresholds=thresholds, image_shape=(3, SIZE, SIZE)) as engine:
+        ints = engine.run(torch.zeros(2, 3, SIZE, SIZE, dtype=torch.uint8), return_exceptions=True)
+        wide = engine.run(torch.zeros(2, 3, SIZE, SIZE + 1), return_exceptions=True)
+        gray = engine.run(torch.zeros(2, 1, SIZE, SIZE), return_exceptions=True)
+    assert all(isinstance(e, TypeError) and "floating" in str(e) for e in ints)
+    assert all(isinstance(e, ValueError) and "shape" in str(e) for e in wide + gray)
+
+
+def test_engine_computes_no_confidence_at_an_exit_nobody_can_pass(monkeypatch, dp_setup):
+    import math
+
+    import lookfast.serving.pipelines as pipelines_module
+
+    m, x, thresholds, _, _ = dp_setup
+    calls = []
+    real = pipelines_module.exit_compact
+    monkeypatch.setattr(pipelines_module, "exit_compact", lambda *a, **k: calls.append(1) or real(*a, **k))
+    never = [math.inf, math.inf, math.inf, 0.0]
+    want, want_exit = m.forward_early_exit(x[:6], never)
+    with Engine(m, max_batch=4, thresholds=never, image_shape=(3, SIZE, SIZE)) as engine:
+        preds = engine.run(x[:6])
+    assert calls == [] and [p.exit_index for p in preds] == want_exit.tolist() == [3] * 6
+    for i, p in enumerate(preds):
+        torch.testing.assert_close(p.logits, want[i], rtol=1e-4, atol=1e-4)
+    with Engine(m, max_batch=4, thresholds=[math.inf, 2.0, math.inf, 0.0], image_shape=(3, SIZE, SIZE)) as engine:
+        engine.run(x[:6])
+    assert calls  # a finite threshold is computed (the check above is not vacuous)
+
+
 # ------------------------------------------------------------------------------- the optional extra stays optional
 _BLOCK_EXTRAS = """
 import sys

@@ -22,7 +22,8 @@ How a model describes itself (the contract):
 
 The result is what running each sample alone through the stages and heads, stopping at its first passing exit,
 gives (to float tolerance: batched kernels may round differently from one-sample ones). When every sample has left,
-the remaining stages do not run. An exit that nobody passes copies nothing (the state goes on as it is); one that
+the remaining stages do not run. An exit whose threshold nobody can pass (+inf; "entropy": -inf) computes no
+confidence at all. An exit that nobody passes copies nothing (the state goes on as it is); one that
 everybody passes copies nothing either (the logits are written out as they are). Callables must treat samples independently (no batch statistics: eval-mode
 BatchNorm is fine). Each exit costs one host synchronisation on a GPU (the survivor count sizes the next stage).
 The returned logits take the dtype of heads[0]'s logits (later heads' logits are cast to it).
@@ -63,6 +64,14 @@ def _as_state(value: Any, what: str) -> tuple:
     if isinstance(value, list):
         return tuple(value)
     raise TypeError(f"{what} must return a tensor or a tuple (the state), got {type(value).__name__}")
+
+
+def never_passes(criterion: str, threshold: float) -> bool:
+    """True when no confidence can pass `threshold` under `criterion`: +inf for "max_softmax" and "margin"
+    (confidence >= threshold; confidences are <= 1 or NaN), -inf for "entropy" (entropy <= threshold; entropies are
+    >= 0 or NaN). The runner and lookfast.serving skip such an exit's confidence computation altogether (the
+    documented way to say "nobody exits here" is exactly these values, e.g. a runner measured at 0 % exits)."""
+    return threshold == (-math.inf if criterion == "entropy" else math.inf)
 
 
 def _state_rows(state: tuple, n: int, i: int) -> list[int]:
@@ -154,6 +163,8 @@ class EarlyExitRunner:
                 exit_scatter(out, rows, logits.to(out.dtype))
                 break
             slots = _state_rows(state, n, i)
+            if never_passes(self.criterion, thr[i]):
+                continue  # nobody can leave: no confidences, the state goes on as it is
             keep, exited = exit_compact(logits, thr[i], criterion=self.criterion)
             if exited.shape[0] == 0:
                 continue  # nobody left: the state stays as it is, no copy

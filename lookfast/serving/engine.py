@@ -25,6 +25,7 @@ from typing import Iterable
 
 import torch
 
+from ..models.checkpoint_io import finite_per_image
 from .pipelines import StepResult, build_pipeline
 
 
@@ -201,11 +202,57 @@ class Engine:
             _resolve(future, error=err)
         return futures
 
+    def _submit_block(self, block: torch.Tensor) -> list[Future]:
+        """run()'s path for a (B, 3, H, W) tensor: checked as a whole (one sum per image for NaN/inf) and queued under
+        one lock hold as chunks of up to `max_batch` consecutive good rows (views of `block`, no copy). So the first
+        stage's batches need no torch.cat of single images (~0.4 ms per 224 px image on one core, ~2 % of
+        Dyn-Perceiver's work per image). Everything is queued at once, as `_submit_all` does: queued group by group,
+        a deep stage would find nothing upstream between two groups and run a partial batch. A block of the wrong
+        dtype or shape goes the per-image way, which fails every image with the same error as `submit` would."""
+        if (not block.dtype.is_floating_point or block.shape[1] != 3
+                or (self.image_shape is not None and tuple(block.shape[1:]) != self.image_shape)):
+            return self._submit_all(list(block))
+        t = time.perf_counter()
+        good = finite_per_image(block).tolist()
+        x = block.to(device=self.device, dtype=self.dtype)
+        futures: list[Future] = [Future() for _ in good]
+        failed = []
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("submit on a closed Engine")
+            if self.image_shape is None:
+                self.image_shape = tuple(x.shape[1:])
+            shape_error = None
+            if tuple(x.shape[1:]) != self.image_shape:  # another thread's first request fixed another shape
+                shape_error = ValueError(f"image must have shape {self.image_shape} (this engine's input), "
+                                         f"got {tuple(x.shape[1:])}")
+            self._stats["submitted"] += len(good)
+            start = None
+            for r, ok in enumerate(good + [False]):
+                ok = ok and shape_error is None
+                if ok and start is None:
+                    start = r
+                if start is not None and (not ok or r - start == self.max_batch):  # rows start..r-1: one chunk
+                    reqs = [_Request(f, t) for f in futures[start:r]]
+                    self._queues[0].append(_Chunk((x[start:r],), reqs, [1] * (r - start), t))
+                    self._units[0] += r - start
+                    start = r if ok else None
+                if not ok and r < len(good):
+                    self._stats["failed"] += 1
+                    failed.append((futures[r], shape_error or ValueError("image has NaN or infinite values")))
+            self._cond.notify()
+        for future, err in failed:
+            _resolve(future, error=err)
+        return futures
+
     def run(self, images: Iterable, return_exceptions: bool = False) -> list:
         """Offline: submit every image of `images` (an iterable of (3, H, W), or a (B, 3, H, W) tensor) and return
         their Predictions in input order. A failed image raises its error, or with return_exceptions=True its
         exception object takes its place in the list."""
-        futures = self._submit_all(list(images))
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            futures = self._submit_block(images)
+        else:
+            futures = self._submit_all(list(images))
         out = []
         for f in futures:
             err = f.exception()
@@ -272,7 +319,7 @@ class Engine:
             raise ValueError(f"image must have shape (3, H, W), got {tuple(image.shape)}")
         if self.image_shape is not None and tuple(image.shape) != self.image_shape:
             raise ValueError(f"image must have shape {self.image_shape} (this engine's input), got {tuple(image.shape)}")
-        if not bool(torch.isfinite(image).all()):
+        if not bool(finite_per_image(image.unsqueeze(0))[0]):  # a sum, not isfinite().all(): ~10x cheaper
             raise ValueError("image has NaN or infinite values")
         return image.to(device=self.device, dtype=self.dtype).unsqueeze(0)
 

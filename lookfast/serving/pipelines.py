@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..early_exit.runner import EarlyExitRunner, _state_rows
+from ..early_exit.runner import EarlyExitRunner, _state_rows, never_passes
 from ..ops.exit_compact import compact_rows, exit_compact
 
 
@@ -66,8 +66,8 @@ class MultiExitPipeline:
         if stage == last:
             return StepResult(list(range(n)), logits, stage, None, [], None)
         slots = _state_rows(state, n, stage)
-        if self.thresholds is None:
-            return StepResult([], None, stage, None, None, state)
+        if self.thresholds is None or never_passes(runner.criterion, self.thresholds[stage]):
+            return StepResult([], None, stage, None, None, state)  # nobody can leave: no confidences, no copy
         keep, exited = exit_compact(logits, self.thresholds[stage], criterion=runner.criterion)
         m = exited.shape[0]
         if m == 0:  # nobody leaves: the state goes on as it is, no copy

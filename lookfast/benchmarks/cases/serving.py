@@ -14,8 +14,9 @@ S3  an open-loop Poisson stream (bounded count; arrivals at 80 % of the engine's
     when full or 50 ms after their first request), and through the HTTP server (`python -m lookfast serve` in a
     subprocess on 127.0.0.1) with a local client. Time column: the wall time of one stream; the notes give p50/p99
     latency (arrival to answer) and the achieved throughput.
-S4  the runner at 0 % early exits (`forward_early_exit` with no threshold reachable) against the plain model, reg800m
-    B 32 (quick: B 8). Bar: <= 1.03x the plain model's time.
+S4  the runner at 0 % early exits (`forward_early_exit` with thresholds no softmax reaches, the exit test still
+    evaluated) against the plain model (which also computes all four exits' logits), reg800m B 32 (quick: B 8),
+    alternating call by call. Bar: <= 1.03x the plain model's time.
 
 Full-size rows are slow on a small CPU (S1 ~25 s per call, S2 ~35 s per call at 1 thread): they are in the full
 suite only; `s1_case(n)`, `s2_case(n)`, `s3_case(n)` build the same rows at other sizes.
@@ -114,12 +115,12 @@ def _with_cpu_time(box: dict, impls: dict) -> dict:
     return {name: wrap(name, fn) for name, fn in impls.items()}
 
 
-def _cpu_notes(box: dict, ours: str) -> list[str]:
+def _cpu_notes(box: dict, ours: str, label: str = "the engine") -> list[str]:
     cpu = {k: statistics.median(v) for k, v in box.get("cpu", {}).items() if v}
     if ours not in cpu:
         return []
     return ["CPU time (median, s): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
-            + "; ratios to the engine: " + ", ".join(f"{k} {v / cpu[ours]:.2f}x" for k, v in cpu.items() if k != ours)]
+            + f"; ratios to {label}: " + ", ".join(f"{k} {v / cpu[ours]:.2f}x" for k, v in cpu.items() if k != ours)]
 
 
 # ------------------------------------------------------------------------------------------------ S1
@@ -436,13 +437,24 @@ def s3_case(n_requests: int = 256) -> Case:
 
 
 # ------------------------------------------------------------------------------------------------ S4
+S4_TURNS = {True: 15, False: 11}  # quick (B 8, ~0.3 s a call), full (B 32, ~1 s a call)
+
+
 def s4_case(batch: int, quick: bool) -> Case:
+    """Like with like: the same model object (float32, fused ops), the same images, both under no_grad, both computing
+    all four exits' logits (the plain forward returns (y1, y2, y3, y4); the runner runs the same four pieces and
+    heads). What the runner adds: threshold validation, the max-softmax confidence of exits 1-3 and the exit test
+    (thresholds 2.0: computed, and no softmax reaches it; +inf would skip the test altogether), the output buffer
+    and one scatter. The two alternate call by call (one call per turn, `S4_TURNS` turns), so load drift on a shared
+    machine hits both alike; the notes add the runner's own time (a call minus the model pieces' time inside it), the
+    median of the per-turn ratios, the ratio of the fastest calls and the CPU-time ratio."""
     runner, plain = "forward_early_exit, 0 % exits", "plain model (all four exits)"
+    box: dict = {}
 
     def setup():
         model = _dp_model()
         x = _dp_images(batch, 1)
-        never = [math.inf, math.inf, math.inf, 0.0]
+        never = [2.0, 2.0, 2.0, 0.0]  # unreachable (softmax <= 1) but evaluated: the exit test is part of the cost
 
         def early():
             return model.forward_early_exit(x, never)
@@ -453,11 +465,142 @@ def s4_case(batch: int, quick: bool) -> Case:
 
         _, idx = early()
         assert bool((idx == 3).all())
-        return {runner: early, plain: full}
+        box["own_ms"] = _runner_own_ms(model, early)
+        return _with_samples(box, _with_cpu_time(box, {runner: early, plain: full}))
+
+    def summarize(times):
+        notes = _cpu_notes(box, runner, "the runner")
+        if box.get("own_ms") and times.get(plain):
+            own = statistics.median(box["own_ms"])
+            notes.insert(0, f"the runner's own time (a call minus its four model pieces, median of "
+                            f"{len(box['own_ms'])}): {own:.2f} ms = {100 * own / (1e3 * times[plain]):.2f} % of the "
+                            "plain call")
+        walls = box.get("walls", {})
+        if walls.get(runner) and walls.get(plain):
+            n = S4_TURNS[quick]  # the timed calls (one per turn) are the last n: the first calls warmed up
+            pairs = [a / b for a, b in zip(walls[runner][-n:], walls[plain][-n:])]
+            fastest = min(walls[runner][-n:]) / min(walls[plain][-n:])
+            notes.insert(0, f"runner / plain, median of {len(pairs)} consecutive pairs: {statistics.median(pairs):.3f} "
+                            f"(ratio of medians {times[runner] / times[plain]:.3f}, of the fastest calls "
+                            f"{fastest:.3f})")
+        return notes
 
     return Case(id=f"S4-b{batch}", op="serving", shape=f"dyn_perceiver {DP_NAME} B {batch} {DP_SIZE}px, 0 % exits",
-                setup=setup, bars={plain: 1 / 1.03}, quick=quick, multi_thread=False, turns=5)
+                setup=setup, bars={plain: 1 / 1.03}, quick=quick, multi_thread=False, summarize=summarize,
+                turns=S4_TURNS[quick])
+
+
+def _runner_own_ms(model, early, calls: int = 5) -> list[float]:
+    """ms per `early()` call spent outside the model's four pieces (forward_exit1..4, timed by wrappers put on the
+    instance for these calls only): what the runner itself costs, independent of load drift between calls."""
+    inside = [0.0]
+
+    def timed(fn):
+        def run(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                inside[0] += time.perf_counter() - start
+        return run
+
+    names = [f"forward_exit{i}" for i in range(1, 5)]
+    own = []
+    try:
+        for name in names:
+            setattr(model, name, timed(getattr(model, name)))
+        for _ in range(calls):
+            inside[0] = 0.0
+            start = time.perf_counter()
+            early()
+            own.append(1e3 * (time.perf_counter() - start - inside[0]))
+    finally:
+        for name in names:
+            model.__dict__.pop(name, None)
+    return own
+
+
+def _with_samples(box: dict, impls: dict) -> dict:
+    """Also record each call's wall time, in call order (the k-th calls of two implementations alternating one call
+    per turn are neighbours in time: their ratio is free of the load drift between turns)."""
+    def wrap(name, fn):
+        def run():
+            start = time.perf_counter()
+            result = fn()
+            box.setdefault("walls", {}).setdefault(name, []).append(time.perf_counter() - start)
+            return result
+        return run
+    return {name: wrap(name, fn) for name, fn in impls.items()}
+
+
+# ------------------------------------------------------------------------------------------------ S1-stages
+STAGE_BATCHES = (32, 4, 8, 16, 64)
+
+
+def s1_stages_case(n_images: int = 64) -> Case:
+    """Why S1's bars are (not) reachable on a machine: Dyn-Perceiver's cost per image at each stage against the batch
+    size. Each implementation runs `n_images` images through the four stages (`stages[i]` then `heads[i]` of
+    `exit_stages.stages_and_heads`, nobody exiting) in batches of B, timing each stage. Notes: ms per image per stage
+    (medians over calls), GMAC/s per stage, and from them (a) the engine's best case (every stage at B 32, no
+    overhead) against static `forward_early_exit` batches of 32 (stages 2-4 at the survivors' batch sizes) for S1's
+    exit rates, and (b) that best case's time ratio to the full model over the MACs ratio (S1's second bar)."""
+    box: dict = {"ms": {}}
+
+    def setup():
+        from lookfast.models.dyn_perceiver.exit_stages import stages_and_heads
+
+        model = _dp_model()
+        stages, heads = stages_and_heads(model)
+        images = _dp_images(n_images, 1)
+        box["macs"] = model.exit_macs()
+
+        def at(b):
+            def run():
+                per_stage = [0.0] * 4
+                with torch.inference_mode():
+                    for chunk in images.split(b):
+                        state = (chunk,)
+                        for i in range(4):
+                            t = time.perf_counter()
+                            state = stages[i](state)
+                            state = state if isinstance(state, tuple) else (state,)
+                            out = heads[i](state)
+                            per_stage[i] += time.perf_counter() - t
+                            state = out[1] if isinstance(out, tuple) else state
+                box["ms"].setdefault(b, []).append([1e3 * t / n_images for t in per_stage])
+            return run
+
+        return {f"stages at B {b}": at(b) for b in STAGE_BATCHES}
+
+    def summarize(times):
+        if not box["ms"] or 32 not in box["ms"]:
+            return []
+        ms = {b: [statistics.median(c[i] for c in calls) for i in range(4)] for b, calls in box["ms"].items()}
+        macs = box["macs"]
+        share = [macs[0]] + [macs[i] - macs[i - 1] for i in range(1, 4)]
+        gmacs = {b: [share[i] / 1e6 / ms[b][i] for i in range(4)] for b in ms}
+        notes = [f"B {b:>2}: ms per image per stage " + " / ".join(f"{v:.2f}" for v in ms[b])
+                 + f" (all {sum(ms[b]):.2f}); GMAC/s " + " / ".join(f"{g:.1f}" for g in gmacs[b]) for b in sorted(ms)]
+        running = [1.0]  # fraction of images that run stage i
+        for p in S1_EXITS[:-1]:
+            running.append(running[-1] - p)
+        best = sum(f * ms[32][i] for i, f in enumerate(running))
+        static_batch = [max(1, round(BATCH * f)) for f in running]  # survivors of a batch of 32
+        if all(b in ms for b in static_batch):
+            static = sum(f * ms[b][i] for i, (f, b) in enumerate(zip(running, static_batch)))
+            notes.append(f"exits {'/'.join(f'{100 * p:.1f}' for p in S1_EXITS)} %: engine best case {best:.2f} ms per "
+                         f"image vs static B32 early exit {static:.2f} (stages at B "
+                         f"{'/'.join(map(str, static_batch))}): {static / best:.3f}x (S1 bar 1.15x)")
+        macs_ratio = sum(f * s_ for f, s_ in zip(running, share)) / macs[-1]
+        time_ratio = best / sum(ms[32])
+        notes.append(f"best-case time / full-model time {time_ratio:.3f} vs MACs ratio {macs_ratio:.3f}: "
+                     f"{time_ratio / macs_ratio:.3f}x (S1 bar <= 1.05x)")
+        return notes
+
+    return Case(id="S1-stages", op="serving",
+                shape=f"dyn_perceiver {DP_NAME} {n_images} images {DP_SIZE}px, per-stage cost vs batch size",
+                setup=setup, quick=False, multi_thread=False, summarize=summarize)
 
 
 def cases() -> list[Case]:
-    return [s4_case(8, True), s4_case(BATCH, False), s1_case(), s2_case(), s3_case()]
+    return [s4_case(8, True), s4_case(BATCH, False), s1_case(), s1_stages_case(), s2_case(), s3_case()]

@@ -77,6 +77,24 @@ def test_derived_cache_is_not_copied_or_pickled():
     assert len(torch.load(buf, weights_only=False).__dict__[derived_mod._SLOT]) == 0
 
 
+def test_clear_cached_weights_sees_an_unversioned_data_edit():
+    """An edit through `param.data` moves no version counter: the cache keeps the old fold until
+    `clear_cached_weights()`, after which the fused model equals the reference computation on the new weights."""
+    model = small_model("reg800m_perceiver_t128", ops="fused", seed=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)                                                  # fills the cache
+        conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1)
+        conv.weight.data.mul_(3.0)                                # not versioned
+        stale = model(x)[-1]
+        model.clear_cached_weights()
+        fresh = model(x)[-1]
+        model.set_ops("reference")
+        truth = model(x)[-1]
+    assert _err(fresh, truth.double()) < 1e-4
+    assert _err(stale, truth.double()) > 1e-3                      # the edit mattered: the stale cache was visible
+
+
 def test_derived_under_inference_mode_gives_ordinary_tensors():
     lin = nn.Linear(3, 4)
     with torch.inference_mode():

@@ -62,3 +62,8 @@ def clear_derived(module: torch.nn.Module) -> None:
     """Drop every cached derived weight under `module` (they are rebuilt on the next call)."""
     for m in module.modules():
         m.__dict__.pop(_SLOT, None)
+
+
+def clear(module: torch.nn.Module) -> None:
+    """Forget every value cached on `module` (not on its children)."""
+    module.__dict__.pop(_SLOT, None)

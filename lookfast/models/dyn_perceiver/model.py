@@ -166,6 +166,19 @@ class DynPerceiver(nn.Module):
                 m.fold_bn = ops == "fused"
         return self
 
+    def clear_cached_weights(self) -> "DynPerceiver":
+        """Drop the fused path's derived weights (BatchNorm and LayerNorm folds, concatenated projections, casts,
+        oneDNN-packed convolutions; `derived.py`), so the next fused call rebuilds them from the parameters.
+
+        They are rebuilt automatically when a parameter is replaced or edited in place through the parameter
+        (`.to()`, `load_state_dict`, an optimizer step, `with torch.no_grad(): p.copy_(...)`): PyTorch versions
+        those. An edit through `p.data` is not versioned and not seen: call this after one. Returns self."""
+        from .derived import clear
+
+        for m in self.modules():
+            clear(m)
+        return self
+
     # -- pieces -------------------------------------------------------------------------------------------------
     def cnn_stage(self, i: int) -> nn.Module:
         """CNN stage i (1..4)."""

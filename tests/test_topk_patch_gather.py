@@ -287,6 +287,30 @@ def test_low_precision_forward_rule(seed, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_forward_many_blocks(seed, dtype):
+    """Row and column tails of the blocked GEMM and of the weight's VNNI repack: 147 rows (64-row blocks: 2 full and
+    a tail), D 100 (64-wide column blocks: one full and a tail; 16-wide repack tiles: a tail), K/2 = 294 word columns
+    (a repack tail). Every token rounded once (agrees with the rounded float64 truth but for fp32 noise at rounding
+    boundaries), within the 2x rule, and a NaN pixel poisons exactly the rows of the patch holding it."""
+    pb = make_problem(b=3, c=3, gh=8, gw=9, p=14, d=100, dtype=dtype)
+    p, g = pb["p"], pb["g"]
+    scores, counts = torch.randn(3, g), torch.tensor([72, 5, 70])
+    idx, tokens, cu = lookfast.topk_patch_gather(pb["images"], scores, counts, p, pb["weight"], pb["bias"], pb["pos"])
+    assert tokens.shape == (147, 100) and tokens.dtype == dtype
+    truth = patch_gather_embed_reference(pb["images"].double(), idx, cu, p, pb["weight"].double(),
+                                         pb["bias"].double(), pb["pos"].double())
+    plain = _torch_tokens(pb["images"], pb["weight"], pb["bias"], pb["pos"], idx, cu, p)
+    assert rel_err(tokens, truth) <= 2 * rel_err(plain, truth)
+    assert (tokens != truth.to(dtype)).double().mean().item() <= 0.02
+    images = pb["images"].clone()
+    first = int(idx[0])  # image 0's best patch: one pixel of it becomes NaN
+    images[0, 1, (first // 9) * p + 3, (first % 9) * p + 5] = float("nan")
+    _, poisoned, _ = lookfast.topk_patch_gather(images, scores, counts, p, pb["weight"], pb["bias"], pb["pos"])
+    assert poisoned[0].isnan().all() and not poisoned[1:].isnan().any()
+    assert torch.equal(poisoned[1:], tokens[1:])
+
+
+@pytest.mark.parametrize("dtype", LOW)
 def test_low_precision_backward_rule(seed, dtype):
     """Gradients vs float64 math at most 3x torch's own (unfold + linear + positions) in the same dtype. Positions
     shared by several images accumulate in fp32 (rounded once)."""

@@ -4,13 +4,14 @@
 //   predicate, rows in parallel.
 // patch_gather_embed: copies each selected patch straight from the image into a packed (rows, C*p*p) matrix (the
 //   whole image is never patchified), writes bias + pos_embed[index] into the output in one pass, then embeds all
-//   rows with ONE GEMM against weight.view(D, -1).T accumulating onto it (addmm_, beta = 1). In bf16/fp16 the same
-//   prologue writes bias + pos in fp32 into an fp32 accumulator, the GEMM (bf16 operands on the matrix engine:
-//   AMX / AVX512-BF16 through oneDNN's brgemm micro-kernel, at::native::cpublas::brgemm on 64 x 64 blocks with the
-//   weight packed in VNNI layout) adds onto it in fp32, and one pass rounds the sum to the output dtype: every token
-//   is rounded exactly once. (cpublas' plain bf16 x bf16 -> fp32 gemm runs at the fp32 rate on x86: fallback only.)
-//   Roofline (G1 bf16: 1096 rows, K 588, D 768): 1.0 GFLOP against ~4 MB moved, compute-bound on the matrix engine;
-//   the fp32 accumulator adds one (rows, D) fp32 write + read (~7 MB at G1's B 4), a few percent of the GEMM time.
+//   rows with ONE GEMM against weight.view(D, -1).T accumulating onto it (addmm_, beta = 1). In bf16/fp16 the GEMM
+//   (bf16 operands on the matrix engine: AMX / AVX512-BF16 through oneDNN's brgemm micro-kernel,
+//   at::native::cpublas::brgemm on 64 x 64 blocks with the weight packed in VNNI layout) writes each 64-row block in
+//   fp32 into a per-thread scratch that stays in L2, and an epilogue adds bias + pos (summed in fp32) and rounds
+//   straight into the output: every token is rounded exactly once, and no (rows, D) fp32 buffer is made.
+//   (cpublas' plain bf16 x bf16 -> fp32 gemm runs at the fp32 rate on x86: fallback only.)
+//   Roofline (G1 bf16: 1096 rows, K 588, D 768): 1.0 GFLOP against ~4 MB moved (pixels, packed weight, positions,
+//   tokens), compute-bound on the matrix engine; the weight's VNNI repack (0.9 MB) and the epilogue are a few percent.
 // patch_gather_embed_backward: grad weight / bias from one GEMM and one reduction over the re-gathered patches,
 //   grad pos_embed by index_add, grad images by scattering grad patches back, parallel over images (the patches of
 //   one image are distinct and never overlap, so no two threads touch the same pixel).
@@ -34,6 +35,7 @@
 
 #include "common/topk_patch_gather.h"
 #include "common/topk_patch_gather_host.h"
+#include "vector_math.h"
 
 namespace lookfast {
 namespace topk_patch_gather {
@@ -164,37 +166,12 @@ Tensor gather_rows(const Tensor& images, const Tensor& indices, const Tensor& cu
 
 // tokens[r, :] = bias + pos_embed[indices[r], :]: the GEMM then accumulates into it (beta = 1), so the additions
 // cost one write pass before the GEMM instead of a read-modify-write pass after it, and the output's pages are
-// touched here rather than inside the GEMM.
-// bf16/fp16 bias and positions summed in fp32 into the fp32 accumulator (no rounding here).
-template <typename scalar_t>
-void fill_rows_fp32(float* out, const scalar_t* bp, const scalar_t* pp, const int64_t* idx, const Geometry& g) {
-  const int64_t d = g.embed_dim;
-  at::parallel_for(0, g.rows, grain_for(d), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float* row = out + r * d;
-      const scalar_t* prow = pp ? pp + idx[r] * d : nullptr;  // idx[r] was range-checked by the gather
-      for (int64_t j = 0; j < d; ++j) {
-        row[j] = (bp ? static_cast<float>(bp[j]) : 0.f) + (prow ? static_cast<float>(prow[j]) : 0.f);
-      }
-    }
-  });
-}
-
+// touched here rather than inside the GEMM. (float32 / float64; bf16/fp16 add them in the GEMM's epilogue.)
 void fill_bias_and_positions(Tensor& tokens, const std::optional<Tensor>& bias, const std::optional<Tensor>& pos,
                              const Tensor& indices, const Geometry& g) {
   const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   const Tensor pe = pos.has_value() ? pos->contiguous() : Tensor();
-  const at::ScalarType in_type = b.defined() ? b.scalar_type() : pe.scalar_type();
-  if (tokens.scalar_type() != in_type) {  // bf16/fp16 parameters into the fp32 accumulator
-    TORCH_INTERNAL_ASSERT(tokens.scalar_type() == at::kFloat);
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(in_type, "patch_embed_prologue_cpu", [&] {
-      fill_rows_fp32<scalar_t>(tokens.mutable_data_ptr<float>(), b.defined() ? b.const_data_ptr<scalar_t>() : nullptr,
-                                 pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr,
-                                 indices.const_data_ptr<int64_t>(), g);
-    });
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "patch_embed_prologue_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(tokens.scalar_type(), "patch_embed_prologue_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* out = tokens.mutable_data_ptr<scalar_t>();
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
@@ -241,48 +218,126 @@ bool vnni_brgemm_available() {
 }
 
 // weight (D, K) -> B = weight^T (K, D) in VNNI-2 layout: element (k, n) at ((k / 2) * D + n) * 2 + k % 2, the
-// operand order of the bf16/fp16 dot-product instructions and AMX tiles. K must be even.
+// operand order of the bf16/fp16 dot-product instructions and AMX tiles. K must be even. A (k, k+1) pair is one
+// 32-bit word, so this is a transpose of the (D, K/2) matrix of words into (K/2, D), done in 16 x 16 tiles: the
+// per-element loop it replaces scattered every write to its own cache line and cost as much as the GEMM itself at
+// LookWhere's shape (274 rows). Repacked per call (~1/30 of the GEMM at 274 rows): a cache keyed on the weight's
+// address and version would go stale when the weight is edited through `.data`, which bumps no version.
 template <typename scalar_t>
 Tensor pack_vnni(const Tensor& weight2d) {
-  const int64_t d = weight2d.size(0), k = weight2d.size(1);
+  static_assert(sizeof(scalar_t) == 2, "VNNI-2 packing is for 16-bit types");
+  const int64_t d = weight2d.size(0), k2 = weight2d.size(1) / 2;
   const Tensor w = weight2d.contiguous();
-  Tensor out = at::empty({k / 2, d, 2}, w.options());
-  const scalar_t* src = w.const_data_ptr<scalar_t>();
-  scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, d, grain_for(k), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t kk = 0; kk < k; ++kk) dst[((kk / 2) * d + n) * 2 + kk % 2] = src[n * k + kk];
+  Tensor out = at::empty({k2, d, 2}, w.options());
+  const char* src = static_cast<const char*>(w.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  constexpr int64_t kTile = 16;
+  const int64_t tiles_n = (d + kTile - 1) / kTile;
+  at::parallel_for(0, tiles_n, grain_for(kTile * 2 * k2), [&](int64_t t0, int64_t t1) {
+    for (int64_t n0 = t0 * kTile; n0 < std::min(d, t1 * kTile); n0 += kTile) {
+      const int64_t n1 = std::min(d, n0 + kTile);
+      for (int64_t q0 = 0; q0 < k2; q0 += kTile) {
+        const int64_t q1 = std::min(k2, q0 + kTile);
+        for (int64_t q = q0; q < q1; ++q) {
+          for (int64_t n = n0; n < n1; ++n) std::memcpy(dst + (q * d + n) * 4, src + (n * k2 + q) * 4, 4);
+        }
+      }
     }
   });
   return out;
 }
 
+// bf16 <-> fp32 by bit operations (round to nearest even, NaN kept quiet: the same results as c10::BFloat16), so
+// the epilogue below auto-vectorises in each target clone; fp16 goes through c10::Half.
+template <typename scalar_t>
+LF_INLINE float widen(scalar_t x) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    uint32_t u = static_cast<uint32_t>(x.x) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  } else {
+    return static_cast<float>(x);
+  }
+}
+
+template <typename scalar_t>
+LF_INLINE scalar_t narrow(float f) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    const uint16_t bits = std::isnan(f) ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return at::BFloat16(bits, at::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(f);
+  }
+}
+
+// tokens[r, :] = round(acc[r, :] + (bias + pos_embed[idx[r], :])) for rows [r0, r1): the fp32 GEMM result (acc row
+// r - r0, leading dimension ld) plus bias and position summed in fp32, rounded once. Same sum order as the float32
+// path's prologue (bias + pos first, then the products onto it).
+template <typename scalar_t>
+LF_INLINE void embed_epilogue_impl(scalar_t* __restrict__ tokens, const float* __restrict__ acc, int64_t ld,
+                                   const scalar_t* __restrict__ bias, const scalar_t* __restrict__ pos,
+                                   const int64_t* __restrict__ idx, int64_t r0, int64_t r1, int64_t d) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* a = acc + (r - r0) * ld;
+    scalar_t* out = tokens + r * d;
+    const scalar_t* prow = pos ? pos + idx[r] * d : nullptr;  // idx[r] was range-checked by the gather
+    if (bias && prow) {
+      for (int64_t j = 0; j < d; ++j) out[j] = narrow<scalar_t>(a[j] + (widen(bias[j]) + widen(prow[j])));
+    } else if (bias || prow) {
+      const scalar_t* add = bias ? bias : prow;
+      for (int64_t j = 0; j < d; ++j) out[j] = narrow<scalar_t>(a[j] + widen(add[j]));
+    } else {
+      for (int64_t j = 0; j < d; ++j) out[j] = narrow<scalar_t>(a[j]);
+    }
+  }
+}
+
+// One target clone set per dtype (GCC's target_clones does not apply to templates).
+#define LF_DEFINE_EPILOGUE(scalar_t)                                                                              \
+  LF_MULTIVERSION void embed_epilogue(scalar_t* tokens, const float* acc, int64_t ld, const scalar_t* bias,      \
+                                      const scalar_t* pos, const int64_t* idx, int64_t r0, int64_t r1, int64_t d) { \
+    embed_epilogue_impl<scalar_t>(tokens, acc, ld, bias, pos, idx, r0, r1, d);                                   \
+  }
+LF_DEFINE_EPILOGUE(at::BFloat16)
+LF_DEFINE_EPILOGUE(at::Half)
+#undef LF_DEFINE_EPILOGUE
+
 constexpr int64_t kBlockM = 64, kBlockN = 64;  // one micro-kernel call: a 64 x 64 fp32 block of C, all of K
 
 // bf16/fp16: tokens = round(patches @ W^T + bias + pos) with the products and sums in fp32 (see the header note).
+// Row blocks of 64 in parallel; each block's fp32 result lives in a per-thread 64 x D scratch (196 KB at D 768, in
+// L2) and is rounded into the output right after its GEMM: no (rows, D) fp32 buffer, no separate prologue pass.
 Tensor embed_reduced_precision(const Tensor& patches, const Tensor& idx, const Tensor& weight2d,
                                const std::optional<Tensor>& bias, const std::optional<Tensor>& pos_embed,
                                const Geometry& g) {
-  const bool add = bias.has_value() || pos_embed.has_value();
-  Tensor acc = at::empty({g.rows, g.embed_dim}, patches.options().dtype(at::kFloat));
-  if (g.rows == 0) return acc.to(patches.scalar_type());
-  if (add) fill_bias_and_positions(acc, bias, pos_embed, idx, g);
+  Tensor tokens = at::empty({g.rows, g.embed_dim}, patches.options());
+  if (g.rows == 0) return tokens;
   const int64_t m = g.rows, n = g.embed_dim, k = g.patch_dim;
+  const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  const Tensor pe = pos_embed.has_value() ? pos_embed->contiguous() : Tensor();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(patches.scalar_type(), "patch_embed_gemm_cpu", [&] {
     const scalar_t* a = patches.const_data_ptr<scalar_t>();
-    float* c = acc.mutable_data_ptr<float>();
+    scalar_t* out = tokens.mutable_data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pp = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
     if (k % 2 == 0 && vnni_brgemm_available<scalar_t>()) {
-      // The matrix-engine path: oneDNN's brgemm micro-kernel on 64 x 64 blocks of C, fp32 accumulation onto C.
+      // The matrix-engine path: oneDNN's brgemm micro-kernel on 64 x 64 blocks of C, fp32 accumulation.
       const Tensor packed = pack_vnni<scalar_t>(weight2d);
-      const scalar_t* b = packed.const_data_ptr<scalar_t>();
+      const scalar_t* wp = packed.const_data_ptr<scalar_t>();
       const int64_t blocks_m = (m + kBlockM - 1) / kBlockM;
       at::parallel_for(0, blocks_m, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<float> scratch(kBlockM * n);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t m0 = i * kBlockM, mm = std::min(kBlockM, m - m0);
           for (int64_t n0 = 0; n0 < n; n0 += kBlockN) {
-            at::native::cpublas::brgemm(mm, std::min(kBlockN, n - n0), k, k, n, n, add, a + m0 * k, b + n0 * 2,
-                                        c + m0 * n + n0, /*is_vnni=*/true);
+            at::native::cpublas::brgemm(mm, std::min(kBlockN, n - n0), k, k, n, n, /*add_C=*/false, a + m0 * k,
+                                        wp + n0 * 2, scratch.data() + n0, /*is_vnni=*/true);
           }
+          embed_epilogue(out, scratch.data(), n, bp, pp, ip, m0, m0 + mm, n);
         }
         at::native::cpublas::brgemm_release(true);
       });
@@ -293,11 +348,14 @@ Tensor embed_reduced_precision(const Tensor& patches, const Tensor& idx, const T
                       " matrix-engine micro-kernel for this CPU / patch width (K = ", k,
                       "); the embedding GEMM runs on the portable fp32-accumulating path, several times slower");
       const Tensor weight_t = weight2d.t().contiguous();  // (K, D)
-      at::native::cpublas::brgemm(m, n, k, k, n, n, add, a, weight_t.const_data_ptr<scalar_t>(), c,
+      Tensor acc = at::empty({m, n}, patches.options().dtype(at::kFloat));
+      float* c = acc.mutable_data_ptr<float>();
+      at::native::cpublas::brgemm(m, n, k, k, n, n, /*add_C=*/false, a, weight_t.const_data_ptr<scalar_t>(), c,
                                   /*is_vnni=*/false);
+      embed_epilogue(out, c, n, bp, pp, ip, 0, m, n);
     }
   });
-  return acc.to(patches.scalar_type());  // the one rounding
+  return tokens;
 }
 
 Tensor patch_gather_embed_cpu(const Tensor& images, const Tensor& indices, const Tensor& cu_seqlens, int64_t patch,

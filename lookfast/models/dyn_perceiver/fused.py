@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .derived import derived
 from .perceiver import CrossAttentionLayer, attention_core
 
 
@@ -32,38 +33,120 @@ def _pixels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(b * h * w, c)
 
 
-def z2x_fused(layer: CrossAttentionLayer, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _z2x_weights(layer: CrossAttentionLayer, dt: torch.dtype):
+    """The z->x layer's folded weights in `dt`, cached (derived.py): query projection with the q LayerNorm's affine
+    folded in (+ bias), the kv LayerNorm's affine, k and v projections as one matrix, [Wo^T; bo], fc1 with the MLP
+    LayerNorm's affine folded in (+ bias), fc2^T, fc2's bias."""
+    ca, mlp = layer.cross_attn, layer.mlp
+    att = ca.attention
+    f32 = lambda t: t.float() if t.dtype != torch.float64 else t  # noqa: E731  folds in fp32 (fp64 stays)
+
+    def build():
+        wq = (f32(att.q_proj.weight) * f32(ca.q_norm.weight)).to(dt)                # (d, C)
+        bq = (f32(att.q_proj.weight) @ f32(ca.q_norm.bias)).to(dt)                  # (d,)
+        w_kv = torch.cat((att.k_proj.weight, att.v_proj.weight)).to(dt)
+        w_o = torch.cat((att.o_proj.weight.t(), att.o_proj.bias.unsqueeze(0)), 0).to(dt)
+        ln = mlp.layernorm
+        w1 = (f32(mlp.fc1.weight) * f32(ln.weight)).to(dt)
+        b1 = torch.addmv(f32(mlp.fc1.bias), f32(mlp.fc1.weight), f32(ln.bias)).to(dt)
+        return (wq.t(), bq, ca.kv_norm.weight.to(dt), ca.kv_norm.bias.to(dt), w_kv, w_o, w1.t(), b1,
+                mlp.fc2.weight.to(dt).t(), mlp.fc2.bias.to(dt))
+
+    sources = [ca.q_norm.weight, ca.q_norm.bias, ca.kv_norm.weight, ca.kv_norm.bias, att.q_proj.weight,
+               att.k_proj.weight, att.v_proj.weight, att.o_proj.weight, att.o_proj.bias, mlp.layernorm.weight,
+               mlp.layernorm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+    return derived(layer, "z2x", sources, dt, build)
+
+
+def z2x_fused(layer: CrossAttentionLayer, x: torch.Tensor, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """x (B, C, H, W) pixels, z (B, L, Cz) latents -> updated x (B, C, H, W), channels-last memory.
-    Equals `layer` applied to x as (B, HW, C) tokens."""
+    Equals `layer` applied to x as (B, HW, C) tokens. With `inplace` (for a caller that owns x and drops it), a
+    channels-last x of the compute dtype is overwritten with the result: one pass over the pixels fewer."""
     b, c, h, w = x.shape
     ca, mlp = layer.cross_attn, layer.mlp
     att = ca.attention
-    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    f32 = lambda t: t.float() if t.dtype != torch.float64 else t  # noqa: E731  folds in fp32 (fp64 stays)
+    dt = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):  # one explicit dtype below; autocast would re-cast each op
+        wq, bq, g_kv, b_kv, w_kv, w_o, w1, b1, w2, b2 = _z2x_weights(layer, dt)
         rows = _pixels_last(x.to(dt))                                # (N, C), N = B*H*W
-
         # Query projection with the LayerNorm affine folded in (a plain LayerNorm pass, then one GEMM with bias).
-        wq = (f32(att.q_proj.weight) * f32(ca.q_norm.weight)).to(dt)                # (d, C)
-        bq = (f32(att.q_proj.weight) @ f32(ca.q_norm.bias)).to(dt)                  # (d,)
-        q = torch.addmm(bq, F.layer_norm(rows, (c,), None, None, ca.q_norm.eps), wq.t())
+        q = torch.addmm(bq, F.layer_norm(rows, (c,), None, None, ca.q_norm.eps), wq)
         # Keys / values of the few latents: one GEMM on the normalised latents.
-        zd = z.to(dt)
-        zn = F.layer_norm(zd, (z.shape[-1],), ca.kv_norm.weight.to(dt), ca.kv_norm.bias.to(dt), ca.kv_norm.eps)
+        zn = F.layer_norm(z.to(dt), (z.shape[-1],), g_kv, b_kv, ca.kv_norm.eps)
         d = att.qk_channels
-        kv = F.linear(zn, torch.cat((att.k_proj.weight, att.v_proj.weight)).to(dt))
+        kv = F.linear(zn, w_kv)
         k, v = kv[..., :d], kv[..., d:]
         a = attention_core(q.view(b, h * w, d), k.contiguous(), v.contiguous(), att.heads, fused=True)
         # Output projection + bias + residual in one GEMM: [a, 1] @ [Wo^T; bo] added to the pixels.
         a1 = torch.cat((a.reshape(-1, att.v_channels), a.new_ones(a.shape[0] * a.shape[1], 1)), 1)
-        w_o = torch.cat((att.o_proj.weight.t(), att.o_proj.bias.unsqueeze(0)), 0).to(dt)
-        out = torch.addmm(rows, a1, w_o)                             # (N, C) = x + o_proj(a)
-        # MLP: LN affine folded into fc1, GELU in place, fc2 accumulated into the residual in place.
-        ln = mlp.layernorm
-        w1 = (f32(mlp.fc1.weight) * f32(ln.weight)).to(dt)
-        b1 = torch.addmv(f32(mlp.fc1.bias), f32(mlp.fc1.weight), f32(ln.bias)).to(dt)
-        hid = torch.addmm(b1, F.layer_norm(out, (c,), None, None, ln.eps), w1.t())
-        hid = F.gelu(hid)
-        out.addmm_(hid, mlp.fc2.weight.to(dt).t())
-        out.add_(mlp.fc2.bias.to(dt))
+        if inplace:
+            out = rows.addmm_(a1, w_o)                               # x += o_proj(a) (rows may be x's memory)
+        else:
+            out = torch.addmm(rows, a1, w_o)                         # (N, C) = x + o_proj(a)
+        # MLP: LN affine folded into fc1, GELU, fc2 accumulated into the residual in place.
+        hid = F.gelu(torch.addmm(b1, F.layer_norm(out, (c,), None, None, mlp.layernorm.eps), w1))
+        out.addmm_(hid, w2)
+        out.add_(b2)
     return out.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """x's dtype, or under torch.autocast the autocast dtype (what the layer's nn.Linear calls would run in)."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _self_attention_weights(layer, dt: torch.dtype):
+    """The folded weights of a SelfAttentionLayer in `dt`, cached (derived.py): q/k/v as one (C, 3C) matrix with the
+    LayerNorm affine folded in (+ its bias), the output projection, fc1 with the MLP LayerNorm's affine folded in
+    (+ bias), fc2; matrices transposed for `rows @ W`."""
+    sa, mlp = layer.self_attn, layer.mlp
+    att = sa.attention
+
+    def build():
+        f32 = lambda t: t.float() if t.dtype != torch.float64 else t  # noqa: E731  folds in fp32 (fp64 stays)
+        w_in = f32(torch.cat((att.q_proj.weight, att.k_proj.weight, att.v_proj.weight)))   # (qk+qk+v, C)
+        w_qkv = (w_in * f32(sa.norm.weight)).t().to(dt)
+        b_qkv = (w_in @ f32(sa.norm.bias)).to(dt)
+        ln = mlp.layernorm
+        w1 = (f32(mlp.fc1.weight) * f32(ln.weight)).t().to(dt)
+        b1 = torch.addmv(f32(mlp.fc1.bias), f32(mlp.fc1.weight), f32(ln.bias)).to(dt)
+        return (w_qkv, b_qkv, att.o_proj.weight.t().to(dt), att.o_proj.bias.to(dt), w1, b1,
+                mlp.fc2.weight.t().to(dt), mlp.fc2.bias.to(dt))
+
+    sources = [sa.norm.weight, sa.norm.bias, att.q_proj.weight, att.k_proj.weight, att.v_proj.weight,
+               att.o_proj.weight, att.o_proj.bias, mlp.layernorm.weight, mlp.layernorm.bias, mlp.fc1.weight,
+               mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]  # named, not layer.parameters(): that walk costs ~10 us
+    return derived(layer, "self_attention", sources, dt, build)
+
+
+def self_attention_layer_fused(layer, x: torch.Tensor) -> torch.Tensor:
+    """x (B, L, C) latents -> `layer(x)` for a SelfAttentionLayer (x + SA(x), then + MLP), with the same math in
+    fewer, larger ops: each LayerNorm a plain normalisation whose affine is folded into the following projection,
+    q/k/v from one GEMM, the output projection accumulated onto the residual in its GEMM, fc2 accumulated into the
+    residual in place. The latents are few (B x L <= a few thousand rows), so per-op overhead, not arithmetic,
+    sets this block's time; this halves the op count. Precision as z2x_fused."""
+    b, l, c = x.shape
+    att = layer.self_attn.attention
+    dt = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        w_qkv, b_qkv, w_o, b_o, w1, b1, w2, b2 = _self_attention_weights(layer, dt)
+        # The residual stream keeps x's dtype: under autocast float32 latents stay float32, as the official adds
+        # (float32 + autocast output) promote them; the normalised rows go into the GEMMs in `dt`.
+        rows = x.reshape(b * l, c)
+        h = F.layer_norm(rows, (c,), None, None, layer.self_attn.norm.eps).to(dt)
+        qkv = torch.addmm(b_qkv, h, w_qkv)
+        d, dv = att.qk_channels, att.v_channels
+        q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
+        a = attention_core(q.reshape(b, l, d), k.reshape(b, l, d), v.reshape(b, l, dv), att.heads, fused=True)
+        a = a.reshape(b * l, dv)
+        if rows.dtype == dt:
+            out = torch.addmm(rows, a, w_o).add_(b_o)                                  # x + o_proj(a)
+        else:
+            out = rows + torch.addmm(b_o, a, w_o)
+        h = F.layer_norm(out, (c,), None, None, layer.mlp.layernorm.eps).to(dt)
+        hid = F.gelu(torch.addmm(b1, h, w1))
+        if out.dtype == dt:
+            out.addmm_(hid, w2).add_(b2)                                               # + fc2(hid), in place
+        else:
+            out = out + torch.addmm(b2, hid, w2)
+    return out.view(b, l, c)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .derived import derived
+
 
 def make_divisible(value: float, divisor: int, min_value: int | None = None) -> int:
     """Round `value` to a multiple of `divisor`, never going more than 10% below it (MobileNet/RegNet width rule)."""
@@ -22,19 +24,94 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) ->
     the same affine map, without a separate pass over the output."""
     if not fold or bn.training:
         return bn(conv(x))
-    # The fold runs in float32 (float64 stays) and is rounded once to the weights' dtype: a bf16 model's folded
-    # weights then carry one rounding, as its stored ones do (a bf16 fold would round at every step).
-    dt = conv.weight.dtype
-    f32 = (lambda t: t) if dt == torch.float64 else (lambda t: t.float())
-    scale = f32(bn.weight) * torch.rsqrt(f32(bn.running_var) + bn.eps)
-    shift = f32(bn.bias) - f32(bn.running_mean) * scale
-    if conv.bias is not None:
-        shift = shift + f32(conv.bias) * scale
-    weight = (f32(conv.weight) * scale.view(-1, 1, 1, 1)).to(dt)
-    shift = shift.to(dt)
+    weight, shift = folded_conv_bn(conv, bn, conv.weight.dtype)
     if conv.kernel_size == (1, 1) and conv.groups == 1 and x.is_contiguous(memory_format=torch.channels_last):
         return pointwise_conv(x, weight, shift, conv.stride)
     return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the conv with the eval-mode BatchNorm folded in, rounded once to `dt` (channels-last
+    weight), cached on the conv until one of the parameters or statistics changes (derived.py).
+
+    The fold runs in float32 (float64 stays) and is rounded once to `dt`: a bf16 model's folded weights then carry
+    one rounding, as its stored ones do (a bf16 fold would round at every step)."""
+    sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if conv.bias is not None:
+        sources.append(conv.bias)
+
+    def build():
+        f32 = (lambda t: t) if conv.weight.dtype == torch.float64 else (lambda t: t.float())
+        scale = f32(bn.weight) * torch.rsqrt(f32(bn.running_var) + bn.eps)
+        shift = f32(bn.bias) - f32(bn.running_mean) * scale
+        if conv.bias is not None:
+            shift = shift + f32(conv.bias) * scale
+        weight = (f32(conv.weight) * scale.view(-1, 1, 1, 1)).to(dt)
+        return weight.contiguous(memory_format=torch.channels_last), shift.to(dt)
+
+    return derived(conv, f"bn_fold_{bn.eps}", sources, dt, build)
+
+
+# oneDNN's fused convolution (what Inductor's freezing pass calls): conv + bias + [residual add] + activation in one
+# pass over the output, accumulating in float32 and rounding once. Used by the fused (inference) path where the
+# compute dtype is bf16 and the CPU runs oneDNN's bf16 kernels; elsewhere the plain ops run (same math).
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+_ACT_NAMES = {nn.ReLU: "relu", nn.Hardswish: "hardswish"}
+_onednn_bf16: bool | None = None
+
+
+def onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the fused oneDNN convolution runs `x` in (the autocast dtype under CPU autocast), or None when that
+    path does not apply (not CPU, tracing, oneDNN missing, or a dtype other than bf16 on a CPU with oneDNN bf16)."""
+    global _onednn_bf16
+    if not _ONEDNN or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dt != torch.bfloat16:
+        return None
+    if _onednn_bf16 is None:
+        _onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dt if _onednn_bf16 else None
+
+
+def act_name(acts) -> str | None:
+    """oneDNN's name for the activation modules following a conv ("none" for none), None if it has no fused form."""
+    acts = list(acts)
+    if not acts:
+        return "none"
+    if len(acts) == 1:
+        return _ACT_NAMES.get(type(acts[0]))
+    return None
+
+
+def onednn_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, act: str = "none",
+                   residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """act(bn(conv(x)) [+ residual]) as one oneDNN convolution (BatchNorm folded, eval mode), channels-last output;
+    None when the fused path does not apply (see onednn_dtype; a residual needs groups == 1), for the caller to run
+    the plain ops."""
+    if bn.training or conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple):
+        return None
+    dt = onednn_dtype(x)
+    if dt is None or (residual is not None and (conv.groups != 1 or residual.device != x.device)):
+        return None
+    x = x.to(dt).contiguous(memory_format=torch.channels_last)
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+
+    # oneDNN's own blocked weight layout, made once (per input size) instead of a reorder inside every call: the
+    # reorder is most of the time of a late-stage conv on a few samples (784x784 1x1 at 7x7, B 1: 0.37 -> 0.16 ms).
+    def build():
+        weight, bias = folded_conv_bn(conv, bn, dt)
+        return torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape)), bias
+
+    sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if conv.bias is not None:
+        sources.append(conv.bias)
+    weight, bias = derived(conv, f"onednn_{bn.eps}_{x.shape[2]}x{x.shape[3]}", sources, dt, build)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, act, [], "")
+    other = residual.to(dt).contiguous(memory_format=torch.channels_last)
+    return torch.ops.mkldnn._convolution_pointwise(x, other, weight, bias, *args, "add", 1.0,
+                                                   None if act == "none" else act, [], "")
 
 
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride=(1, 1)) -> torch.Tensor:
@@ -56,6 +133,11 @@ class ConvBNAct(nn.Sequential):
     fold_bn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fold_bn:
+            act = act_name(list(self)[2:])
+            y = None if act is None else onednn_conv_bn(self[0], self[1], x, act)
+            if y is not None:
+                return y
         x = conv_bn(self[0], self[1], x, self.fold_bn)
         for layer in list(self)[2:]:
             x = layer(x)
@@ -82,7 +164,11 @@ def conv_bn_act(
 
 
 class SqueezeExcitation(nn.Module):
-    """x * gate(fc2(act(fc1(avgpool(x))))), with 1x1 convs fc1/fc2 (torchvision.ops.SqueezeExcitation keys)."""
+    """x * gate(fc2(act(fc1(avgpool(x))))), with 1x1 convs fc1/fc2 (torchvision.ops.SqueezeExcitation keys).
+    `fused` (set by the model for ops="fused"): the pooling as an average pool (a bf16 `mean` first copies the whole
+    map to float32; the pool accumulates in float32 without that copy) and fc1/fc2 as linears on (B, C) rows."""
+
+    fused = False
 
     def __init__(self, channels: int, squeeze: int, act: Callable[..., nn.Module] = nn.ReLU,
                  gate: Callable[..., nn.Module] = nn.Sigmoid):
@@ -93,6 +179,19 @@ class SqueezeExcitation(nn.Module):
         self.scale_activation = gate()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            s = global_avg_pool(x)
+            s = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
+            s = self.scale_activation(F.linear(self.activation(s), self.fc2.weight.flatten(1), self.fc2.bias))
+            return x * s.to(x.dtype)[:, :, None, None]
         scale = x.mean((2, 3), keepdim=True)
         scale = self.scale_activation(self.fc2(self.activation(self.fc1(scale))))
         return x * scale
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W) -> (B, C) spatial means. For bf16/fp16 an average pool (float32 accumulation, one rounding)
+    rather than `x.mean((2, 3))`, which first copies the whole map to float32 on the CPU."""
+    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+    return x.mean((2, 3))

@@ -127,6 +127,10 @@ class SelfAttentionLayer(nn.Module):
         self.mlp = MLP(channels, widening)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.self_attn.attention.fused and x.dim() == 3:
+            from .fused import self_attention_layer_fused
+
+            return self_attention_layer_fused(self, x)
         x = x + self.self_attn(x)
         return x + self.mlp(x)
 

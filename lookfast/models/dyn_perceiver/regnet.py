@@ -8,7 +8,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .layers import SqueezeExcitation, conv_bn_act, make_divisible
+from .layers import SqueezeExcitation, conv_bn_act, make_divisible, onednn_conv_bn
 
 # (depth, w_0, w_a, w_m, group_width): the design-space parameters of each RegNetY size (Radosavovic et al. 2020).
 REGNET_Y = {
@@ -55,6 +55,13 @@ class ResBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.proj is None else self.proj(x)
+        if self.f.c.fold_bn:
+            # Fused (inference): the last conv, its BatchNorm, the residual add and the ReLU are one oneDNN
+            # convolution where it applies (layers.onednn_conv_bn), not three passes over the output.
+            f = self.f
+            y = f.se(f.b(f.a(x)))
+            out = onednn_conv_bn(f.c[0], f.c[1], y, "relu", residual=identity)
+            return out if out is not None else self.activation(f.c(y) + identity)
         return self.activation(self.f(x) + identity)
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..packed_linear import linear
 from .vit import VisionTransformer
 
 
@@ -25,7 +26,9 @@ class SelectorHead(nn.Module):
         self.w1 = nn.Linear(dim, 4 * dim)
         self.w2 = nn.Linear(4 * dim, num_outputs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        if packed:
+            return linear(self.w2, F.gelu(linear(self.w1, x)))
         return self.w2(F.gelu(self.w1(x)))
 
 
@@ -42,16 +45,18 @@ class Selector(nn.Module):
                                           patch_size=patch_size, num_reg_tokens=num_reg_tokens, mlp=mlp,
                                           mlp_hidden=mlp_hidden, layer_scale=layer_scale)
         self.head = SelectorHead(dim, self.multiplier * self.multiplier)
+        # Set by LookWhere.pack_weights: the linears run on their oneDNN packs (same results, see packed_linear).
+        self.packed_linears = False
 
     def forward(self, images: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, H, W) -> (scores (B, grid*grid) row-major, prefix tokens (B, P, D) after the final norm)."""
         b = images.shape[0]
         low = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
         x = torch.cat([self.backbone.prefix_tokens(b), self.backbone.embed_patches(low)], dim=1)
-        x = self.backbone.forward_blocks(x)
+        x = self.backbone.forward_blocks(x, self.packed_linears)
         p = self.backbone.num_prefix_tokens
         n, m = self.in_grid, self.multiplier
-        blocks = self.head(x[:, p:])  # (B, n*n, m*m)
+        blocks = self.head(x[:, p:], self.packed_linears)  # (B, n*n, m*m)
         # pixel-shuffle order: token (h, w), output (i, j) -> map cell (h*m + i, w*m + j)
         fine = blocks.reshape(b, n, n, m, m).permute(0, 1, 3, 2, 4).reshape(b, 1, n * m, n * m)
         scores = F.interpolate(fine, size=(grid, grid), mode="bilinear", align_corners=False)

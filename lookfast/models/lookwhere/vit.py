@@ -11,7 +11,9 @@ ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}, norm.
 Besides the usual batched forward (B, N, D), every block runs on *packed* tokens (T, D) with FlashAttention-style
 cu_seqlens, so images with different token counts share one pass. The caller validates the packed layout once per
 forward (`check_cu_seqlens`); each block then runs the attention op's inner path (`varlen_attention_fwd`: no
-re-validation, no host copy).
+re-validation, no host copy). The packed path's linear layers (and the batched path's with packed=True, which the
+selector passes) run through `packed_linear.linear`: on oneDNN-prepacked weights once `LookWhere.pack_weights` made
+them, with bitwise the same results.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ops.varlen_attention import varlen_attention_fwd
+from ..packed_linear import linear
 
 LN_EPS = 1e-6  # timm's ViT default (partial(nn.LayerNorm, eps=1e-6))
 
@@ -49,12 +52,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D)."""
+    def forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D). packed: run the projections through `packed_linear.linear` (the weights'
+        oneDNN packs when `pack_linears` made them; same results)."""
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = (linear(self.qkv, x) if packed else self.qkv(x))
+        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        out = out.transpose(1, 2).reshape(b, n, d)
+        return linear(self.proj, out) if packed else self.proj(out)
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                        query_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,17 +73,16 @@ class Attention(nn.Module):
         h, dh = self.num_heads, self.head_dim
         scale = 1.0 / math.sqrt(dh)  # varlen_attention's default scale, computed the same way
         if query_rows is None:
-            q, k, v = self.qkv(x).view(t, 3, h, dh).unbind(1)
+            q, k, v = linear(self.qkv, x).view(t, 3, h, dh).unbind(1)
             out, _ = varlen_attention_fwd(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale, False)
         else:
             # Queries only for the kept rows; keys and values for all (the qkv weight rows are [q; k; v]).
-            w, bias = self.qkv.weight, self.qkv.bias
             b = query_rows.shape[0]
-            q = F.linear(x[query_rows], w[:d], bias[:d]).view(b, h, dh)
-            k, v = F.linear(x, w[d:], bias[d:]).view(t, 2, h, dh).unbind(1)
+            q = linear(self.qkv, x[query_rows], slice(0, d)).view(b, h, dh)
+            k, v = linear(self.qkv, x, slice(d, 3 * d)).view(t, 2, h, dh).unbind(1)
             cu_q = torch.arange(b + 1, dtype=torch.int32, device=x.device)
             out, _ = varlen_attention_fwd(q, k, v, cu_q, cu_seqlens, 1, max_seqlen, scale, False)
-        return self.proj(out.reshape(out.shape[0], d))
+        return linear(self.proj, out.reshape(out.shape[0], d))
 
 
 class GeluMlp(nn.Module):
@@ -88,7 +93,9 @@ class GeluMlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        if packed:
+            return linear(self.fc2, F.gelu(linear(self.fc1, x)))
         return self.fc2(F.gelu(self.fc1(x)))
 
 
@@ -102,7 +109,10 @@ class SwiGluPackedMlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden // 2, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        if packed:
+            gate, value = linear(self.fc1, x).chunk(2, dim=-1)
+            return linear(self.fc2, F.silu(gate) * value)
         gate, value = self.fc1(x).chunk(2, dim=-1)
         return self.fc2(F.silu(gate) * value)
 
@@ -122,17 +132,17 @@ class Block(nn.Module):
         self.mlp = MLPS[mlp](dim, mlp_hidden)
         self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D)."""
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+    def forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """x (B, N, D) -> (B, N, D). packed: linears through `packed_linear.linear` (same results)."""
+        x = x + self.ls1(self.attn(self.norm1(x), packed))
+        return x + self.ls2(self.mlp(self.norm2(x), packed))
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                        query_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Packed x (T, D) -> (T, D); with query_rows (B,): only those rows' outputs, (B, D)."""
         attn = self.attn.forward_packed(self.norm1(x), cu_seqlens, max_seqlen, query_rows)
         x = (x if query_rows is None else x[query_rows]) + self.ls1(attn)
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        return x + self.ls2(self.mlp(self.norm2(x), packed=True))
 
 
 class VisionTransformer(nn.Module):
@@ -176,10 +186,10 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
         return x + self.pos_embed
 
-    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N, D) through every block and the final norm."""
+    def forward_blocks(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """Tokens (B, N, D) through every block and the final norm (packed: see Block.forward)."""
         for block in self.blocks:
-            x = block(x)
+            x = block(x, packed) if packed else block(x)
         return self.norm(x)
 
 

@@ -602,7 +602,8 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
           shift_l[lane] = std::numeric_limits<acc_t>::infinity();
         }
       }
-      // delta = rowsum(dO * O), lane-wise over the transposed tiles (O^T reuses the dQ^T buffer before it is zeroed).
+      // delta = rowsum(dO * O), lane-wise over the transposed tiles (O^T reuses the dQ^T buffer before it is zeroed);
+      // replaced by rowsum(P * dP) below when the tile's keys fit one block.
       pack_transposed(orow, H * Dv, n, Dv, acc_t(1), dqt.data);
       V delta = {};
       for (int64_t c = 0; c < Dv; ++c) delta += vload(dot.data + c * VL) * vload(dqt.data + c * VL);
@@ -613,6 +614,14 @@ LF_INLINE void backward_item_impl(const Problem& pb, int64_t b, int64_t kvh, con
         const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0);
         const acc_t* pb = pt.data + j0 * VL;
         scores_t<acc_t, DIM>(dot.data, vbuf.data + j0 * ldv, ldv, Dv, nb, dst.data);  // dP^T = dO V^T
+        if (k_hi <= kKeyBlock) {
+          // Every key in this block: delta = rowsum(P * dP), equal to rowsum(dO * O) in exact arithmetic but free
+          // of O's rounding to the stored dtype. For bf16/fp16 and rows with few keys (where dS = P (dP - delta) is a
+          // small difference), delta from the rounded O gave dQ/dK 3-4x torch's own error: a rare edge-test failure.
+          V d2 = {};
+          for (int64_t j = 0; j < nb; ++j) d2 += vload(pb + j * VL) * vload(dst.data + j * VL);
+          delta = d2;
+        }
         for (int64_t j = 0; j < nb; ++j)
           vstore(dst.data + j * VL, vload(pb + j * VL) * (vload(dst.data + j * VL) - delta));
         accumulate_rows(pb, dorows.data, ldv, ldv, nb, dvblk.data + j0 * ldv, ldv);        // dV += P^T dO

@@ -309,8 +309,6 @@ def test_lowp_nan_propagates_like_torch_math(seed, isa, dtype):
     # Two samples, 2 heads on 1 kv head. Sample 0: a NaN in key 5, so every query that sees key 5 is NaN in both
     # heads (causal: only rows i >= 5 - (Lk - Lq)). Sample 1: a NaN in query row 2 of head 0: only that row and head.
     # The pattern is torch's attention math in float64 (SDPA's own CPU flash kernel drops some NaN query rows).
-    if _kernel(dtype, 32) == "baseline":
-        pytest.skip("the portable kernel's NaN propagation is issue 14's work; this checks the matrix-engine kernels")
     q, k, v, cu_q, cu_k, mq, mk = _make([9, 6], [12, 5], 2, 1, 32, 32, dtype)
     k[5, 0, 7] = float("nan")
     q[9 + 2, 0, 3] = float("nan")

@@ -67,51 +67,41 @@ Kernel automatic(at::ScalarType dtype, int64_t head_dim) {
   return Kernel::kPortable;
 }
 
+// The kernel for one call: a forced kernel the CPU or dtype lacks falls back to the automatic choice, with a one-time
+// warning (given by the forward, which runs first).
+Kernel choose(at::ScalarType dtype, int64_t head_dim, bool warn) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return Kernel::kPortable;
+  switch (request()) {
+    case Request::kBaseline:
+      return Kernel::kPortable;
+    case Request::kBrgemm:
+      if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;
+      if (warn)
+        TORCH_WARN_ONCE("lookfast: LOOKFAST_CPU_ISA=brgemm, but torch's oneDNN brgemm has no ", dtype,
+                        " micro-kernel on this CPU (bf16 needs AVX512-BF16 or AMX, fp16 AMX-FP16); varlen_attention "
+                        "uses the automatic choice (",
+                        name(automatic(dtype, head_dim)), " for this call)");
+      return automatic(dtype, head_dim);
+    case Request::kAvx512Bf16:
+      if (dtype == at::kBFloat16 && dot_kernel(dtype, 64))
+        return dot_kernel(dtype, head_dim) ? Kernel::kDot : Kernel::kPortable;
+      if (warn)
+        TORCH_WARN_ONCE("lookfast: LOOKFAST_CPU_ISA=avx512bf16, but the hand-written AVX512-BF16 kernel ",
+                        dtype == at::kBFloat16 ? "needs a CPU with AVX512-BF16" : "covers bfloat16 only",
+                        "; varlen_attention uses the automatic choice (", name(automatic(dtype, head_dim)),
+                        " for this call)");
+      return automatic(dtype, head_dim);
+    case Request::kAuto:
+    default:
+      return automatic(dtype, head_dim);
+  }
+}
+
 }  // namespace
 
-Kernel forward_kernel(at::ScalarType dtype, int64_t head_dim) {
-  if (dtype != at::kBFloat16 && dtype != at::kHalf) return Kernel::kPortable;
-  switch (request()) {
-    case Request::kBaseline:
-      return Kernel::kPortable;
-    case Request::kBrgemm:
-      if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;
-      TORCH_WARN_ONCE("lookfast: LOOKFAST_CPU_ISA=brgemm, but torch's oneDNN brgemm has no ", dtype,
-                      " micro-kernel on this CPU (bf16 needs AVX512-BF16 or AMX, fp16 AMX-FP16); varlen_attention "
-                      "uses the automatic choice (",
-                      name(automatic(dtype, head_dim)), " for this call)");
-      return automatic(dtype, head_dim);
-    case Request::kAvx512Bf16:
-      if (dtype == at::kBFloat16 && dot_kernel(dtype, 64))
-        return dot_kernel(dtype, head_dim) ? Kernel::kDot : Kernel::kPortable;
-      TORCH_WARN_ONCE("lookfast: LOOKFAST_CPU_ISA=avx512bf16, but the hand-written AVX512-BF16 kernel ",
-                      dtype == at::kBFloat16 ? "needs a CPU with AVX512-BF16" : "covers bfloat16 only",
-                      "; varlen_attention uses the automatic choice (", name(automatic(dtype, head_dim)),
-                      " for this call)");
-      return automatic(dtype, head_dim);
-    case Request::kAuto:
-    default:
-      return automatic(dtype, head_dim);
-  }
-}
+Kernel forward_kernel(at::ScalarType dtype, int64_t head_dim) { return choose(dtype, head_dim, true); }
 
-Kernel backward_kernel(at::ScalarType dtype, int64_t head_dim) {
-  if (dtype != at::kBFloat16 && dtype != at::kHalf) return Kernel::kPortable;
-  switch (request()) {
-    case Request::kBaseline:
-      return Kernel::kPortable;
-    case Request::kBrgemm:
-      if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;
-      return automatic(dtype, head_dim);  // forward_kernel warned
-    case Request::kAvx512Bf16:
-      if (dtype == at::kBFloat16 && dot_kernel(dtype, 64))
-        return dot_kernel(dtype, head_dim) ? Kernel::kDot : Kernel::kPortable;
-      return automatic(dtype, head_dim);
-    case Request::kAuto:
-    default:
-      return automatic(dtype, head_dim);
-  }
-}
+Kernel backward_kernel(at::ScalarType dtype, int64_t head_dim) { return choose(dtype, head_dim, false); }
 
 const char* name(Kernel k) {
   switch (k) {

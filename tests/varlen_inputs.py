@@ -17,3 +17,25 @@ def make_varlen(lens_q, lens_k, heads, kv_heads, dh, dv, dtype=torch.float32, st
     k = (torch.randn(int(cu_k[-1]), kv_heads, dh, dtype=torch.float64) * std).to(dtype)
     v = torch.randn(int(cu_k[-1]), kv_heads, dv, dtype=torch.float64).to(dtype)
     return q, k, v, cu_q, cu_k, max(lens_q, default=0), max(lens_k, default=0)
+
+
+def check_outputs_fully_written(lens_q, lens_k, heads, kv_heads, dh, dv, dtype):
+    """Forward and backward of the library op (scale 0.3, causal and not) over NaN-filled free memory: no NaN in
+    out/lse/dq/dk/dv, so no element went unwritten; a sample with no keys gives zeros and -inf lse (of the last
+    call, causal), and the keys of a sample with no queries get zero gradients."""
+    for _ in range(3):  # the allocator's free blocks, filled with NaN first
+        junk = torch.full((1 << 16,), float("nan"))
+        del junk
+    q, k, v, cu_q, cu_k, mq, mk = make_varlen(lens_q, lens_k, heads, kv_heads, dh, dv, dtype)
+    for causal in (False, True):
+        out, lse = torch.ops.lookfast.varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, 0.3, causal)
+        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+        grads = torch.ops.lookfast.varlen_attention_bwd(out.clone(), q, k, v, out, lse, cu_q, cu_k, mq, mk, 0.3, causal)
+        for g in grads:
+            assert not torch.isnan(g).any()
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(lens_q)):
+        if lens_k[b] == 0:
+            assert (out[cq[b] : cq[b + 1]] == 0).all() and torch.isneginf(lse[:, cq[b] : cq[b + 1]]).all()
+        if lens_q[b] == 0:
+            assert (grads[1][ck[b] : ck[b + 1]] == 0).all() and (grads[2][ck[b] : ck[b + 1]] == 0).all()

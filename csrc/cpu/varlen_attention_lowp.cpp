@@ -503,13 +503,15 @@ LF_BF16_TARGET void backward_item(const Shape& s, int64_t b, int64_t kvh, const 
         k_hi = std::max(k_hi, key_end[r]);
         const float lv = lse[h * total_q + q0 + i0 + r];
         shift[r] = lv == neg_inf ? std::numeric_limits<float>::infinity() : lv * kLog2e;  // no key: P = exp2(-inf) = 0
-        __m512 d = zero;  // delta = rowsum(dO * O) in float32 from the stored bf16 values (tiles of > 1 key block)
+      }
+      const bool one_block = k_hi <= kKeyBlock;  // then delta is rowsum(P * dP), summed below
+      for (int64_t r = 0; !one_block && r < n; ++r) {
+        __m512 d = zero;  // delta = rowsum(dO * O) in float32 from the stored bf16 values
         const c10::BFloat16* o = orow + r * H * Dv;
         const c10::BFloat16* g = dorow + r * H * Dv;
         for (int64_t c = 0; c < Dv; c += 16) d = _mm512_fmadd_ps(load_bf16(o + c, Dv - c), load_bf16(g + c, Dv - c), d);
         delta[r] = _mm512_reduce_add_ps(d);
       }
-      const bool one_block = k_hi <= kKeyBlock;  // then delta is recomputed as rowsum(P * dP) below
       key_end[n] = 0;  // an odd tile's last pair: the partner row has no key, its P and dS are exactly 0
       shift[n] = std::numeric_limits<float>::infinity();
       delta[n] = 0.f;

@@ -102,17 +102,22 @@ def _static(model, images: torch.Tensor, thresholds=None):
     return run
 
 
-def _with_cpu_time(box: dict, impls: dict) -> dict:
-    """Also record each call's process CPU time (all threads: the engine's worker included). On a shared,
-    oversubscribed machine the wall time includes waiting for a core; the CPU time does not."""
+def _recorded(box: dict, impls: dict, key: str, clock) -> dict:
+    """`impls` with each call's `clock()` difference appended, in call order, to box[key][name]."""
     def wrap(name, fn):
         def run():
-            start = time.process_time()
+            start = clock()
             result = fn()
-            box.setdefault("cpu", {}).setdefault(name, []).append(time.process_time() - start)
+            box.setdefault(key, {}).setdefault(name, []).append(clock() - start)
             return result
         return run
     return {name: wrap(name, fn) for name, fn in impls.items()}
+
+
+def _with_cpu_time(box: dict, impls: dict) -> dict:
+    """Also record each call's process CPU time (all threads: the engine's worker included). On a shared,
+    oversubscribed machine the wall time includes waiting for a core; the CPU time does not."""
+    return _recorded(box, impls, "cpu", time.process_time)
 
 
 def _cpu_notes(box: dict, ours: str, label: str = "the engine") -> list[str]:
@@ -523,14 +528,7 @@ def _runner_own_ms(model, early, calls: int = 5) -> list[float]:
 def _with_samples(box: dict, impls: dict) -> dict:
     """Also record each call's wall time, in call order (the k-th calls of two implementations alternating one call
     per turn are neighbours in time: their ratio is free of the load drift between turns)."""
-    def wrap(name, fn):
-        def run():
-            start = time.perf_counter()
-            result = fn()
-            box.setdefault("walls", {}).setdefault(name, []).append(time.perf_counter() - start)
-            return result
-        return run
-    return {name: wrap(name, fn) for name, fn in impls.items()}
+    return _recorded(box, impls, "walls", time.perf_counter)
 
 
 # ------------------------------------------------------------------------------------------------ S1-stages

@@ -12,6 +12,8 @@
              have equal lengths here, so padded SDPA is the plain batched call.
      A3      LookWhere extractor self-attention, ragged (16 images of 5 + k_i tokens, 12 heads, Dh 64): lookfast vs
              SDPA flash per-sample loop and padded SDPA with a key mask (flash takes no mask).
+             A1-A3 also time torch's own packed attention, `torch.nn.attention.varlen.varlen_attn`, where the torch
+             has it (CUDA only), checked against the row's reference like lookfast's backends.
      G1, G2  top-k patch gather + embed + positions: lookfast (CUDA C++ = gather + cuBLAS + epilogue, Triton = one
              fused kernel) vs torch.compile(gather + linear).
      E1      exit_compact, n 256, 1000 classes, two states, half the rows exit: lookfast vs torch eager.
@@ -132,6 +134,19 @@ def _sdpa_flash(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
 
+def _torch_varlen_peers(q, k, v, cu_q, cu_k, max_q: int, max_k: int) -> list:
+    """torch's own packed attention (`torch.nn.attention.varlen.varlen_attn`, FlashAttention on CUDA), the peer a
+    user of a recent torch would pick for ragged batches; none where this torch lacks it or the tensors are not on a
+    GPU (it has no CPU kernel). Its result is checked against the row's reference too, so a wrong call shows."""
+    if q.device.type != "cuda":
+        return []
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return []
+    return [Peer("torch varlen_attn", lambda: varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k), check=True)]
+
+
 def cross_row(case_id: str, batch: int, len_q: int, len_k: int, width: int, dtype, device) -> Row:
     """A1/A2: one head, equal lengths (the Dyn-Perceiver cross attentions)."""
     import torch
@@ -151,7 +166,8 @@ def cross_row(case_id: str, batch: int, len_q: int, len_k: int, width: int, dtyp
     return Row(case_id, str(dtype).replace("torch.", ""),
                f"B {batch}, {len_q} queries x {len_k} keys, 1 head, width {width}",
                2 * batch * len_q * len_k * 2 * width,
-               [Peer("sdpa flash", flash)] + _lookfast_peers(ours) + [Peer("sdpa default (= padded)", default)],
+               [Peer("sdpa flash", flash)] + _lookfast_peers(ours) + [Peer("sdpa default (= padded)", default)]
+               + _torch_varlen_peers(qp, kp, vp, cu_q, cu_k, len_q, len_k),
                _close(dtype))
 
 
@@ -198,7 +214,7 @@ def a3_row(dtype, device) -> Row:
                f"B 16, 5+k_i tokens (total {total}, max {longest}), {heads} heads, Dh {dh}",
                sum(2 * heads * n * n * 2 * dh for n in lengths),
                [Peer("sdpa flash per-sample loop", flash_loop)] + _lookfast_peers(ours)
-               + [Peer("sdpa padded + key mask", padded)],
+               + [Peer("sdpa padded + key mask", padded)] + _torch_varlen_peers(q, k, v, cu, cu, longest, longest),
                _close(dtype))
 
 

@@ -102,3 +102,25 @@ def test_main_loop_on_cpu_rows(tmp_path, monkeypatch, capsys):
         ("A1", "bfloat16"), ("E1", "bfloat16"), ("A1", "float16"), ("E1", "float16")]
     printed = capsys.readouterr().out
     assert "lookfast Triton" in printed and "gpucheck passed" in printed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ["A1", "A2", "A3"])
+def test_torch_varlen_attn_peer_matches_the_reference_on_gpu(case):
+    # torch's own packed attention is a peer of the attention rows where this torch has it; its call (layout,
+    # cumulative lengths, maxima) must give the reference's result, or its time would compare different work
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        pytest.skip("this torch has no torch.nn.attention.varlen.varlen_attn")
+    (row,) = gpucheck.build_rows(torch.bfloat16, torch.device("cuda"), only=[case], compile_peer=False)
+    assert "torch varlen_attn" in [p.name for p in row.peers]
+    result = gpucheck.run_row(row, timer=_fake_timer)
+    assert result["peers"]["torch varlen_attn"].get("check") == "ok", result["peers"]["torch varlen_attn"]
+
+
+def test_torch_varlen_attn_is_no_peer_on_cpu():
+    # it has no CPU kernel: the CPU rows must not list a peer that can only fail
+    (row,) = gpucheck.build_rows(torch.bfloat16, torch.device("cpu"), only=["A3"], compile_peer=False)
+    assert "torch varlen_attn" not in [p.name for p in row.peers]

@@ -24,8 +24,9 @@ class InferSettings:
     """Everything a worker needs, picklable (it travels to Ray actors).
 
     model: what to load (its `dtype` is the model's precision; images are decoded in float32 and cast by the
-    engine, logits converted back to float32 before the softmax, so rows have the same types in every dtype). thresholds: Dyn-Perceiver early exit, 3 or 4 max-softmax thresholds (None: the full
-    model, every image takes exit index 3). k / k_mass / k_min / k_max: LookWhere's patches per image (a fixed k, or
+    engine, logits converted back to float32 before the softmax, so rows have the same types in every dtype).
+    thresholds: Dyn-Perceiver early exit, 3 or 4 max-softmax thresholds (None: the full model, every image takes
+    exit index 3). k / k_mass / k_min / k_max: LookWhere's patches per image (a fixed k, or
     the score-mass rule; neither: the model's default k). batch: the engine's max_batch (images per stage batch).
     mask_dir / root: segmentation masks are saved as mask_dir / relpath(image, root) + ".png"."""
 

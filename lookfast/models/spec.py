@@ -139,7 +139,11 @@ class ModelSpec:
                     model = LookWhere.from_config(**opts)
         model = model.eval()
         if self.dtype != "float32":
-            _warn_if_slow(self.dtype)
+            slow = _slow_precision_message(self.dtype)
+            if slow:
+                from .._backend import warn_once
+
+                warn_once(f"spec-dtype-{self.dtype}", slow)  # points at the caller of load()
             model = model.to(self.torch_dtype)
             if self.dtype == "bfloat16" and hasattr(model, "pack_weights"):
                 model.pack_weights()  # bitwise the same outputs; does nothing where oneDNN bf16 is missing
@@ -166,14 +170,13 @@ def dtype_name(dtype) -> str:
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
-def _warn_if_slow(dtype: str) -> None:
-    """Warn once per process when the CPU has none of the matrix features that make `dtype` fast (the model then
-    runs, correctly but slowly: bf16 products as fp32 FMAs; fp16 convolutions on PyTorch's slow generic path)."""
-    from .._backend import warn_once
+def _slow_precision_message(dtype: str) -> str | None:
+    """The warning for a low precision this CPU has none of the matrix features for (the model then runs, correctly
+    but slowly: bf16 products as fp32 FMAs; fp16 convolutions on PyTorch's generic kernels), else None."""
     from ..benchmarks.ceilings import matrix_features
 
     fast = _FAST_ON[dtype]
-    if not any(f in fast for f in matrix_features()):
-        warn_once(f"spec-dtype-{dtype}",
-                  f"dtype={dtype}: this CPU has no {' or '.join(fast)}, so {dtype} gains no speed here and may run "
-                  "slower than float32 (PyTorch's generic kernels); float32 is the better choice on this machine")
+    if any(f in fast for f in matrix_features()):
+        return None
+    return (f"dtype={dtype}: this CPU has no {' or '.join(fast)}, so {dtype} gains no speed here and may run slower "
+            "than float32 (PyTorch's generic kernels); float32 is the better choice on this machine")

@@ -171,12 +171,13 @@ def dtype_name(dtype) -> str:
 
 
 def _slow_precision_message(dtype: str) -> str | None:
-    """The warning for a low precision this CPU has none of the matrix features for (the model then runs, correctly
-    but slowly: bf16 products as fp32 FMAs; fp16 convolutions on PyTorch's generic kernels), else None."""
+    """The warning for a low precision this CPU has none of the matrix features for (the model then runs correctly
+    but without a matrix engine: Dyn-Perceiver in fp16 ran ~5x slower than fp32 on an AVX512-BF16-only CPU), else
+    None."""
     from ..benchmarks.ceilings import matrix_features
 
     fast = _FAST_ON[dtype]
     if any(f in fast for f in matrix_features()):
         return None
-    return (f"dtype={dtype}: this CPU has no {' or '.join(fast)}, so {dtype} gains no speed here and may run slower "
-            "than float32 (PyTorch's generic kernels); float32 is the better choice on this machine")
+    return (f"dtype={dtype}: this CPU has no {' or '.join(fast)}, so {dtype} gains no speed here and may run much "
+            "slower than float32; float32 is the better choice on this machine")

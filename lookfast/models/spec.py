@@ -172,7 +172,7 @@ def dtype_name(dtype) -> str:
 
 def _slow_precision_message(dtype: str) -> str | None:
     """The warning for a low precision this CPU has none of the matrix features for (the model then runs correctly
-    but without a matrix engine: Dyn-Perceiver in fp16 ran ~5x slower than fp32 on an AVX512-BF16-only CPU), else
+    but without a matrix engine: Dyn-Perceiver in fp16 ran ~4x slower than fp32 on an AVX512-BF16-only CPU), else
     None."""
     from ..benchmarks.ceilings import matrix_features
 

@@ -11,7 +11,7 @@ EPILOG = """examples:
       --input val/ --output preds.parquet --thresholds 0.8 0.7 0.6
   python -m lookfast infer --model lookwhere:dinov2 --checkpoint lw_in1k.pt --num-classes 1000 \\
       --input 'val/**/*.JPEG' --output preds.jsonl --k-mass 0.5 --k-min 16
-  python -m lookfast infer ... --dtype bfloat16               # bf16 weights: faster on AVX512-BF16 / AMX CPUs
+  python -m lookfast infer ... --dtype bfloat16              # bf16 weights: faster on AVX512-BF16 / AMX CPUs
   python -m lookfast infer ... --ray local --actors 2        # the same job on Ray Data
 """
 

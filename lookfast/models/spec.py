@@ -22,7 +22,7 @@ Precision (`dtype`): "float32" (default; the authors' float32 outputs, the exist
 Engine casts each (float32-decoded) image to the model's dtype right before the model call, and `lookfast infer` /
 `lookfast serve` convert the logits to float32 before softmax / argmax, so rows and answers keep their float32 types.
 A low precision the CPU has no matrix engine for (bf16 without AVX512-BF16 / AMX-BF16, fp16 without AVX512-FP16 /
-AMX-FP16) runs, slowly: `load()` warns once.
+AMX-FP16) runs correctly but gains nothing and may be much slower than float32: `load()` warns once.
 """
 from __future__ import annotations
 

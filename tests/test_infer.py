@@ -2,6 +2,7 @@
 JSON Lines and Parquet, resume after an interruption without duplicates, and the command line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from image_files import N_IMAGES  # noqa: E402
 from infer_data import DP_SPEC, LW_SPEC, assert_same_rows, decoded, split_thresholds  # noqa: E402
 from lookfast.__main__ import main as cli  # noqa: E402
 from lookfast.infer import InferSettings, read_rows, run_inference  # noqa: E402
-from lookfast.infer.outputs import RowWriter  # noqa: E402
+from lookfast.infer.outputs import RowWriter, arrow_schema  # noqa: E402
 from lookfast.infer.predict import Worker  # noqa: E402
 from lookfast.infer.sources import list_images  # noqa: E402
 from lookfast.models.spec import ModelSpec  # noqa: E402
@@ -318,3 +319,171 @@ def test_lookwhere_checkpoint_loading_through_the_spec(tmp_path):
     torch.save(nested, path)
     with pytest.warns(UserWarning, match="no classifier head"):
         ModelSpec.parse("lookwhere", checkpoint=path, options=options).load()
+
+
+# ------------------------------------------------------------------------------------------------------- --dtype
+def _official_probs(spec, paths, dtype):
+    """Per exit (Dyn-Perceiver: 4; LookWhere: 1), the float64 softmax (N, C) of the official computation
+    (ops="reference") of `spec`'s weights run in `dtype` on the decoded images, and that model."""
+    ref = replace(spec, options={**spec.options, "ops": "reference"}, dtype=dtype)
+    model = ref.load()
+    x = decoded(model, paths).to(ref.torch_dtype)
+    with torch.no_grad():
+        y = model(x)
+    return [torch.softmax(t.double(), -1) for t in (y if isinstance(y, (list, tuple)) else [y])], model
+
+
+def _first_passing_exit(probs, thresholds):
+    """The official early-exit rule in float64: per image, the first exit e < 3 whose max softmax >= thresholds[e]."""
+    exits = torch.full((probs[0].shape[0],), len(probs) - 1, dtype=torch.int64)
+    for e in reversed(range(len(probs) - 1)):
+        exits[probs[e].max(-1).values >= thresholds[e]] = e
+    return exits
+
+
+@pytest.mark.parametrize("family", ["dyn_perceiver", "lookwhere"])
+def test_bfloat16_rows_agree_with_the_float32_reference(folder, tmp_path, family):
+    """--dtype bfloat16: the same columns and types as float32 (JSON Lines and Parquet), and against the float32
+    official computation, probabilities within the bf16 rule of tests/test_models_bf16.py (at most 2x the error of the
+    official computation run in bf16), top-1 equal on most images and wherever the float32 top-1 leads by more than
+    that error, and (Dyn-Perceiver, early exit on bf16 logits) the same exit on most images."""
+    root, good, corrupt = folder
+    spec = DP_SPEC if family == "dyn_perceiver" else LW_SPEC
+    p32, model32 = _official_probs(spec, good, "float32")
+    p16, _ = _official_probs(spec, good, "bfloat16")
+    tol = 2 * max(float((a - b).abs().max()) for a, b in zip(p16, p32))
+    assert 0 < tol < 0.1  # bf16 rounding, not a different model
+    thresholds = split_thresholds(model32, decoded(model32, good)) if family == "dyn_perceiver" else None
+    ref_exit = _first_passing_exit(p32, thresholds) if thresholds else torch.zeros(len(good), dtype=torch.int64)
+
+    rows = {}
+    for dtype, out in (("float32", "f32.jsonl"), ("bfloat16", "bf16.jsonl"), ("bfloat16", "bf16.parquet")):
+        run_inference(InferSettings(replace(spec, dtype=dtype), thresholds=thresholds, batch=8), root,
+                      tmp_path / out, progress=False)
+        rows[out] = read_rows(tmp_path / out)
+    # Same columns and value types as float32, row for row (JSON Lines); the Parquet copy holds the same rows.
+    assert len(rows["bf16.jsonl"]) == len(rows["f32.jsonl"]) == N_IMAGES + len(corrupt)
+    for a, b in zip(rows["f32.jsonl"], rows["bf16.jsonl"]):
+        assert a.keys() == b.keys() and a["path"] == b["path"] and a["error"] == b["error"]
+        assert {k: type(v) for k, v in a.items() if k != "top5"} == {k: type(v) for k, v in b.items() if k != "top5"}
+        if a["top5"] is not None:
+            assert [[type(c), type(p)] for c, p in b["top5"]] == [[int, float]] * len(a["top5"])
+    assert_same_rows(rows["bf16.parquet"], rows["bf16.jsonl"], tol=1e-6)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "bf16.parquet").schema.equals(arrow_schema())
+
+    by_path = {r["path"]: r for r in rows["bf16.jsonl"]}
+    same_exit = same_top1 = 0
+    for i, path in enumerate(good):
+        row, e = by_path[path], int(ref_exit[i])
+        if family == "dyn_perceiver":
+            if row["exit_index"] != e:
+                continue  # a confidence near its threshold: bf16 may take the neighbouring exit
+            same_exit += 1
+        ref = p32[e][i]
+        for c, p in row["top5"]:
+            assert abs(p - float(ref[c])) <= tol, (path, c, p, float(ref[c]), tol)
+        top2 = ref.topk(2).values
+        if row["top5"][0][0] == int(ref.argmax()):
+            same_top1 += 1
+        else:
+            assert float(top2[0] - top2[1]) <= 2 * tol, (path, "top-1 flipped with a clear float32 lead")
+    checked = same_exit if family == "dyn_perceiver" else len(good)
+    assert same_top1 >= 0.8 * checked
+    if family == "dyn_perceiver":
+        assert same_exit >= 0.75 * len(good)
+        assert {by_path[p]["exit_index"] for p in good} == {0, 1, 2, 3}
+
+
+def test_low_precision_seg_masks_and_float16(folder, tmp_path):
+    """--dtype bfloat16 with the seg task writes masks (argmax of float32-converted logits) that mostly agree with
+    the float32 official masks; --dtype float16 runs too (rows of the same types)."""
+    root, good, _ = folder
+    spec = replace(LW_SPEC, options={**LW_SPEC.options, "task": "seg"}, dtype="bfloat16")
+    settings = InferSettings(spec, k=5, batch=8, mask_dir=str(tmp_path / "masks"))
+    run_inference(settings, os.path.join(root, "sub", "*.jpg"), tmp_path / "seg.jsonl", progress=False)
+    rows = read_rows(tmp_path / "seg.jsonl")
+    assert rows and all(r["error"] is None and r["k"] == 5 for r in rows)
+    from PIL import Image
+
+    ref = replace(spec, options={**spec.options, "ops": "reference"}, dtype="float32").load()
+    agree = total = 0
+    for row in rows:
+        mask = np.asarray(Image.open(row["mask"]))
+        with torch.no_grad():
+            seg = ref(decoded(ref, [row["path"]]), k=5)[0]
+        assert mask.shape == (5, 5)
+        agree += int((mask == seg.argmax(0).numpy()).sum())
+        total += mask.size
+    assert agree >= 0.8 * total
+
+    out = tmp_path / "fp16.jsonl"
+    with pytest.warns(RuntimeWarning, match="float16") if _no_fast_fp16() else contextlib.nullcontext():
+        _backend_warned().discard("spec-dtype-float16")
+        run_inference(InferSettings(replace(DP_SPEC, dtype="float16"), batch=8), os.path.join(root, "sub", "*.jpg"),
+                      out, progress=False)
+    fp16_rows = read_rows(out)
+    assert fp16_rows and all(r["exit_index"] == 3 and isinstance(r["top5"][0][1], float) for r in fp16_rows)
+
+
+def _backend_warned():
+    from lookfast import _backend
+
+    return _backend._warned
+
+
+def _no_fast_fp16():
+    from lookfast.benchmarks.ceilings import matrix_features
+
+    return not any(f in ("AMX-FP16", "AVX512-FP16") for f in matrix_features())
+
+
+def test_dtype_validation_and_the_slow_precision_warning(monkeypatch):
+    for bad in ("float64", "bf16", torch.float64, None):
+        with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+            ModelSpec.parse("dyn_perceiver:reg400m_perceiver_t32", random_weights=True, dtype=bad)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        replace(DP_SPEC, dtype="half")
+    assert replace(DP_SPEC, dtype=torch.bfloat16).dtype == "bfloat16"  # a torch.dtype is stored as its name
+    assert ModelSpec.parse("dyn_perceiver:reg400m_perceiver_t32", random_weights=True).dtype == "float32"
+    assert "dtype=bfloat16" in replace(DP_SPEC, dtype="bfloat16").describe()
+    assert "dtype" not in DP_SPEC.describe()
+    # Weights cast; LookWhere's bf16 weights packed (where torch has oneDNN bf16).
+    from lookfast.models.packed_linear import packing_available
+
+    lw = replace(LW_SPEC, dtype="bfloat16").load()
+    assert {p.dtype for p in lw.parameters()} == {torch.bfloat16}
+    assert lw.selector.packed_linears == packing_available()
+    # One warning per process and precision, only on a CPU without the matrix engine for it.
+    import lookfast.benchmarks.ceilings as ceilings
+
+    warned = _backend_warned()
+    monkeypatch.setattr(ceilings, "matrix_features", lambda: ["AVX512-BF16"])
+    warned.discard("spec-dtype-float16")
+    with pytest.warns(RuntimeWarning, match="no AMX-FP16 or AVX512-FP16"):
+        replace(DP_SPEC, dtype="float16").load()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replace(DP_SPEC, dtype="float16").load()      # once
+        replace(DP_SPEC, dtype="bfloat16").load()     # this CPU (as patched) has a bf16 engine
+    monkeypatch.setattr(ceilings, "matrix_features", lambda: [])
+    warned.discard("spec-dtype-bfloat16")
+    with pytest.warns(RuntimeWarning, match="no AMX-BF16 or AVX512-BF16"):
+        replace(DP_SPEC, dtype="bfloat16").load()
+
+
+def test_command_line_dtype(folder, tmp_path, capsys):
+    out = tmp_path / "bf16.jsonl"
+    code = cli(["infer", "--model", "dyn_perceiver:reg400m_perceiver_t32", "--random-weights", "--num-classes", "10",
+                "--input-size", "64", "--input", os.path.join(folder[0], "sub"), "--output", str(out),
+                "--dtype", "bfloat16", "--batch", "8", "--threads", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 0 and "dtype=bfloat16" in err
+    assert len(read_rows(out)) == len([p for p in folder[1] if "/sub/" in p])
+    with pytest.raises(SystemExit) as exc:  # argparse refuses other values, naming the flag
+        cli(["infer", "--model", "dyn_perceiver:reg400m_perceiver_t32", "--random-weights", "--input", folder[0],
+             "--output", str(tmp_path / "x.jsonl"), "--dtype", "float64"])
+    assert exc.value.code == 2 and "--dtype" in capsys.readouterr().err

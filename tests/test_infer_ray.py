@@ -92,3 +92,27 @@ def test_ray_lookwhere_k_mass_and_resume(folder, tmp_path):
     assert summary["already_done"] == 20 and summary["images"] == len(expected) - 20
     assert_same_rows(read_rows(out), expected)
     assert len({r["k"] for r in expected if r["k"] is not None}) > 1
+
+
+def test_ray_bfloat16_actors_run_the_spec_dtype(folder, tmp_path):
+    """--dtype travels to the actors with the ModelSpec: a bf16 Ray run writes the rows of the single-process bf16
+    run (same classes and exits; probabilities to bf16 batch-composition noise; not the float32 rows), and the
+    summary's MACs are counted."""
+    from dataclasses import replace
+
+    root, good, corrupt = folder
+    settings = InferSettings(replace(DP_SPEC, dtype="bfloat16"), batch=8)
+    inputs = os.path.join(root, "sub", "*.jpg")
+    single = tmp_path / "single.jsonl"
+    run_inference(settings, inputs, single, progress=False)
+    out = tmp_path / "ray.jsonl"
+    summary = run_inference(settings, inputs, out, progress=False, ray_address="local", actors=2)
+    rows = read_rows(out)
+    assert len(rows) == len([p for p in good if "/sub/" in p]) and summary["full_macs"] > 0
+    assert all(isinstance(r["top5"][0][1], float) and r["exit_index"] == 3 for r in rows)
+    assert_same_rows(rows, read_rows(single), tol=1e-3)
+    # ... and not float32 rows: the float32 run differs from the bf16 ones by bf16 rounding (~1e-2 here, >> 1e-3).
+    f32 = tmp_path / "f32.jsonl"
+    run_inference(InferSettings(DP_SPEC, batch=8), inputs, f32, progress=False)
+    by_path = {r["path"]: r for r in read_rows(f32)}
+    assert max(abs(p - q) for r in rows for (_, p), (_, q) in zip(r["top5"], by_path[r["path"]]["top5"])) > 2e-3

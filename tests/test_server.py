@@ -117,6 +117,7 @@ def test_healthz(dp_server):
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "ok" and body["random_weights"] is True and body["model"] == f"dyn_perceiver:{DP_MODEL}"
+    assert body["dtype"] == "float32"
     assert body["engine"]["kind"] == "multi_exit"
 
 
@@ -161,6 +162,41 @@ def test_concurrent_clients(dp_server, dp_local):
     for i in range(8):
         assert results[i].status_code == 200, results[i].text
         assert results[i].json()["exit_index"] == int(exits[i])
+
+
+def test_bfloat16_server_answers_float32_typed_json():
+    """--dtype bfloat16: /healthz says so, and /v1/predict answers the same JSON shape and types as float32, with
+    probabilities within the bf16 rule of tests/test_models_bf16.py (at most 2x the error of the official computation
+    run in bf16) of the float32 official computation on the same decoded image."""
+    from lookfast.images import decode_image, transform_for
+    from lookfast.models.spec import ModelSpec
+
+    data = image_bytes(8)
+    probs = {}
+    for dtype in ("float32", "bfloat16"):  # the official computation (ops="reference") of the server's weights
+        model = ModelSpec.parse(f"dyn_perceiver:{DP_MODEL}", random_weights=True, options={"ops": "reference"},
+                                dtype=dtype).load()
+        with torch.no_grad():
+            logits = model(decode_image(data, transform_for(model))[None].to(next(model.parameters()).dtype))[-1]
+        probs[dtype] = torch.softmax(logits[0].double(), 0)
+    tol = 2 * float((probs["bfloat16"] - probs["float32"]).abs().max())
+    assert 0 < tol < 0.1
+    server = Server("--model", f"dyn_perceiver:{DP_MODEL}", "--random-weights", "--seed", "0", "--dtype", "bfloat16",
+                    "--max-batch", "4", "--threads", "1")
+    try:
+        health = httpx.get(server.url + "/healthz", timeout=30).json()
+        assert health["dtype"] == "bfloat16" and health["status"] == "ok"
+        r = _post(server.url, data)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["exit_index"] == 3 and body["k"] is None and len(body["top5"]) == 5
+        for t in body["top5"]:
+            assert type(t["class"]) is int and type(t["probability"]) is float
+            assert abs(t["probability"] - float(probs["float32"][t["class"]])) <= tol, (t, tol)
+        ps = [t["probability"] for t in body["top5"]]
+        assert ps == sorted(ps, reverse=True)
+    finally:
+        assert server.stop(), server.output
 
 
 def test_sigterm_drains_a_request_in_flight():
@@ -213,7 +249,9 @@ def test_bad_command_lines_fail_clearly():
     for flags, message in ((["--model", "dyn_perceiver:nope", "--random-weights"], "unknown Dyn-Perceiver config"),
                            (["--model", f"dyn_perceiver:{DP_MODEL}"], "--checkpoint PATH or --random-weights"),
                            (["--model", f"dyn_perceiver:{DP_MODEL}", "--random-weights", "--k-mass", "0.5"],
-                            "lookwhere")):
+                            "lookwhere"),
+                           (["--model", f"dyn_perceiver:{DP_MODEL}", "--random-weights", "--dtype", "float64"],
+                            "--dtype")):
         p = subprocess.run([sys.executable, "-m", "lookfast", "serve", *flags], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=STARTUP_S)
         assert p.returncode == 2 and message in p.stderr, p.stderr

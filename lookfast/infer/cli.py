@@ -11,6 +11,7 @@ EPILOG = """examples:
       --input val/ --output preds.parquet --thresholds 0.8 0.7 0.6
   python -m lookfast infer --model lookwhere:dinov2 --checkpoint lw_in1k.pt --num-classes 1000 \\
       --input 'val/**/*.JPEG' --output preds.jsonl --k-mass 0.5 --k-min 16
+  python -m lookfast infer ... --dtype bfloat16              # bf16 weights: faster on AVX512-BF16 / AMX CPUs
   python -m lookfast infer ... --ray local --actors 2        # the same job on Ray Data
 """
 
@@ -35,6 +36,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--task", choices=("cls", "seg"), help="LookWhere task (seg saves one mask PNG per image)")
     m.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                    help="another constructor argument (VALUE read as JSON when it parses, else a string); repeatable")
+    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model precision (default float32: the authors' float32 outputs). bfloat16/float16: weights "
+                        "and (after decoding in float32) images cast, probabilities computed and written in float32; "
+                        "they match float32 within bf16/fp16 rounding (a borderline top-1 may flip). Faster only on "
+                        "CPUs with AVX512-BF16 or AMX (bf16), AVX512-FP16 or AMX-FP16 (fp16); warns otherwise")
     r = p.add_argument_group("what runs")
     r.add_argument("--thresholds", type=float, nargs="+", metavar="T",
                    help="Dyn-Perceiver early exit: max-softmax thresholds of exits 1-3 (e.g. from "
@@ -89,7 +95,8 @@ def main(args) -> int:
     from .run import run_inference
 
     try:
-        spec = ModelSpec.parse(args.model, args.checkpoint, args.random_weights, _model_options(args))
+        spec = ModelSpec.parse(args.model, args.checkpoint, args.random_weights, _model_options(args),
+                               dtype=args.dtype)
         mask_dir = args.mask_dir
         if spec.options.get("task") == "seg" and mask_dir is None:
             mask_dir = os.fspath(args.output).rstrip("/\\").rsplit(".", 1)[0] + "_masks"

@@ -23,8 +23,10 @@ from ..models.spec import ModelSpec
 class InferSettings:
     """Everything a worker needs, picklable (it travels to Ray actors).
 
-    model: what to load. thresholds: Dyn-Perceiver early exit, 3 or 4 max-softmax thresholds (None: the full
-    model, every image takes exit index 3). k / k_mass / k_min / k_max: LookWhere's patches per image (a fixed k, or
+    model: what to load (its `dtype` is the model's precision; images are decoded in float32 and cast by the
+    engine, logits converted back to float32 before the softmax, so rows have the same types in every dtype).
+    thresholds: Dyn-Perceiver early exit, 3 or 4 max-softmax thresholds (None: the full model, every image takes
+    exit index 3). k / k_mass / k_min / k_max: LookWhere's patches per image (a fixed k, or
     the score-mass rule; neither: the model's default k). batch: the engine's max_batch (images per stage batch).
     mask_dir / root: segmentation masks are saved as mask_dir / relpath(image, root) + ".png"."""
 
@@ -132,7 +134,7 @@ class Worker:
     def _fill(self, row: dict, pred) -> None:
         row["exit_index"] = pred.exit_index if self.multi_exit else None
         row["k"] = pred.k if not self.multi_exit else None
-        logits = pred.logits.float()
+        logits = pred.logits.float()  # bf16/fp16 models: softmax / argmax in float32, rows typed as in float32
         if self.task == "seg":
             row["mask"] = self._save_mask(row["path"], logits.argmax(0))
             return

@@ -99,10 +99,10 @@ def _exit_macs(model):
 
 def _exit_macs_of_spec(settings):
     """MACs per exit for the summary of a Ray run: counted on a randomly initialised copy (they do not depend on the
-    weights), so the driver never loads the checkpoint."""
+    weights or the dtype), so the driver never loads the checkpoint."""
     if settings.model.family != "dyn_perceiver":
         return None
-    spec = replace(settings.model, checkpoint=None, random_weights=True)
+    spec = replace(settings.model, checkpoint=None, random_weights=True, dtype="float32")
     return _exit_macs(spec.load())
 
 

@@ -15,6 +15,14 @@ Families:
   (default 136, the model's default k), num_classes (required: the classes the head predicts), task ("cls" | "seg")
   and the LookWhereConfig fields.
 Every model is built with ops="fused" (lookfast kernels) unless options say "reference".
+
+Precision (`dtype`): "float32" (default; the authors' float32 outputs, the existing contract), "bfloat16" or
+"float16". In bf16/fp16 the loaded model's weights are cast (`model.to(dtype)`) and LookWhere's bf16 weights packed
+(`LookWhere.pack_weights()`: bitwise the same outputs, faster; a no-op where torch lacks oneDNN bf16). The serving
+Engine casts each (float32-decoded) image to the model's dtype right before the model call, and `lookfast infer` /
+`lookfast serve` convert the logits to float32 before softmax / argmax, so rows and answers keep their float32 types.
+A low precision the CPU has no matrix engine for (bf16 without AVX512-BF16 / AMX-BF16, fp16 without AVX512-FP16 /
+AMX-FP16) runs correctly but gains nothing and may be much slower than float32: `load()` warns once.
 """
 from __future__ import annotations
 
@@ -25,6 +33,9 @@ from dataclasses import dataclass, field
 import torch
 
 FAMILIES = ("dyn_perceiver", "lookwhere")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The CPU matrix features (lookfast.benchmarks.ceilings.matrix_features) that make each low precision fast.
+_FAST_ON = {"bfloat16": ("AMX-BF16", "AVX512-BF16"), "float16": ("AMX-FP16", "AVX512-FP16")}
 
 
 def split_model_name(model: str) -> tuple[str, str]:
@@ -49,12 +60,18 @@ class ModelSpec:
     random_weights: bool = False
     seed: int = 0
     options: dict = field(default_factory=dict)
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
 
     @classmethod
     def parse(cls, model: str, checkpoint: str | os.PathLike | None = None, random_weights: bool = False,
-              options: dict | None = None, seed: int = 0) -> "ModelSpec":
+              options: dict | None = None, seed: int = 0, dtype: str = "float32") -> "ModelSpec":
         """Parse "family:name" (see the module docstring). Raises ValueError for an unknown family or config, a
-        missing checkpoint file, or neither/both of checkpoint and random_weights."""
+        missing checkpoint file, neither/both of checkpoint and random_weights, or a dtype other than "float32",
+        "bfloat16" and "float16"."""
+        dtype = dtype_name(dtype)
         family, name = split_model_name(model)
         if family not in FAMILIES:
             raise ValueError(f"model {model!r}: unknown family {family!r}; known: {', '.join(FAMILIES)}")
@@ -81,10 +98,16 @@ class ModelSpec:
                                  "head predicts; the official checkpoints hold no head)")
             if name and checkpoint is None:
                 options.setdefault("lw_type", name)
-        return cls(family, name, checkpoint, random_weights, seed, options)
+        return cls(family, name, checkpoint, random_weights, seed, options, dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """`dtype` as a torch.dtype."""
+        return DTYPES[self.dtype]
 
     def load(self) -> torch.nn.Module:
-        """Build the model in eval mode (CPU, float32)."""
+        """Build the model in eval mode on the CPU, in `dtype` (weights cast; LookWhere's bf16 weights packed, see
+        the module docstring). Warns once per process when the CPU has no matrix engine for a low precision."""
         opts = dict(self.options)
         opts.setdefault("ops", "fused")
         with torch.random.fork_rng(devices=[]):
@@ -114,11 +137,47 @@ class ModelSpec:
                                          f"a {model.config.lw_type} LookWhere")
                 else:
                     model = LookWhere.from_config(**opts)
-        return model.eval()
+        model = model.eval()
+        if self.dtype != "float32":
+            slow = _slow_precision_message(self.dtype)
+            if slow:
+                from .._backend import warn_once
+
+                warn_once(f"spec-dtype-{self.dtype}", slow)  # points at the caller of load()
+            model = model.to(self.torch_dtype)
+            if self.dtype == "bfloat16" and hasattr(model, "pack_weights"):
+                model.pack_weights()  # bitwise the same outputs; does nothing where oneDNN bf16 is missing
+        return model
 
     def describe(self) -> str:
         """One line for logs: "family:name option=value ... from <checkpoint path | RANDOM weights (seed N)>"."""
         weights = self.checkpoint or f"RANDOM weights (seed {self.seed})"
         name = f"{self.family}:{self.name}" if self.name else self.family
         opts = "".join(f" {k}={v}" for k, v in sorted(self.options.items()))
+        if self.dtype != "float32":
+            opts += f" dtype={self.dtype}"
         return f"{name}{opts} from {weights}"
+
+
+def dtype_name(dtype) -> str:
+    """"float32" / "bfloat16" / "float16" from that name or the torch.dtype; ValueError naming `dtype` otherwise."""
+    if isinstance(dtype, torch.dtype):
+        for name, value in DTYPES.items():
+            if dtype == value:
+                return name
+    elif isinstance(dtype, str) and dtype in DTYPES:
+        return dtype
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _slow_precision_message(dtype: str) -> str | None:
+    """The warning for a low precision this CPU has none of the matrix features for (the model then runs correctly
+    but without a matrix engine: Dyn-Perceiver in fp16 ran ~4x slower than fp32 on an AVX512-BF16-only CPU), else
+    None."""
+    from ..benchmarks.ceilings import matrix_features
+
+    fast = _FAST_ON[dtype]
+    if any(f in fast for f in matrix_features()):
+        return None
+    return (f"dtype={dtype}: this CPU has no {' or '.join(fast)}, so {dtype} gains no speed here and may run much "
+            "slower than float32; float32 is the better choice on this machine")

@@ -15,6 +15,7 @@ EPILOG = """examples:
       --thresholds 0.8 0.7 0.6 0
   python -m lookfast serve --model lookwhere:dinov2 --checkpoint lookwhere_dinov2.pt --k-mass 0.5 --k-min 16
   python -m lookfast serve --model dyn_perceiver:reg800m_perceiver_t128 --random-weights   # try it untrained
+  python -m lookfast serve ... --dtype bfloat16                # bf16 weights: faster on AVX512-BF16 / AMX CPUs
   curl -F file=@cat.jpg http://127.0.0.1:8000/v1/predict
 """
 
@@ -39,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "weights in every process)")
     m.add_argument("--ops", choices=("fused", "reference"), default="fused",
                    help="model implementation: lookfast kernels or plain PyTorch (default fused)")
+    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model precision (default float32: the authors' float32 outputs). bfloat16/float16: weights "
+                        "and (after decoding in float32) images cast, probabilities computed and answered in float32; "
+                        "they match float32 within bf16/fp16 rounding (a borderline top-1 may flip). Faster only on "
+                        "CPUs with AVX512-BF16 or AMX (bf16), AVX512-FP16 or AMX-FP16 (fp16); warns otherwise")
     m.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default torch's)")
     e = p.add_argument_group("engine")
     e.add_argument("--max-batch", type=int, default=32, metavar="N", help="most images per stage batch (default 32)")
@@ -91,7 +97,8 @@ def main(args: argparse.Namespace) -> int:
         if family == "lookwhere":
             options.update(high_res_size=args.high_res_size, k=args.k if args.k is not None else 136,
                            num_classes=args.num_classes)
-        spec = ModelSpec.parse(args.model, args.checkpoint, args.random_weights, options, seed=args.seed)
+        spec = ModelSpec.parse(args.model, args.checkpoint, args.random_weights, options, seed=args.seed,
+                               dtype=args.dtype)
         if spec.family == "dyn_perceiver":
             for flag in ("k", "k_mass", "k_max", "max_tokens"):
                 if getattr(args, flag) is not None:

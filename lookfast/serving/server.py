@@ -7,8 +7,10 @@
                        "latency_ms": {"engine": float, "total": float}, "model": str} (a "seg" LookWhere answers
                        "mask": the (G, G) argmax class ids instead of "top5"). A malformed upload gets a 4xx with
                        {"error": "..."}; the server keeps serving.
-    GET  /healthz      {"status": "ok" | "draining", "model": ..., "random_weights": bool, "in_flight": int,
-                       "engine": Engine.stats()}.
+    GET  /healthz      {"status": "ok" | "draining", "model": ..., "random_weights": bool, "dtype": "float32" |
+                       "bfloat16" | "float16" (the model's precision), "in_flight": int, "engine": Engine.stats()}.
+Whatever the model's dtype, probabilities are computed from the logits converted to float32 and answered as JSON
+numbers, as in float32.
 
 SIGTERM (or Ctrl-C): uvicorn stops accepting connections and waits for the requests in flight; then the engine is
 closed, which finishes everything it was given.
@@ -43,7 +45,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def _answer(pred, name: str, t_start: float) -> dict:
     out = {"model": name, "exit_index": pred.exit_index, "k": pred.k}
-    logits = pred.logits.float()
+    logits = pred.logits.float()  # bf16/fp16 models: softmax / argmax in float32, answers typed as in float32
     if logits.dim() == 1:
         probs = torch.softmax(logits, 0)
         top = torch.topk(probs, min(5, probs.shape[0]))
@@ -59,6 +61,7 @@ def create_app(engine: Engine, transform: EvalTransform, model_name: str, random
     """The FastAPI application serving `engine`. Images are decoded with `transform` (lookfast.images); the engine
     is closed (drained) when the application shuts down."""
     state = {"in_flight": 0, "draining": False}
+    dtype = str(engine.dtype).removeprefix("torch.")  # the model's precision (Engine: its parameters' dtype)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -79,7 +82,8 @@ def create_app(engine: Engine, transform: EvalTransform, model_name: str, random
     @app.get("/healthz")
     async def healthz():
         return {"status": "draining" if state["draining"] or engine.closed else "ok", "model": model_name,
-                "random_weights": random_weights, "in_flight": state["in_flight"], "engine": engine.stats()}
+                "random_weights": random_weights, "dtype": dtype, "in_flight": state["in_flight"],
+                "engine": engine.stats()}
 
     @app.post("/v1/predict")
     async def predict(file: UploadFile = File(...)):

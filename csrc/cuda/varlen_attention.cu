@@ -13,9 +13,10 @@
 // loops over the H/Hk query heads that share its kv head and over the query tiles that can see it. Every output
 // element has exactly one writer. Probabilities are recomputed from the saved log-sum-exp.
 //
-// bf16/fp16 forwards with head dims <= 128 on sm_80+ run on the tensor cores instead (varlen_attention_mma.cu: wmma
-// fragments, fp32 accumulation and softmax statistics, roofline there; LOOKFAST_CUDA_MMA=0 selects this file's SIMT
-// kernel). The backward of every dtype is this file's SIMT kernel (fp32 accumulation for bf16/fp16).
+// bf16/fp16 forwards and backwards with head dims <= 128 on sm_80+ run on the tensor cores instead
+// (varlen_attention_mma.cu and varlen_attention_mma_bwd.cu: wmma fragments, fp32 accumulation and softmax statistics,
+// rooflines there; the backward is compiled, never run on a GPU); LOOKFAST_CUDA_MMA=0 selects this file's SIMT kernels,
+// which stay the path for fp32/fp64, wider heads and GPUs before sm_80 (fp32 accumulation for bf16/fp16).
 //
 // Roofline on an H100 SXM (3.35 TB/s HBM; ~67 TFLOP/s fp32 FMA, which these kernels use: no tensor cores):
 //   fwd FLOPs = 2 * sum_b Lq_b * Lk_b * (Dh + Dv) * H; bytes ~ q + out + lse, plus K/V once per block.
@@ -469,6 +470,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
   if (batch == 0 || heads == 0 || total_q == 0) {
     // no query: every gradient is zero (keys of samples without queries are written as zeros by the kernel too)
     return {dq.zero_(), dk_t.zero_(), dv_t.zero_()};
+  }
+  // bf16/fp16 on tensor cores when the head dims and the GPU allow it (varlen_attention_mma_bwd.cu)
+  if (varlen_attention_bwd_mma(dout, q, k, v, out, lse, cu_q, cu_k, dq, dk_t, dv_t, max_seqlen_q, max_seqlen_k,
+                               softmax_scale, causal)) {
+    return {dq, dk_t, dv_t};
   }
   const int group = static_cast<int>(heads / k.size(1));
   const auto stream = c10::cuda::getCurrentCUDAStream();

@@ -29,10 +29,9 @@
 #include <mma.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "cuda/varlen_attention_mma.h"
+#include "cuda/varlen_attention_mma_common.cuh"
 
 namespace lookfast {
 namespace {
@@ -41,11 +40,9 @@ constexpr int kMmaWarps = 4;
 constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr int kTileM = 16 * kMmaWarps;  // queries per block
 constexpr int kTileN = 64;              // keys per tile
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-__device__ __forceinline__ __half to_low(float x, __half*) { return __float2half_rn(x); }
-__device__ __forceinline__ __nv_bfloat16 to_low(float x, __nv_bfloat16*) { return __float2bfloat16_rn(x); }
+using mma_common::kLn2;
+using mma_common::kLog2e;
+using mma_common::to_low;
 
 // Shared-memory layout. Rows are padded (wmma wants ldm a multiple of 16 bytes and fragment bases 32-byte aligned,
 // which these keep) so that the softmax and rescale loops, where lane pairs walk rows 16 apart, hit at most 2-way bank
@@ -70,15 +67,10 @@ struct MmaSmem {
                     (16 * ld_o * 4) % 32 == 0, "16-row steps keep 32-byte alignment");
 };
 
-// rows [row0, row0 + count) x [0, dim) of a (tokens, heads, dim) tensor (raw 16-bit elements) into a rows x DP tile,
-// zeros elsewhere; consecutive threads take consecutive columns (coalesced)
 template <int DP, int ROWS>
 __device__ __forceinline__ void stage_tile(uint16_t* dst, const uint16_t* __restrict__ src, int64_t row0, int64_t count,
                                            int64_t stride_t, int dim) {
-  for (int idx = threadIdx.x; idx < ROWS * DP; idx += kMmaThreads) {
-    const int r = idx / DP, d = idx % DP;
-    dst[r * MmaSmem<DP>::ld_in + d] = (r < count && d < dim) ? src[(row0 + r) * stride_t + d] : uint16_t(0);
-  }
+  mma_common::stage_tile<DP, ROWS, MmaSmem<DP>::ld_in, kMmaThreads>(dst, src, row0, count, stride_t, dim);
 }
 
 template <typename WT, int DP>
@@ -228,11 +220,6 @@ __global__ void __launch_bounds__(kMmaThreads, 1) varlen_fwd_mma_kernel(
 #endif
 }
 
-bool mma_enabled() {
-  const char* flag = std::getenv("LOOKFAST_CUDA_MMA");
-  return flag == nullptr || std::strcmp(flag, "0") != 0;
-}
-
 template <typename WT, int DP>
 bool launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
             const at::Tensor& cu_k, at::Tensor& out, at::Tensor& lse, int64_t max_seqlen_q, double softmax_scale,
@@ -276,7 +263,7 @@ bool varlen_attention_fwd_mma(const at::Tensor& q, const at::Tensor& k, const at
                               const at::Tensor& cu_k, at::Tensor& out, at::Tensor& lse, int64_t max_seqlen_q,
                               int64_t /*max_seqlen_k*/, double softmax_scale, bool causal) {
   const auto dtype = q.scalar_type();
-  if ((dtype != at::kHalf && dtype != at::kBFloat16) || !mma_enabled()) return false;
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || !mma_common::enabled()) return false;
   if (!q.is_contiguous() || !k.is_contiguous() || !v.is_contiguous() || !out.is_contiguous()) return false;
   int device = 0, major = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));

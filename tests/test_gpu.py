@@ -1,7 +1,7 @@
 """Every op's CUDA C++ and Triton backends on a real GPU, in fp32, bf16 and fp16, against float64 math with
 FlashAttention's rule: error vs the float64 truth at most 2x (forward) / 3x (gradients) the error of plain PyTorch in
-the same dtype (plus one rounding at the result's scale). varlen_attention's bf16/fp16 CUDA forward runs on the tensor
-cores (wmma) and also, with LOOKFAST_CUDA_MMA=0, on the SIMT kernel. All tests here are marked gpu: they skip on a
+the same dtype (plus one rounding at the result's scale). varlen_attention's bf16/fp16 CUDA forward and backward run
+on the tensor cores (wmma) and also, with LOOKFAST_CUDA_MMA=0, on the SIMT kernels. All tests here are marked gpu: they skip on a
 machine without a CUDA GPU (tests/conftest.py) and run in `python -m lookfast gpucheck`."""
 import math
 
@@ -13,6 +13,7 @@ import lookfast
 from lookfast import _backend
 from oracles import varlen_attention as reference
 from test_varlen_attention_triton import make_case, reference_lowp
+from varlen_inputs import check_outputs_fully_written
 
 pytestmark = pytest.mark.gpu
 
@@ -35,14 +36,19 @@ def within_rule(got, torch_same_dtype, truth, factor, what):
     assert err <= factor * base + slack, f"{what}: error {err:.3e} > {factor} x torch's {base:.3e} (+{slack:.1e})"
 
 
-# (lens_q, lens_k, heads, kv_heads, width, causal): ragged with 0 and 1, GQA, Lq > Lk and Lq < Lk; width 8 is the
-# Dyn-Perceiver z->x path, 98 pads to 128 on the tensor cores, multi-tile samples (> 64 queries and keys)
+# (lens_q, lens_k, heads, kv_heads, dk, dv, causal): ragged with 0 and 1, GQA (4 query heads on 2 and on 1 kv heads),
+# Lq > Lk and Lq < Lk; width 8 is the Dyn-Perceiver z->x path; the tensor cores pad max(dk, dv) to DP = 16 (8),
+# 32, 64 (40 / 24) or 128 (72 / 40, 98, 128); multi-tile samples (> 64 queries and keys) in every kernel, causal and not
 ATTN = [
-    ([5, 0, 1, 300, 129, 700], [170, 3, 0, 300, 64, 64], 4, 2, 64, False),
-    ([5, 0, 1, 300, 129, 700], [170, 3, 0, 300, 64, 64], 4, 2, 64, True),
-    ([1, 3136, 17], [64, 64, 0], 2, 1, 8, False),
-    ([40, 3, 97], [12, 130, 97], 3, 3, 98, True),
-    ([128] * 4, [49] * 4, 1, 1, 32, False),
+    ([5, 0, 1, 300, 129, 700], [170, 3, 0, 300, 64, 64], 4, 2, 64, 64, False),
+    ([5, 0, 1, 300, 129, 700], [170, 3, 0, 300, 64, 64], 4, 2, 64, 64, True),
+    ([1, 3136, 17], [64, 64, 0], 2, 1, 8, 8, False),
+    ([40, 3, 97], [12, 130, 97], 3, 3, 98, 98, True),
+    ([128] * 4, [49] * 4, 1, 1, 32, 32, False),
+    ([0, 1, 200, 65, 7], [4, 1, 130, 200, 0], 4, 1, 128, 128, True),
+    ([0, 1, 200, 65, 7], [4, 1, 130, 200, 0], 4, 1, 128, 128, False),
+    ([3, 150, 1, 64], [0, 150, 77, 64], 2, 2, 40, 72, True),
+    ([3, 150, 1, 64], [0, 150, 77, 64], 2, 2, 40, 24, False),
 ]
 
 
@@ -50,14 +56,14 @@ ATTN = [
 @pytest.mark.parametrize("dtype", LOW, ids=IDS)
 @pytest.mark.parametrize("case", range(len(ATTN)))
 def test_varlen_attention(case, dtype, backend, seed, monkeypatch):
-    lens_q, lens_k, heads, kv_heads, width, causal = ATTN[case]
+    lens_q, lens_k, heads, kv_heads, dk, dv, causal = ATTN[case]
     if backend.startswith("cuda") and not torch._C._dispatch_has_kernel_for_dispatch_key(
             "lookfast::varlen_attention_fwd", "CUDA"):
         pytest.fail("this lookfast was built without its CUDA kernels")
     monkeypatch.setenv("LOOKFAST_GPU_BACKEND", backend.split("-")[0])
     monkeypatch.setenv("LOOKFAST_CUDA_MMA", "0" if backend == "cuda-simt" else "1")
-    q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, heads, kv_heads, width, width, dtype, seed)
-    scale = 1.0 / math.sqrt(width)
+    q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, heads, kv_heads, dk, dv, dtype, seed)
+    scale = 1.0 / math.sqrt(dk)
     qd, kd, vd = (t.cuda().requires_grad_() for t in (q, k, v))
     _backend.last_backend.clear()
     out = lookfast.varlen_attention(qd, kd, vd, cu_q.cuda(), cu_k.cuda(), max(lens_q), max(lens_k), scale, causal)
@@ -75,6 +81,16 @@ def test_varlen_attention(case, dtype, backend, seed, monkeypatch):
     for name, g, s, t in zip("qkv", grads, same_grads, truth_grads):
         assert g.dtype == dtype
         within_rule(g, s, t, 3, f"d{name}")
+
+
+@pytest.mark.parametrize("mma", ["1", "0"], ids=["tensor-cores", "simt"])
+@pytest.mark.parametrize("dtype", LOW[1:], ids=IDS[1:])
+@pytest.mark.parametrize("dk, dv", [(8, 8), (40, 72), (64, 64), (128, 128)])
+def test_varlen_attention_cuda_writes_every_element(dk, dv, dtype, mma, monkeypatch):
+    # CUDA forward and backward (tensor-core and SIMT kernels) over NaN-filled free blocks of the caching allocator:
+    # every output element written, zero gradients for keys of a sample without queries and queries without keys
+    monkeypatch.setenv("LOOKFAST_CUDA_MMA", mma)
+    check_outputs_fully_written([3, 0, 1, 130, 70], [5, 2, 0, 1, 140], 4, 2, dk, dv, dtype, device="cuda")
 
 
 def _patch_problem(dtype, seed):

@@ -19,14 +19,15 @@ def make_varlen(lens_q, lens_k, heads, kv_heads, dh, dv, dtype=torch.float32, st
     return q, k, v, cu_q, cu_k, max(lens_q, default=0), max(lens_k, default=0)
 
 
-def check_outputs_fully_written(lens_q, lens_k, heads, kv_heads, dh, dv, dtype):
-    """Forward and backward of the library op (scale 0.3, causal and not) over NaN-filled free memory: no NaN in
-    out/lse/dq/dk/dv, so no element went unwritten; a sample with no keys gives zeros and -inf lse (of the last
-    call, causal), and the keys of a sample with no queries get zero gradients."""
-    for _ in range(3):  # the allocator's free blocks, filled with NaN first
-        junk = torch.full((1 << 16,), float("nan"))
+def check_outputs_fully_written(lens_q, lens_k, heads, kv_heads, dh, dv, dtype, device="cpu"):
+    """Forward and backward of the library op (scale 0.3, causal and not) over NaN-filled free memory of `device`:
+    no NaN in out/lse/dq/dk/dv, so no element went unwritten; a sample with no keys gives zeros and -inf lse and zero
+    dq (of the last call, causal), and the keys of a sample with no queries get zero gradients."""
+    for n in (1 << 16, 1 << 18, 1 << 20):  # the allocator's free blocks (CPU, or the CUDA caching allocator), NaN first
+        junk = [torch.full((n,), float("nan"), device=device) for _ in range(3)]
         del junk
     q, k, v, cu_q, cu_k, mq, mk = make_varlen(lens_q, lens_k, heads, kv_heads, dh, dv, dtype)
+    q, k, v, cu_q, cu_k = (t.to(device) for t in (q, k, v, cu_q, cu_k))
     for causal in (False, True):
         out, lse = torch.ops.lookfast.varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, 0.3, causal)
         assert not torch.isnan(out).any() and not torch.isnan(lse).any()
@@ -37,5 +38,6 @@ def check_outputs_fully_written(lens_q, lens_k, heads, kv_heads, dh, dv, dtype):
     for b in range(len(lens_q)):
         if lens_k[b] == 0:
             assert (out[cq[b] : cq[b + 1]] == 0).all() and torch.isneginf(lse[:, cq[b] : cq[b + 1]]).all()
+            assert (grads[0][cq[b] : cq[b + 1]] == 0).all()
         if lens_q[b] == 0:
             assert (grads[1][ck[b] : ck[b + 1]] == 0).all() and (grads[2][ck[b] : ck[b + 1]] == 0).all()

@@ -14,6 +14,8 @@
              SDPA flash per-sample loop and padded SDPA with a key mask (flash takes no mask).
              A1-A3 also time torch's own packed attention, `torch.nn.attention.varlen.varlen_attn`, where the torch
              has it (CUDA only), checked against the row's reference like lookfast's backends.
+     A4      A3 forward + backward (dq, dk, dv): the same peers (torch's varlen_attn too), lookfast's CUDA C++ on the
+             tensor cores and, with LOOKFAST_CUDA_MMA=0, on the SIMT kernels.
      G1, G2  top-k patch gather + embed + positions: lookfast (CUDA C++ = gather + cuBLAS + epilogue, Triton = one
              fused kernel) vs torch.compile(gather + linear).
      E1      exit_compact, n 256, 1000 classes, two states, half the rows exit: lookfast vs torch eager.
@@ -38,7 +40,7 @@ NO_GPU_STATUS = 2
 TEST_TIMEOUT_S = 270
 BUDGET_S = 450  # no new benchmark row starts after this many seconds: the whole check stays under 8 minutes
 DTYPES = ("bfloat16", "float16")
-CASE_IDS = ("A1", "A2", "A3", "G1", "G2", "E1")
+CASE_IDS = ("A1", "A2", "A3", "A4", "G1", "G2", "E1")
 
 
 @dataclass
@@ -121,6 +123,22 @@ def _close(dtype):
     return compare
 
 
+def _close_grads(dtype):
+    """Gradients: each element within tol x (its own size + the largest of its tensor), tol as in _close. Gradients
+    sum many rounded terms, so an element's error scales with its tensor's magnitude rather than with itself."""
+    import torch
+
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+
+    def compare(got, want):
+        assert len(got) == len(want), f"{len(got)} outputs, expected {len(want)}"
+        for name, g, w in zip("qkv", got, want):
+            w = w.float()
+            torch.testing.assert_close(g.float(), w, rtol=tol, atol=tol * float(w.abs().max()),
+                                       msg=lambda m, name=name: f"d{name}: {m}")
+    return compare
+
+
 def _lookfast_peers(fn) -> list:
     return [Peer("lookfast CUDA C++", fn, {"LOOKFAST_GPU_BACKEND": "cuda"}, check=True),
             Peer("lookfast Triton", fn, {"LOOKFAST_GPU_BACKEND": "triton"}, check=True)]
@@ -178,11 +196,10 @@ def a3_lengths() -> list:
     return (5 + torch.randint(40, 281, (16,), generator=g)).tolist()
 
 
-def a3_row(dtype, device) -> Row:
+def _a3_problem(dtype, device):
+    """The A3/A4 inputs: lengths, heads, dh, cu_seqlens, packed q, k, v (total, 12, 64), pad() (packed -> padded
+    (B, H, longest, dh)), the key mask of padded SDPA and flash_loop(q, k, v) (SDPA flash, one call per sample)."""
     import torch
-    import torch.nn.functional as F
-
-    import lookfast
 
     lengths, heads, dh = a3_lengths(), 12, 64
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).to(device)
@@ -197,14 +214,28 @@ def a3_row(dtype, device) -> Row:
             out[b, : e - a] = x[a:e]
         return out.transpose(1, 2)
 
-    qpad, kpad, vpad = pad(q), pad(k), pad(v)
     key_mask = (torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None])
     key_mask = key_mask[:, None, None, :]
 
-    def flash_loop():
+    def flash_loop(q, k, v):
         outs = [_sdpa_flash(q[a:e].transpose(0, 1)[None], k[a:e].transpose(0, 1)[None], v[a:e].transpose(0, 1)[None])
                 for a, e in bounds]
         return torch.cat([o[0].transpose(0, 1) for o in outs])
+
+    return lengths, heads, dh, cu, (q, k, v), pad, key_mask, flash_loop
+
+
+def a3_row(dtype, device) -> Row:
+    import torch.nn.functional as F
+
+    import lookfast
+
+    lengths, heads, dh, cu, (q, k, v), pad, key_mask, loop = _a3_problem(dtype, device)
+    total, longest = sum(lengths), max(lengths)
+    qpad, kpad, vpad = pad(q), pad(k), pad(v)
+
+    def flash_loop():
+        return loop(q, k, v)
 
     def padded():
         return F.scaled_dot_product_attention(qpad, kpad, vpad, attn_mask=key_mask)
@@ -216,6 +247,44 @@ def a3_row(dtype, device) -> Row:
                [Peer("sdpa flash per-sample loop", flash_loop)] + _lookfast_peers(ours)
                + [Peer("sdpa padded + key mask", padded)] + _torch_varlen_peers(q, k, v, cu, cu, longest, longest),
                _close(dtype))
+
+
+def a4_row(dtype, device) -> Row:
+    """A4: the A3 problem forward + backward (gradients of q, k, v for one output gradient). lookfast's CUDA C++
+    backend runs twice: on the tensor cores (bf16/fp16 wmma kernels) and with LOOKFAST_CUDA_MMA=0 on the SIMT
+    kernels. The padded SDPA peer pads inside the timed call (its gradients must reach the packed inputs)."""
+    import torch
+    import torch.nn.functional as F
+
+    import lookfast
+
+    lengths, heads, dh, cu, (q, k, v), pad, key_mask, loop = _a3_problem(dtype, device)
+    total, longest = sum(lengths), max(lengths)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+
+    def grads(forward):
+        return lambda: torch.autograd.grad(forward(*leaves), leaves, dout)
+
+    def padded(q, k, v):
+        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=key_mask)
+        return torch.cat([o[b, :, : e - a].transpose(0, 1) for b, (a, e) in enumerate(bounds)])
+
+    ours = grads(lambda q, k, v: lookfast.varlen_attention(q, k, v, cu, cu, longest, longest))
+    cuda, triton = _lookfast_peers(ours)
+    simt = Peer("lookfast CUDA C++ SIMT", ours, {"LOOKFAST_GPU_BACKEND": "cuda", "LOOKFAST_CUDA_MMA": "0"},
+                check=True)
+    # FLOPs as FlashAttention counts them: forward 2 products, backward 5 (its recomputation of S not counted)
+    return Row("A4", str(dtype).replace("torch.", ""),
+               f"A3 forward + backward (total {total}, max {longest}), {heads} heads, Dh {dh}",
+               sum(2 * heads * n * n * 7 * dh for n in lengths),
+               [Peer("sdpa flash per-sample loop", grads(loop)), cuda, simt, triton,
+                Peer("sdpa padded + key mask", grads(padded))]
+               # torch's varlen_attn (CUDA only) on the same leaves, differentiated the same way
+               + [Peer(t.name, lambda fn=t.fn: torch.autograd.grad(fn(), leaves, dout), check=True)
+                  for t in _torch_varlen_peers(*leaves, cu, cu, longest, longest)],
+               _close_grads(dtype))
 
 
 def embed_row(case_id: str, b: int, size: int, p: int, k: int, d: int, dtype, device, compile_peer: bool = True) -> Row:
@@ -274,6 +343,7 @@ def build_rows(dtype, device, only: Optional[list] = None, compile_peer: bool = 
         "A1": lambda: cross_row("A1", 64, 128, 49, 32, dtype, device),
         "A2": lambda: cross_row("A2", 16, 3136, 64, 8, dtype, device),
         "A3": lambda: a3_row(dtype, device),
+        "A4": lambda: a4_row(dtype, device),
         "G1": lambda: embed_row("G1", 4, 1036, 14, 274, 768, dtype, device, compile_peer),
         "G2": lambda: embed_row("G2", 8, 518, 14, 136, 768, dtype, device, compile_peer),
         "E1": lambda: e1_row(dtype, device),

@@ -31,16 +31,20 @@
 //      (H100) / 20 us (A100) of mma at peak; ~33 MB of HBM (8 tensors of 4 MB) -> 10 us / 17 us: balanced. wmma with
 //      fp32 scratch round trips and no cp.async pipelining will not reach mma peak: expect ~20-40 us on an H100 (the
 //      SIMT backward, fp32 FMA bound at 3.5x its ~24 us forward: ~80 us).
-//   A2 (B 16, 3136 queries x 64 keys, 1 head, width 8 -> DP 16): 0.7 GFLOP padded, ~3.5 MB: < 2 us either way, but the
+//   A2 (B 16, 3136 queries x 64 keys, 1 head, width 8 -> DP 16): 0.72 GFLOP padded, ~3.9 MB: ~1-2 us either way, but the
 //      dK/dV kernel has only 16 blocks (one key tile per sample), each walking 49 query tiles serially: latency bound
 //      (tens of us), like the SIMT backward's 16 blocks. Splitting the query walk over blocks (partial sums) would fix it.
-//   A1 (B 64, 128 queries x 49 keys, 1 head, width 32): 0.15 GFLOP padded, ~2 MB: launch bound (3 launches, ~10 us).
+//   A1 (B 64, 128 queries x 49 keys, 1 head, width 32): 0.23 GFLOP padded, ~3 MB: launch bound (3 launches, ~10 us).
 //   Shared memory per block (DP 128 / 64 / 32 / 16): dK/dV kernel 4 tiles 64 x (DP + 8) 16-bit (Q, dO, K, V) +
-//   2 * 64 x 68 fp32 (S, dP) + 2 * 64 x 72 16-bit (P, dS) + 512 bytes = 120 / 88 / 72 / 64 KB; dQ kernel 2 tiles (K, V)
-//   + max(Q and dO staging, S and dP scratch, which share memory) + dS = 77 / 61 / 53 / 53 KB. Both are under the
-//   sm_80 opt-in (163 KB, static_assert below) and checked against the device's at run time.
-//   Registers: the dK/dV kernel holds 2 * DP/16 accumulator fragments (128 fp32 registers at DP 128), the dQ kernel
-//   DP/16 accumulators plus 2 * DP/16 operand fragments (128 registers); ptxas reports no spills on sm_80 / sm_90.
+//   2 * 64 x 68 fp32 (S, dP) + 2 * 64 x 72 16-bit (P, dS) + 512 bytes = 120.5 / 88.5 / 72.5 / 64.5 KB; dQ kernel 2
+//   tiles (K, V) + max(Q and dO staging, S and dP scratch: they share memory) + dS = 77 / 61 / 53 / 49 KB. Both are
+//   under the sm_80 opt-in (163 KB: static_assert below) and checked against the device's at run time. One dK/dV block
+//   per SM at DP 128 (4 warps: latency, not mma, is the likely limit there; a cp.async double buffer of Q / dO would be
+//   the next step), two on an H100 at DP <= 64.
+//   Registers (ptxas, CUDA 13.0, bf16 / fp16): dK/dV kernel 255 / 248 (sm_80) and 254 / 248 (sm_90) at DP 128, <= 196
+//   below; dQ kernel 254 / 210 and 254 / 218 at DP 128, <= 184 below: no spills and no stack anywhere, but DP 128 sits at
+//   the 255 limit (2 * DP/16 accumulator fragments = 128 fp32 registers in the dK/dV kernel; Q and dO fragments plus
+//   the dQ accumulators in the dQ kernel). `python -m lookfast.check_cuda_build` fails on any stack frame (spills).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>

@@ -227,7 +227,12 @@ bool launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   const size_t smem = MmaSmem<DP>::bytes;
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (smem > static_cast<size_t>(optin)) return false;
+  if (smem > static_cast<size_t>(optin)) {
+    TORCH_WARN_ONCE("varlen_attention forward (CUDA): head dims padded to ", DP, " need ", smem,
+                    " bytes of shared memory per block and this GPU allows ", optin,
+                    "; using the slower SIMT kernel (LOOKFAST_CUDA_MMA=0 silences this)");
+    return false;
+  }
   auto kernel = varlen_fwd_mma_kernel<WT, DP>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int64_t batch = cu_q.numel() - 1, heads = q.size(1);

@@ -418,7 +418,12 @@ bool launch(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, co
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   // decide before launching anything: false must leave the SIMT kernel a clean start
-  if (L::KV::bytes > static_cast<size_t>(optin) || L::Q::bytes > static_cast<size_t>(optin)) return false;
+  if (L::KV::bytes > static_cast<size_t>(optin) || L::Q::bytes > static_cast<size_t>(optin)) {
+    TORCH_WARN_ONCE("varlen_attention backward (CUDA): head dims padded to ", DP, " need ", L::KV::bytes,
+                    " bytes of shared memory per block and this GPU allows ", optin,
+                    "; using the slower SIMT kernel (LOOKFAST_CUDA_MMA=0 silences this)");
+    return false;
+  }
   auto dkdv_kernel = varlen_bwd_dkdv_mma_kernel<WT, DP>;
   auto dq_kernel = varlen_bwd_dq_mma_kernel<WT, DP>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(dkdv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

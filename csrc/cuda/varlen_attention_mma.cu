@@ -19,7 +19,7 @@
 //      and latency bound (one key tile per block, 784 blocks).
 //   A1 (B 64, 128 queries x 49 keys, width 32): 0.1 GFLOP padded, 1.4 MB: launch bound (~5 us).
 //   Shared memory per block (rows padded against bank conflicts): 3 * 64 * (DP + 8) * 2 (Q, K, V) + 64 * 68 * 4 (S)
-//   + 64 * 72 * 2 (P) + 64 * (DP + 4) * 4 (O) + 512 bytes: 38 KB (DP 16) .. 109 KB (DP 128), above 48 KB through the
+//   + 64 * 72 * 2 (P) + 64 * (DP + 4) * 4 (O) + 512 bytes: 40.5 KB (DP 16) .. 110.5 KB (DP 128), above 48 KB through the
 //   dynamic shared-memory opt-in.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>

@@ -4,7 +4,9 @@ Environment switches:
   LOOKFAST_CUDA=1   force the CUDA kernels (fails loudly if torch or nvcc cannot build them)
   LOOKFAST_CUDA=0   never build them
   (unset)           build them when torch is a CUDA build and CUDA_HOME has nvcc
-  TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" when unset (torch's own detection needs a visible GPU)
+  TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0+PTX" when unset (torch's own detection needs a visible GPU): machine
+                    code for sm_80 and sm_90, and sm_90 PTX that the driver compiles for newer GPUs (sm_100, sm_120),
+                    which would otherwise find no kernel image
   MAX_JOBS          parallel compile jobs (ninja)
   LOOKFAST_SANITIZE=1  CPU build with AddressSanitizer + UndefinedBehaviorSanitizer (-O1 -g, UBSan reports abort);
                     for the CI sanitizer job only: run it with LD_PRELOAD of libasan and libstdc++ (see .ci/run)
@@ -62,7 +64,7 @@ def _extension():
         cxx = ["-O1", "-fopenmp", "-fvisibility=hidden", "-DLOOKFAST_SANITIZE_BUILD"] + san
         link = link + san
     if _want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         sources += rel("csrc/cuda/*.cu")
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return cpp_extension.CUDAExtension(

@@ -87,10 +87,29 @@ def _embed_case(case_id: str, b: int, size: int, p: int, k: int, d: int, quick: 
             "gather+linear torch.compile": lambda: compiled(*args),
         }
 
+    def summarize(times: dict[str, float]) -> list[str]:
+        # What bounds the ratio against the compiled peer: the embedding GEMM alone (the same (rows x patch_dim) @
+        # (patch_dim x D) product through torch.mm, in this dtype) and all of lookfast's FLOPs at the large-mm
+        # ceiling, with the gather, bias and positions free. The compiled peer runs that same GEMM (oneDNN), so
+        # no implementation beats it by more than its time over the floor.
+        peer = times.get("gather+linear torch.compile")
+        if dtype == torch.float32 or not peer or not times.get("lookfast"):
+            return []
+        from ..timing import measure
+
+        a, w = torch.randn(rows, patch_dim).to(dtype), torch.randn(patch_dim, d).to(dtype)
+        gemm = measure(lambda: torch.mm(a, w), 0.2)["median"]
+        floor = flops / (ceilings.matmul_gflops(1024, 0.2, dtype) * 1e9)
+        return [f"the embedding GEMM alone (torch.mm, same shape): {1e3 * gemm:.2f} ms; lookfast's FLOPs at the "
+                f"{str(dtype).replace('torch.', '')} mm ceiling: {1e3 * floor:.2f} ms; so at most "
+                f"{peer / gemm:.2f}x / {peer / floor:.2f}x the compiled peer on this CPU (lookfast: "
+                f"{peer / times['lookfast']:.2f}x)"]
+
     return Case(
         id=case_id,
         op="topk_patch_gather",
         shape=f"B {b}, 3x{size}x{size}, p {p} ({g} patches), k {k}, D {d}, +bias +pos",
+        summarize=summarize,
         setup=setup,
         bytes=nbytes,
         flops=flops,

@@ -191,7 +191,9 @@ class SqueezeExcitation(nn.Module):
 
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) -> (B, C) spatial means. For bf16/fp16 an average pool (float32 accumulation, one rounding)
-    rather than `x.mean((2, 3))`, which first copies the whole map to float32 on the CPU."""
+    rather than `x.mean((2, 3))`, which first copies the whole map to float32 on the CPU. The pool is `avg_pool2d`
+    with the whole map as its window, not `adaptive_avg_pool2d(x, 1)`: the adaptive one with output 1 calls `mean`,
+    i.e. the same float32 copy (bf16, channels-last, 1 thread: [16, 64, 56, 56] 7.5 -> 0.5 ms, same values)."""
     if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return F.avg_pool2d(x, x.shape[-2:]).flatten(1)
     return x.mean((2, 3))

@@ -200,6 +200,21 @@ def test_dwc_pooled_bf16_rule(seed, mode, c, h, w):
     assert _err(out, truth) <= 2 * _err(plain, truth) + 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_squeeze_excitation_inplace_matches(dtype):
+    """SqueezeExcitation(inplace=True) in fused mode: the same values as the out-of-place gate, written into x."""
+    from lookfast.models.dyn_perceiver.layers import SqueezeExcitation
+
+    se = SqueezeExcitation(12, 3).to(dtype)
+    se.fused = True
+    x = torch.randn(2, 12, 5, 6).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = se(x)
+        y = x.clone()
+        got = se(y, inplace=True)
+    assert got.data_ptr() == y.data_ptr() and torch.equal(got, want)
+
+
 def test_global_avg_pool_bf16_matches_mean():
     """layers.global_avg_pool on a bf16 map: the float32-accumulated mean rounded once (as `x.float().mean`), for
     channels-last and contiguous maps."""

@@ -178,12 +178,15 @@ class SqueezeExcitation(nn.Module):
         self.activation = act()
         self.scale_activation = gate()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """`inplace` (fused mode only; for a caller that owns x and drops it): the gate multiplies x in place,
+        the same values without allocating a new map (a fresh large tensor costs page faults on every call)."""
         if self.fused:
             s = global_avg_pool(x)
             s = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
             s = self.scale_activation(F.linear(self.activation(s), self.fc2.weight.flatten(1), self.fc2.bias))
-            return x * s.to(x.dtype)[:, :, None, None]
+            s = s.to(x.dtype)[:, :, None, None]
+            return x.mul_(s) if inplace else x * s
         scale = x.mean((2, 3), keepdim=True)
         scale = self.scale_activation(self.fc2(self.activation(self.fc1(scale))))
         return x * scale

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import mobilenetv3, regnet, resnet
 from .derived import derived
-from .layers import SqueezeExcitation, global_avg_pool
+from .layers import SqueezeExcitation, global_avg_pool, onednn_dtype
 from .perceiver import CrossAttentionLayer, MultiHeadAttention, SelfAttentionBlock, layernorm_linear
 
 POOLED = 7  # x->z keys: the features pooled to 7 x 7 = 49 tokens ("spatial_reduction")
@@ -296,9 +296,12 @@ class DynPerceiver(nn.Module):
         Raises TypeError/ValueError for images that are not (B, 3, H >= 32, W >= 32) floating point, or hold NaN/inf."""
         self._check_images(images)
         if self.ops == "fused":
-            images = images.contiguous(memory_format=torch.channels_last)
             dev = images.device.type
             dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.latent.dtype
+            # Under bf16 autocast float32 images would be copied twice (to channels-last here, to bf16 in the stem
+            # conv); one conversion does both. Same values: the stem's first op casts them to bf16 anyway.
+            to = dt if onednn_dtype(images) == dt and images.dtype != dt else images.dtype
+            images = images.to(to, memory_format=torch.channels_last)
             chunk = self.exit1_chunk * (2 if dt in (torch.bfloat16, torch.float16) else 1)
             if images.shape[0] > chunk and not torch.compiler.is_compiling():
                 parts = [self._exit1(c) for c in images.split(chunk)]

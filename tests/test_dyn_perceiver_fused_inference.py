@@ -172,10 +172,10 @@ def test_onednn_path_declines_what_it_does_not_cover():
 
 
 # ------------------------------------------------------------------------------- x->z keys: dwc + pool as one conv
-@pytest.mark.parametrize("mode", ["cast", "autocast"])
+@pytest.mark.parametrize("mode", ["cast", "autocast", "float16"])
 @pytest.mark.parametrize("c,h,w", [(8, 28, 28), (5, 14, 21), (6, 7, 7)])
 def test_dwc_pooled_bf16_rule(seed, mode, c, h, w):
-    """_dwc_pooled (adaptive_avg_pool2d(dwc(x) + x, 7) as one strided depthwise conv) in bf16: error against the
+    """_dwc_pooled (adaptive_avg_pool2d(dwc(x) + x, 7) as one strided depthwise conv) in bf16 / fp16: error against the
     float64 two-step math at most 2x that of the plain bf16 ops (conv, add, pool); float32 / float64 and maps that
     do not split into 7x7 equal windows decline (None)."""
     from lookfast.models.dyn_perceiver.model import _dwc_pooled
@@ -185,18 +185,19 @@ def test_dwc_pooled_bf16_rule(seed, mode, c, h, w):
     with torch.no_grad():
         dwc.weight.copy_(torch.randn(dwc.weight.shape, generator=g) * 0.2)
         dwc.bias.copy_(torch.randn(c, generator=g))
-    x = torch.randn(2, c, h, w, generator=g).to(BF16).contiguous(memory_format=torch.channels_last)
+    lp = torch.float16 if mode == "float16" else BF16
+    x = torch.randn(2, c, h, w, generator=g).to(lp).contiguous(memory_format=torch.channels_last)
     d = copy.deepcopy(dwc).double()
     with torch.no_grad():
         truth = F.adaptive_avg_pool2d(d(x.double()) + x.double(), 7)
-        m = copy.deepcopy(dwc).to(BF16) if mode == "cast" else dwc
+        m = dwc if mode == "autocast" else copy.deepcopy(dwc).to(lp)
         with torch.autocast("cpu", BF16, enabled=mode == "autocast"):
             plain = F.adaptive_avg_pool2d(m(x) + x, 7)
-            out = _dwc_pooled(m, x, BF16)
+            out = _dwc_pooled(m, x, lp)
         assert _dwc_pooled(dwc.float(), x.float(), torch.float32) is None
         assert _dwc_pooled(d, x.double(), torch.float64) is None
-        assert _dwc_pooled(m, x[:, :, 1:], BF16) is None                 # 27 rows: no equal 7x7 windows
-    assert out.dtype == BF16 and out.shape == (2, c, 7, 7)
+        assert _dwc_pooled(m, x[:, :, 1:], lp) is None                   # one row fewer: no equal 7x7 windows
+    assert out.dtype == lp and out.shape == (2, c, 7, 7)
     assert _err(out, truth) <= 2 * _err(plain, truth) + 1e-6
 
 

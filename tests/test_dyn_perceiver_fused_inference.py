@@ -171,6 +171,64 @@ def test_onednn_path_declines_what_it_does_not_cover():
     assert onednn_conv_bn(b16[0], b16[1], x.to(BF16), "relu") is None                   # BatchNorm in training
 
 
+# ------------------------------------------------------------------------------- x->z keys: dwc + pool as one conv
+@pytest.mark.parametrize("mode", ["cast", "autocast", "float16"])
+@pytest.mark.parametrize("c,h,w", [(8, 28, 28), (5, 14, 21), (6, 7, 7)])
+def test_dwc_pooled_bf16_rule(seed, mode, c, h, w):
+    """_dwc_pooled (adaptive_avg_pool2d(dwc(x) + x, 7) as one strided depthwise conv) in bf16 / fp16: error against the
+    float64 two-step math at most 2x that of the plain bf16 ops (conv, add, pool); float32 / float64 and maps that
+    do not split into 7x7 equal windows decline (None)."""
+    from lookfast.models.dyn_perceiver.model import _dwc_pooled
+
+    g = torch.Generator().manual_seed(seed % 1000)
+    dwc = nn.Conv2d(c, c, 7, 1, 3, groups=c)
+    with torch.no_grad():
+        dwc.weight.copy_(torch.randn(dwc.weight.shape, generator=g) * 0.2)
+        dwc.bias.copy_(torch.randn(c, generator=g))
+    lp = torch.float16 if mode == "float16" else BF16
+    x = torch.randn(2, c, h, w, generator=g).to(lp).contiguous(memory_format=torch.channels_last)
+    d = copy.deepcopy(dwc).double()
+    with torch.no_grad():
+        truth = F.adaptive_avg_pool2d(d(x.double()) + x.double(), 7)
+        m = dwc if mode == "autocast" else copy.deepcopy(dwc).to(lp)
+        with torch.autocast("cpu", BF16, enabled=mode == "autocast"):
+            plain = F.adaptive_avg_pool2d(m(x) + x, 7)
+            out = _dwc_pooled(m, x, lp)
+        assert _dwc_pooled(dwc.float(), x.float(), torch.float32) is None
+        assert _dwc_pooled(d, x.double(), torch.float64) is None
+        assert _dwc_pooled(m, x[:, :, 1:], lp) is None                   # one row fewer: no equal 7x7 windows
+    assert out.dtype == lp and out.shape == (2, c, 7, 7)
+    assert _err(out, truth) <= 2 * _err(plain, truth) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_squeeze_excitation_inplace_matches(dtype):
+    """SqueezeExcitation(inplace=True) in fused mode: the same values as the out-of-place gate, written into x."""
+    from lookfast.models.dyn_perceiver.layers import SqueezeExcitation
+
+    se = SqueezeExcitation(12, 3).to(dtype)
+    se.fused = True
+    x = torch.randn(2, 12, 5, 6).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = se(x)
+        y = x.clone()
+        got = se(y, inplace=True)
+    assert got.data_ptr() == y.data_ptr() and torch.equal(got, want)
+
+
+def test_global_avg_pool_bf16_matches_mean():
+    """layers.global_avg_pool on a bf16 map: the float32-accumulated mean rounded once (as `x.float().mean`), for
+    channels-last and contiguous maps."""
+    from lookfast.models.dyn_perceiver.layers import global_avg_pool
+
+    x = torch.randn(3, 10, 13, 9).to(BF16)
+    want = x.float().mean((2, 3)).to(BF16)
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = global_avg_pool(xx)
+        assert out.dtype == BF16 and out.shape == (3, 10)
+        torch.testing.assert_close(out, want, rtol=2 ** -8, atol=0)   # summation order: at most 1 ulp
+
+
 # --------------------------------------------------------------------------------------- fused self-attention
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_self_attention_layer_fused_matches_layer(seed, dtype):

@@ -178,12 +178,15 @@ class SqueezeExcitation(nn.Module):
         self.activation = act()
         self.scale_activation = gate()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """`inplace` (fused mode only; for a caller that owns x and drops it): the gate multiplies x in place,
+        the same values without allocating a new map (a fresh large tensor costs page faults on every call)."""
         if self.fused:
             s = global_avg_pool(x)
             s = F.linear(s, self.fc1.weight.flatten(1), self.fc1.bias)
             s = self.scale_activation(F.linear(self.activation(s), self.fc2.weight.flatten(1), self.fc2.bias))
-            return x * s.to(x.dtype)[:, :, None, None]
+            s = s.to(x.dtype)[:, :, None, None]
+            return x.mul_(s) if inplace else x * s
         scale = x.mean((2, 3), keepdim=True)
         scale = self.scale_activation(self.fc2(self.activation(self.fc1(scale))))
         return x * scale
@@ -191,7 +194,9 @@ class SqueezeExcitation(nn.Module):
 
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     """x (B, C, H, W) -> (B, C) spatial means. For bf16/fp16 an average pool (float32 accumulation, one rounding)
-    rather than `x.mean((2, 3))`, which first copies the whole map to float32 on the CPU."""
+    rather than `x.mean((2, 3))`, which first copies the whole map to float32 on the CPU. The pool is `avg_pool2d`
+    with the whole map as its window, not `adaptive_avg_pool2d(x, 1)`: the adaptive one with output 1 calls `mean`,
+    i.e. the same float32 copy (bf16, channels-last, 1 thread: [16, 64, 56, 56] 7.5 -> 0.5 ms, same values)."""
     if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return F.avg_pool2d(x, x.shape[-2:]).flatten(1)
     return x.mean((2, 3))

@@ -59,7 +59,7 @@ class ResBottleneck(nn.Module):
             # Fused (inference): the last conv, its BatchNorm, the residual add and the ReLU are one oneDNN
             # convolution where it applies (layers.onednn_conv_bn), not three passes over the output.
             f = self.f
-            y = f.se(f.b(f.a(x)))
+            y = f.se(f.b(f.a(x)), inplace=True)  # f.b's output is a temporary: gate it in place
             out = onednn_conv_bn(f.c[0], f.c[1], y, "relu", residual=identity)
             return out if out is not None else self.activation(f.c(y) + identity)
         return self.activation(self.f(x) + identity)

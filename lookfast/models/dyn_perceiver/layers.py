@@ -100,7 +100,11 @@ def onednn_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, act: st
     # oneDNN's own blocked weight layout, made once (per input size) instead of a reorder inside every call: the
     # reorder is most of the time of a late-stage conv on a few samples (784x784 1x1 at 7x7, B 1: 0.37 -> 0.16 ms).
     def build():
-        weight, bias = folded_conv_bn(conv, bn, dt)
+        # The fold in float32, the weight rounded once to dt; the shift stays float32 (oneDNN adds an f32 bias to
+        # its f32 accumulator): rounding it to bf16 would add an error of up to half a bf16 ulp of the shift to
+        # every output, on top of the output's own rounding.
+        weight, bias = folded_conv_bn(conv, bn, torch.float32)
+        weight = weight.to(dt).contiguous(memory_format=torch.channels_last)
         return torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape)), bias
 
     sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
@@ -110,7 +114,8 @@ def onednn_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, act: st
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, act, [], "")
     other = residual.to(dt).contiguous(memory_format=torch.channels_last)
-    return torch.ops.mkldnn._convolution_pointwise(x, other, weight, bias, *args, "add", 1.0,
+    # the fused residual form takes the bias only in the input dtype
+    return torch.ops.mkldnn._convolution_pointwise(x, other, weight, bias.to(dt), *args, "add", 1.0,
                                                    None if act == "none" else act, [], "")
 
 

@@ -36,11 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--task", choices=("cls", "seg"), help="LookWhere task (seg saves one mask PNG per image)")
     m.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
                    help="another constructor argument (VALUE read as JSON when it parses, else a string); repeatable")
-    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="model precision (default float32: the authors' float32 outputs). bfloat16/float16: weights "
-                        "and (after decoding in float32) images cast, probabilities computed and written in float32; "
-                        "they match float32 within bf16/fp16 rounding (a borderline top-1 may flip). Faster only on "
-                        "CPUs with AVX512-BF16 or AMX (bf16), AVX512-FP16 or AMX-FP16 (fp16); warns otherwise")
+    from ..models.spec import add_dtype_argument
+
+    add_dtype_argument(m, "written")
     r = p.add_argument_group("what runs")
     r.add_argument("--thresholds", type=float, nargs="+", metavar="T",
                    help="Dyn-Perceiver early exit: max-softmax thresholds of exits 1-3 (e.g. from "

@@ -159,6 +159,17 @@ class ModelSpec:
         return f"{name}{opts} from {weights}"
 
 
+def add_dtype_argument(group, outputs: str) -> None:
+    """The `--dtype` option of `lookfast infer` and `lookfast serve` (choices: DTYPES); `outputs` says what the
+    command does with the probabilities ("written", "answered")."""
+    group.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                       help="model precision (default float32: the authors' float32 outputs). bfloat16/float16: "
+                            "weights and (after decoding in float32) images cast, probabilities computed and "
+                            f"{outputs} in float32; they match float32 within bf16/fp16 rounding (a borderline "
+                            "top-1 may flip). Faster only on CPUs with AVX512-BF16 or AMX (bf16), AVX512-FP16 or "
+                            "AMX-FP16 (fp16); warns otherwise")
+
+
 def dtype_name(dtype) -> str:
     """"float32" / "bfloat16" / "float16" from that name or the torch.dtype; ValueError naming `dtype` otherwise."""
     if isinstance(dtype, torch.dtype):

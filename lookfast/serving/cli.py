@@ -40,11 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "weights in every process)")
     m.add_argument("--ops", choices=("fused", "reference"), default="fused",
                    help="model implementation: lookfast kernels or plain PyTorch (default fused)")
-    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="model precision (default float32: the authors' float32 outputs). bfloat16/float16: weights "
-                        "and (after decoding in float32) images cast, probabilities computed and answered in float32; "
-                        "they match float32 within bf16/fp16 rounding (a borderline top-1 may flip). Faster only on "
-                        "CPUs with AVX512-BF16 or AMX (bf16), AVX512-FP16 or AMX-FP16 (fp16); warns otherwise")
+    from ..models.spec import add_dtype_argument
+
+    add_dtype_argument(m, "answered")
     m.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default torch's)")
     e = p.add_argument_group("engine")
     e.add_argument("--max-batch", type=int, default=32, metavar="N", help="most images per stage batch (default 32)")

@@ -105,17 +105,17 @@ def onednn_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, act: st
         # every output, on top of the output's own rounding.
         weight, bias = folded_conv_bn(conv, bn, torch.float32)
         weight = weight.to(dt).contiguous(memory_format=torch.channels_last)
-        return torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape)), bias
+        # the fused residual form takes the bias only in the input dtype: that copy is made here, once
+        return torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape)), bias, bias.to(dt)
 
     sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
     if conv.bias is not None:
         sources.append(conv.bias)
-    weight, bias = derived(conv, f"onednn_{bn.eps}_{x.shape[2]}x{x.shape[3]}", sources, dt, build)
+    weight, bias, bias_dt = derived(conv, f"onednn_{bn.eps}_{x.shape[2]}x{x.shape[3]}", sources, dt, build)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, act, [], "")
     other = residual.to(dt).contiguous(memory_format=torch.channels_last)
-    # the fused residual form takes the bias only in the input dtype
-    return torch.ops.mkldnn._convolution_pointwise(x, other, weight, bias.to(dt), *args, "add", 1.0,
+    return torch.ops.mkldnn._convolution_pointwise(x, other, weight, bias_dt, *args, "add", 1.0,
                                                    None if act == "none" else act, [], "")
 
 

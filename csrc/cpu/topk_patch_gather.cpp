@@ -6,7 +6,8 @@
 //   whole image is never patchified), writes bias + pos_embed[index] into the output in one pass, then embeds all
 //   rows with ONE GEMM against weight.view(D, -1).T accumulating onto it (addmm_, beta = 1). In bf16/fp16 the GEMM
 //   (bf16 operands on the matrix engine: AMX / AVX512-BF16 through oneDNN's brgemm micro-kernel,
-//   at::native::cpublas::brgemm on 64 x 64 blocks with the weight packed in VNNI layout) writes each 64-row block in
+//   at::native::cpublas::brgemm on 64 x 64 blocks with the weight packed as the micro-kernel takes it: VNNI-2, or
+//   row-major for fp16 on AVX512-FP16 CPUs without AMX-FP16, cpu/brgemm_layout.h) writes each 64-row block in
 //   fp32 into a per-thread scratch that stays in L2, and an epilogue adds bias + pos (summed in fp32) and rounds
 //   straight into the output: every token is rounded exactly once, and no (rows, D) fp32 buffer is made.
 //   (cpublas' plain bf16 x bf16 -> fp32 gemm runs at the fp32 rate on x86: fallback only.)
@@ -15,6 +16,7 @@
 // patch_gather_embed_backward: grad weight / bias from one GEMM and one reduction over the re-gathered patches,
 //   grad pos_embed by index_add, grad images by scattering grad patches back, parallel over images (the patches of
 //   one image are distinct and never overlap, so no two threads touch the same pixel).
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -35,6 +37,7 @@
 
 #include "common/topk_patch_gather.h"
 #include "common/topk_patch_gather_host.h"
+#include "cpu/brgemm_layout.h"
 #include "vector_math.h"
 
 namespace lookfast {
@@ -198,25 +201,6 @@ void fill_bias_and_positions(Tensor& tokens, const std::optional<Tensor>& bias, 
   });
 }
 
-// Whether oneDNN's brgemm micro-kernel takes `scalar_t` operands in VNNI layout on this CPU (AMX, AVX512-BF16 /
-// AVX512-FP16 or plain AVX-512 for bf16): probed once with a 2x2x2 product, since torch raises for it elsewhere.
-template <typename scalar_t>
-bool vnni_brgemm_available() {
-  static const bool ok = [] {
-    try {
-      const scalar_t a[4] = {scalar_t(1.f), scalar_t(2.f), scalar_t(3.f), scalar_t(4.f)};
-      const scalar_t b[4] = {scalar_t(1.f), scalar_t(0.f), scalar_t(0.f), scalar_t(1.f)};  // VNNI of I2: k pairs
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, /*is_vnni=*/true);
-      at::native::cpublas::brgemm_release(true);
-      return c[0] == 1.f && c[1] == 2.f && c[2] == 3.f && c[3] == 4.f;
-    } catch (const c10::Error&) {
-      return false;
-    }
-  }();
-  return ok;
-}
-
 // weight (D, K) -> B = weight^T (K, D) in VNNI-2 layout: element (k, n) at ((k / 2) * D + n) * 2 + k % 2, the
 // operand order of the bf16/fp16 dot-product instructions and AMX tiles. K must be even. A (k, k+1) pair is one
 // 32-bit word, so this is a transpose of the (D, K/2) matrix of words into (K/2, D), done in 16 x 16 tiles: the
@@ -324,10 +308,16 @@ Tensor embed_reduced_precision(const Tensor& patches, const Tensor& idx, const T
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pp = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* ip = idx.const_data_ptr<int64_t>();
-    if (k % 2 == 0 && vnni_brgemm_available<scalar_t>()) {
-      // The matrix-engine path: oneDNN's brgemm micro-kernel on 64 x 64 blocks of C, fp32 accumulation.
-      const Tensor packed = pack_vnni<scalar_t>(weight2d);
+    // oneDNN's brgemm micro-kernel (the matrix engine) takes B packed in VNNI-2 or row-major, by CPU and dtype
+    // (brgemm_layout.h: fp16 on AVX512-FP16 without AMX-FP16 is row-major). VNNI-2 needs an even K.
+    const BrgemmLayout layout =
+        at::globalContext().userEnabledMkldnn() ? brgemm_b_layout<scalar_t>() : BrgemmLayout::kNone;
+    if (layout == BrgemmLayout::kRowMajor || (layout == BrgemmLayout::kVnni2 && k % 2 == 0)) {
+      // The matrix-engine path: the micro-kernel on 64 x 64 blocks of C, fp32 accumulation.
+      const bool vnni = layout == BrgemmLayout::kVnni2;
+      const Tensor packed = vnni ? pack_vnni<scalar_t>(weight2d) : weight2d.t().contiguous();  // B (K, D)
       const scalar_t* wp = packed.const_data_ptr<scalar_t>();
+      const int64_t b_offset = vnni ? 2 : 1;  // elements from one column of B to the next
       const int64_t blocks_m = (m + kBlockM - 1) / kBlockM;
       at::parallel_for(0, blocks_m, 1, [&](int64_t i0, int64_t i1) {
         std::vector<float> scratch(kBlockM * n);
@@ -335,7 +325,7 @@ Tensor embed_reduced_precision(const Tensor& patches, const Tensor& idx, const T
           const int64_t m0 = i * kBlockM, mm = std::min(kBlockM, m - m0);
           for (int64_t n0 = 0; n0 < n; n0 += kBlockN) {
             at::native::cpublas::brgemm(mm, std::min(kBlockN, n - n0), k, k, n, n, /*add_C=*/false, a + m0 * k,
-                                        wp + n0 * 2, scratch.data() + n0, /*is_vnni=*/true);
+                                        wp + n0 * b_offset, scratch.data() + n0, /*is_vnni=*/true);
           }
           embed_epilogue(out, scratch.data(), n, bp, pp, ip, m0, m0 + mm, n);
         }

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "common/varlen_attention.h"
+#include "cpu/brgemm_layout.h"
 #include "cpu/vector_math.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -82,36 +83,6 @@ inline uint16_t bits(T x) {
   return x.x;
 }
 inline uint32_t pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
-
-// One VNNI-2 probe: C (2 x 16) = A (2 x 4) · B (4 x 16) with B given in VNNI-2 and values whose products and sums
-// are exact in float32. A wrong layout assumption (or no micro-kernel: torch raises) gives false.
-template <typename T>
-bool probe() {
-  constexpr int M = 2, N = 16, K = 4;
-  T a[M * K], b[K * N];
-  float c[M * N], want[M * N];
-  float bf[K][N];
-  for (int i = 0; i < M * K; ++i) a[i] = T(static_cast<float>(i + 1));
-  for (int k = 0; k < K; ++k)
-    for (int n = 0; n < N; ++n) {
-      bf[k][n] = static_cast<float>((k * 5 + n * 3) % 7 - 3);
-      b[((k / 2) * N + n) * 2 + k % 2] = T(bf[k][n]);
-    }
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) {
-      float s = 0.f;
-      for (int k = 0; k < K; ++k) s += static_cast<float>(a[m * K + k]) * bf[k][n];
-      want[m * N + n] = s;
-      c[m * N + n] = -1234.f;
-    }
-  try {
-    at::native::cpublas::brgemm(M, N, K, K, N, N, false, a, b, c, /*is_vnni=*/true);
-    at::native::cpublas::brgemm_release(true);
-  } catch (const c10::Error&) {
-    return false;
-  }
-  return std::memcmp(c, want, sizeof(c)) == 0;
-}
 
 // ------------------------------------------------------------------------------------------------ packing
 // Kᵀ of one (sample, kv head) in VNNI-2, one slab per block of kKeyBlock keys: the pair (K[j][2p], K[j][2p+1]) of
@@ -461,12 +432,9 @@ bool available(at::ScalarType dtype) {
   static const bool cpu = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (!cpu) return false;
-  if (dtype == at::kBFloat16) {
-    static const bool ok = probe<c10::BFloat16>();
-    return ok;
-  }
-  static const bool ok = probe<c10::Half>();
-  return ok;
+  // This kernel packs K and V in VNNI-2; fp16 on AVX512-FP16 without AMX-FP16 takes row-major B (brgemm_layout.h).
+  if (dtype == at::kBFloat16) return brgemm_b_layout<c10::BFloat16>() == BrgemmLayout::kVnni2;
+  return brgemm_b_layout<c10::Half>() == BrgemmLayout::kVnni2;
 }
 
 void forward(const VarlenProblem& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,

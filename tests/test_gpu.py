@@ -28,6 +28,17 @@ def assert_ran(backend, *ops):
         assert _backend.last_backend.get(op) == want, (op, _backend.last_backend)
 
 
+def cuda_kernels_expected(backend, dtype, dk, dv):
+    """The kernel families ("mma" tensor cores, "simt") varlen_attention's CUDA backend may run for this case on
+    this GPU; tensor cores are expected for bf16/fp16 with head dims <= 128 on sm_80+, where the tiles fit."""
+    major, minor = torch.cuda.get_device_capability()
+    if backend == "cuda-simt" or dtype == torch.float32 or max(dk, dv) > 128 or major < 8:
+        return {"simt"}
+    if (major, minor) in ((8, 0), (9, 0)) or max(dk, dv) <= 64:
+        return {"mma"}
+    return {"mma", "simt"}  # wide heads on GPUs with less shared memory (sm_86/89): a one-time warning says which
+
+
 def within_rule(got, torch_same_dtype, truth, factor, what):
     truth = truth.double().cpu()
     err = (got.double().cpu() - truth).abs().max().item()
@@ -68,8 +79,13 @@ def test_varlen_attention(case, dtype, backend, seed, monkeypatch):
     _backend.last_backend.clear()
     out = lookfast.varlen_attention(qd, kd, vd, cu_q.cuda(), cu_k.cuda(), max(lens_q), max(lens_k), scale, causal)
     assert_ran(backend, "varlen_attention_fwd")
+    if backend.startswith("cuda"):  # the tensor cores really ran (the CUDA build's diagnostic)
+        kernels = cuda_kernels_expected(backend, dtype, dk, dv)
+        assert torch.ops.lookfast_cuda.varlen_attention_last_kernel(False) in kernels, kernels
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     grads = torch.autograd.grad(out, (qd, kd, vd), dout.cuda())
+    if backend.startswith("cuda"):
+        assert torch.ops.lookfast_cuda.varlen_attention_last_kernel(True) in kernels, kernels
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     truth, _ = reference(q64, k64, v64, cu_q, cu_k, scale, causal)
     truth_grads = torch.autograd.grad(truth, (q64, k64, v64), dout.double())

@@ -121,10 +121,11 @@ inline void copy_row(scalar_t* __restrict__ dst, const scalar_t* __restrict__ sr
 }
 
 // Copies (or, with Scatter, adds) between the packed rows and the patches they name. Gather reads the image into
-// `packed`; scatter adds `packed` into the image. Parallel over images, so scatter never races.
+// `packed` (rows `ld` elements apart, ld >= patch_dim; columns from patch_dim on are written as zeros); scatter adds
+// `packed` into the image. Parallel over images, so scatter never races.
 template <typename scalar_t, bool Scatter>
 void move_patches(scalar_t* image, const std::array<int64_t, 4>& st, scalar_t* packed, const int64_t* indices,
-                  const int32_t* cu, const Geometry& g) {
+                  const int32_t* cu, const Geometry& g, int64_t ld) {
   const int64_t p = g.patch;
   const int64_t per_image = std::max<int64_t>(1, g.rows / std::max<int64_t>(1, g.images)) * g.patch_dim;
   at::parallel_for(0, g.images, grain_for(per_image), [&](int64_t b0, int64_t b1) {
@@ -134,7 +135,8 @@ void move_patches(scalar_t* image, const std::array<int64_t, 4>& st, scalar_t* p
         check_index(index, g);
         const PatchOrigin o = patch_origin(index, g.grid_w, p);
         scalar_t* base = image + b * st[0] + o.row0 * st[2] + o.col0 * st[3];
-        scalar_t* row = packed + r * g.patch_dim;
+        scalar_t* row = packed + r * ld;
+        if (!Scatter && ld > g.patch_dim) std::fill(row + g.patch_dim, row + ld, scalar_t(0));
         for (int64_t c = 0; c < g.channels; ++c) {
           for (int64_t i = 0; i < p; ++i, row += p) {
             scalar_t* line = base + c * st[1] + i * st[2];
@@ -156,13 +158,15 @@ std::array<int64_t, 4> strides_of(const Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-Tensor gather_rows(const Tensor& images, const Tensor& indices, const Tensor& cu, const Geometry& g) {
-  Tensor packed = at::empty({g.rows, g.patch_dim}, images.options());
+// The packed patches (rows, ld): ld = patch_dim, or more for the matrix engine (zero columns after patch_dim).
+Tensor gather_rows(const Tensor& images, const Tensor& indices, const Tensor& cu, const Geometry& g, int64_t ld = 0) {
+  ld = std::max(ld, g.patch_dim);
+  Tensor packed = at::empty({g.rows, ld}, images.options());
   if (g.rows == 0) return packed;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "patch_gather_cpu", [&] {
     move_patches<scalar_t, false>(const_cast<scalar_t*>(images.const_data_ptr<scalar_t>()), strides_of(images),
                                   packed.mutable_data_ptr<scalar_t>(), indices.const_data_ptr<int64_t>(),
-                                  cu.const_data_ptr<int32_t>(), g);
+                                  cu.const_data_ptr<int32_t>(), g, ld);
   });
   return packed;
 }
@@ -201,29 +205,51 @@ void fill_bias_and_positions(Tensor& tokens, const std::optional<Tensor>& bias, 
   });
 }
 
-// weight (D, K) -> B = weight^T (K, D) in VNNI-2 layout: element (k, n) at ((k / 2) * D + n) * 2 + k % 2, the
-// operand order of the bf16/fp16 dot-product instructions and AMX tiles. K must be even. A (k, k+1) pair is one
-// 32-bit word, so this is a transpose of the (D, K/2) matrix of words into (K/2, D), done in 16 x 16 tiles: the
-// per-element loop it replaces scattered every write to its own cache line and cost as much as the GEMM itself at
-// LookWhere's shape (274 rows). Repacked per call (~1/30 of the GEMM at 274 rows): a cache keyed on the weight's
-// address and version would go stale when the weight is edited through `.data`, which bumps no version.
-template <typename scalar_t>
-Tensor pack_vnni(const Tensor& weight2d) {
-  static_assert(sizeof(scalar_t) == 2, "VNNI-2 packing is for 16-bit types");
-  const int64_t d = weight2d.size(0), k2 = weight2d.size(1) / 2;
+constexpr int64_t kBlockM = 64, kBlockN = 64;  // one micro-kernel call: a 64 x 64 fp32 block of C, all of K
+
+// weight (D, K) -> B = weight^T (K_pad, D) as the micro-kernel reads it, in one contiguous slab per block of
+// kBlockN output columns (the slab of columns n0..n0+w-1 at offset n0 * K_pad, leading dimension w): element
+// (k, j) of a slab at ((k / 2) * w + j) * 2 + k % 2 in VNNI-2 (the operand order of vdpbf16ps and AMX tiles), at
+// k * w + j row-major; rows K..K_pad-1 are zeros. Slabs rather than one (K, D) matrix: with D-wide rows each AMX
+// tile row of B came from another 3 KB row, and the same GEMM ran ~3x slower (Sapphire Rapids, G1's shape, best of
+// 60 alternating calls). Built in 16 x 16 tiles of 32-bit pairs (a per-element loop scattered every write to its
+// own cache line and cost as much as the GEMM). Repacked per call (a few percent of the GEMM at 274 rows): a cache
+// keyed on the weight's address and version would go stale when the weight is edited through `.data`, which bumps
+// no version.
+Tensor pack_b_slabs(const Tensor& weight2d, int64_t k_pad, bool vnni) {
+  const int64_t d = weight2d.size(0), k = weight2d.size(1);
   const Tensor w = weight2d.contiguous();
-  Tensor out = at::empty({k2, d, 2}, w.options());
-  const char* src = static_cast<const char*>(w.const_data_ptr());
-  char* dst = static_cast<char*>(out.mutable_data_ptr());
-  constexpr int64_t kTile = 16;
-  const int64_t tiles_n = (d + kTile - 1) / kTile;
-  at::parallel_for(0, tiles_n, grain_for(kTile * 2 * k2), [&](int64_t t0, int64_t t1) {
-    for (int64_t n0 = t0 * kTile; n0 < std::min(d, t1 * kTile); n0 += kTile) {
-      const int64_t n1 = std::min(d, n0 + kTile);
-      for (int64_t q0 = 0; q0 < k2; q0 += kTile) {
-        const int64_t q1 = std::min(k2, q0 + kTile);
-        for (int64_t q = q0; q < q1; ++q) {
-          for (int64_t n = n0; n < n1; ++n) std::memcpy(dst + (q * d + n) * 4, src + (n * k2 + q) * 4, 4);
+  Tensor out = at::empty({d * k_pad}, w.options());
+  const uint16_t* src = static_cast<const uint16_t*>(w.const_data_ptr());
+  uint16_t* dst = static_cast<uint16_t*>(out.mutable_data_ptr());
+  const int64_t slabs = (d + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, slabs, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t slab = s0; slab < s1; ++slab) {
+      const int64_t n0 = slab * kBlockN, width = std::min(kBlockN, d - n0);
+      uint16_t* base = dst + n0 * k_pad;
+      constexpr int64_t kTile = 16;
+      if (vnni) {
+        uint32_t* words = reinterpret_cast<uint32_t*>(base);  // (K_pad / 2, width) pairs
+        const int64_t pairs = k_pad / 2;
+        for (int64_t j0 = 0; j0 < width; j0 += kTile) {
+          for (int64_t q0 = 0; q0 < pairs; q0 += kTile) {
+            for (int64_t j = j0; j < std::min(width, j0 + kTile); ++j) {
+              const uint16_t* row = src + (n0 + j) * k;
+              for (int64_t q = q0; q < std::min(pairs, q0 + kTile); ++q) {
+                const uint32_t lo = 2 * q < k ? row[2 * q] : 0, hi = 2 * q + 1 < k ? row[2 * q + 1] : 0;
+                words[q * width + j] = lo | (hi << 16);
+              }
+            }
+          }
+        }
+      } else {
+        for (int64_t j0 = 0; j0 < width; j0 += kTile) {
+          for (int64_t q0 = 0; q0 < k_pad; q0 += kTile) {
+            for (int64_t j = j0; j < std::min(width, j0 + kTile); ++j) {
+              const uint16_t* row = src + (n0 + j) * k;
+              for (int64_t q = q0; q < std::min(k_pad, q0 + kTile); ++q) base[q * width + j] = q < k ? row[q] : 0;
+            }
+          }
         }
       }
     }
@@ -289,17 +315,34 @@ LF_DEFINE_EPILOGUE(at::BFloat16)
 LF_DEFINE_EPILOGUE(at::Half)
 #undef LF_DEFINE_EPILOGUE
 
-constexpr int64_t kBlockM = 64, kBlockN = 64;  // one micro-kernel call: a 64 x 64 fp32 block of C, all of K
+// The B layout oneDNN's brgemm micro-kernel (the matrix engine) takes for scalar_t on this CPU (brgemm_layout.h:
+// VNNI-2, or row-major for fp16 on AVX512-FP16 without AMX-FP16); kNone without one, or with mkldnn turned off.
+template <typename scalar_t>
+BrgemmLayout embed_layout() {
+  return at::globalContext().userEnabledMkldnn() ? brgemm_b_layout<scalar_t>() : BrgemmLayout::kNone;
+}
+
+// Row stride (elements) of the gathered patches for the bf16/fp16 embedding: on the matrix engine, K rounded up to
+// 32 (64 bytes, the AMX tile's bf16 depth), the extra columns zero. Every row of A then starts on a cache line and K
+// has no tail: with K = 588 (rows 1176 bytes apart) oneDNN's AMX micro-kernel took 3-5x longer on the same GEMM
+// than with the rows padded to 608 (Sapphire Rapids, 1 thread, G1's 1096 x 588 x 768: ~4 ms against ~0.8 ms).
+int64_t embed_row_stride(at::ScalarType dtype, int64_t k) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return k;
+  const BrgemmLayout layout =
+      dtype == at::kBFloat16 ? embed_layout<at::BFloat16>() : embed_layout<at::Half>();
+  return layout == BrgemmLayout::kNone ? k : (k + 31) / 32 * 32;
+}
 
 // bf16/fp16: tokens = round(patches @ W^T + bias + pos) with the products and sums in fp32 (see the header note).
-// Row blocks of 64 in parallel; each block's fp32 result lives in a per-thread 64 x D scratch (196 KB at D 768, in
-// L2) and is rounded into the output right after its GEMM: no (rows, D) fp32 buffer, no separate prologue pass.
+// patches (rows, ld), ld = embed_row_stride(dtype, K) (zero columns after K). Row blocks of 64 in parallel; each
+// block's fp32 result lives in a per-thread 64 x D scratch (196 KB at D 768, in L2) and is rounded into the output
+// right after its GEMM: no (rows, D) fp32 buffer, no separate prologue pass.
 Tensor embed_reduced_precision(const Tensor& patches, const Tensor& idx, const Tensor& weight2d,
                                const std::optional<Tensor>& bias, const std::optional<Tensor>& pos_embed,
                                const Geometry& g) {
   Tensor tokens = at::empty({g.rows, g.embed_dim}, patches.options());
   if (g.rows == 0) return tokens;
-  const int64_t m = g.rows, n = g.embed_dim, k = g.patch_dim;
+  const int64_t m = g.rows, n = g.embed_dim, k = g.patch_dim, ld = patches.size(1);
   const Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
   const Tensor pe = pos_embed.has_value() ? pos_embed->contiguous() : Tensor();
   AT_DISPATCH_REDUCED_FLOATING_TYPES(patches.scalar_type(), "patch_embed_gemm_cpu", [&] {
@@ -308,39 +351,36 @@ Tensor embed_reduced_precision(const Tensor& patches, const Tensor& idx, const T
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* pp = pe.defined() ? pe.const_data_ptr<scalar_t>() : nullptr;
     const int64_t* ip = idx.const_data_ptr<int64_t>();
-    // oneDNN's brgemm micro-kernel (the matrix engine) takes B packed in VNNI-2 or row-major, by CPU and dtype
-    // (brgemm_layout.h: fp16 on AVX512-FP16 without AMX-FP16 is row-major). VNNI-2 needs an even K.
-    const BrgemmLayout layout =
-        at::globalContext().userEnabledMkldnn() ? brgemm_b_layout<scalar_t>() : BrgemmLayout::kNone;
-    if (layout == BrgemmLayout::kRowMajor || (layout == BrgemmLayout::kVnni2 && k % 2 == 0)) {
-      // The matrix-engine path: the micro-kernel on 64 x 64 blocks of C, fp32 accumulation.
-      const bool vnni = layout == BrgemmLayout::kVnni2;
-      const Tensor packed = vnni ? pack_vnni<scalar_t>(weight2d) : weight2d.t().contiguous();  // B (K, D)
+    const BrgemmLayout layout = embed_layout<scalar_t>();
+    if (layout != BrgemmLayout::kNone && ld % 32 == 0) {
+      // The matrix-engine path: the micro-kernel on 64 x 64 blocks of C over the padded depth ld, fp32 accumulation.
+      const Tensor packed = pack_b_slabs(weight2d, ld, layout == BrgemmLayout::kVnni2);  // zero rows after K
       const scalar_t* wp = packed.const_data_ptr<scalar_t>();
-      const int64_t b_offset = vnni ? 2 : 1;  // elements from one column of B to the next
       const int64_t blocks_m = (m + kBlockM - 1) / kBlockM;
       at::parallel_for(0, blocks_m, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<float> scratch(kBlockM * n);
+        const Tensor scratch_t = at::empty({kBlockM, n}, tokens.options().dtype(at::kFloat));  // 64-byte aligned
+        float* scratch = scratch_t.mutable_data_ptr<float>();
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t m0 = i * kBlockM, mm = std::min(kBlockM, m - m0);
           for (int64_t n0 = 0; n0 < n; n0 += kBlockN) {
-            at::native::cpublas::brgemm(mm, std::min(kBlockN, n - n0), k, k, n, n, /*add_C=*/false, a + m0 * k,
-                                        wp + n0 * b_offset, scratch.data() + n0, /*is_vnni=*/true);
+            const int64_t width = std::min(kBlockN, n - n0);
+            at::native::cpublas::brgemm(mm, width, ld, ld, width, n, /*add_C=*/false, a + m0 * ld, wp + n0 * ld,
+                                        scratch + n0, /*is_vnni=*/true);
           }
-          embed_epilogue(out, scratch.data(), n, bp, pp, ip, m0, m0 + mm, n);
+          embed_epilogue(out, scratch, n, bp, pp, ip, m0, m0 + mm, n);
         }
         at::native::cpublas::brgemm_release(true);
       });
     } else {
-      // No micro-kernel for this dtype on this CPU (or an odd K): cpublas' row-major bf16 x bf16 -> fp32 GEMM,
-      // exact but at the fp32 FMA rate on x86.
+      // No micro-kernel for this dtype on this CPU: cpublas' row-major bf16 x bf16 -> fp32 GEMM, exact but at the
+      // fp32 FMA rate on x86.
       TORCH_WARN_ONCE("lookfast topk_patch_gather: no ", (std::is_same_v<scalar_t, at::BFloat16> ? "bf16" : "fp16"),
-                      " matrix-engine micro-kernel for this CPU / patch width (K = ", k,
-                      "); the embedding GEMM runs on the portable fp32-accumulating path, several times slower");
+                      " matrix-engine micro-kernel on this CPU; the embedding GEMM runs on the portable "
+                      "fp32-accumulating path, several times slower");
       const Tensor weight_t = weight2d.t().contiguous();  // (K, D)
       Tensor acc = at::empty({m, n}, patches.options().dtype(at::kFloat));
       float* c = acc.mutable_data_ptr<float>();
-      at::native::cpublas::brgemm(m, n, k, k, n, n, /*add_C=*/false, a, weight_t.const_data_ptr<scalar_t>(), c,
+      at::native::cpublas::brgemm(m, n, k, ld, n, n, /*add_C=*/false, a, weight_t.const_data_ptr<scalar_t>(), c,
                                   /*is_vnni=*/false);
       embed_epilogue(out, c, n, bp, pp, ip, 0, m, n);
     }
@@ -355,9 +395,10 @@ Tensor patch_gather_embed_cpu(const Tensor& images, const Tensor& indices, const
   const Tensor idx = indices.contiguous();
   const Tensor cu = cu_seqlens.contiguous();
   check_offsets(cu.const_data_ptr<int32_t>(), g);
-  Tensor patches = gather_rows(images, idx, cu, g);
+  const bool low = images.scalar_type() == at::kBFloat16 || images.scalar_type() == at::kHalf;
+  Tensor patches = gather_rows(images, idx, cu, g, g.embed() && low ? embed_row_stride(images.scalar_type(), g.patch_dim) : 0);
   if (!g.embed()) return patches;
-  if (images.scalar_type() == at::kBFloat16 || images.scalar_type() == at::kHalf) {
+  if (low) {
     return embed_reduced_precision(patches, idx, weight->reshape({g.embed_dim, g.patch_dim}), bias, pos_embed, g);
   }
   const Tensor weight_t = weight->reshape({g.embed_dim, g.patch_dim}).t();  // (K, D) view: the GEMM reads it transposed
@@ -388,7 +429,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> patch_gather_embed_backward_cpu(
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "patch_scatter_cpu", [&] {
         move_patches<scalar_t, true>(grad_images.mutable_data_ptr<scalar_t>(), strides_of(grad_images),
                                      const_cast<scalar_t*>(grad_patches.const_data_ptr<scalar_t>()),
-                                     idx.const_data_ptr<int64_t>(), cu.const_data_ptr<int32_t>(), g);
+                                     idx.const_data_ptr<int64_t>(), cu.const_data_ptr<int32_t>(), g, g.patch_dim);
       });
     }
   }

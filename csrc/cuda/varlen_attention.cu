@@ -37,6 +37,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
@@ -48,6 +50,11 @@ namespace lookfast {
 namespace {
 
 namespace osm = ::lookfast::online_softmax;
+
+// The kernel family the latest forward ([0]) and backward ([1]) call ran: "mma" (tensor cores), "simt", or "none"
+// (nothing to compute); "" before the first call. Read by the lookfast_cuda diagnostic at the end of this file, with
+// which the GPU tests check that bf16/fp16 really ran on the tensor cores.
+std::atomic<const char*> g_last_kernel[2] = {"", ""};
 
 constexpr int kThreads = 128;
 constexpr int kChunk = 8;                    // keys scored before one online-softmax rescale
@@ -417,11 +424,16 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(const at::Tensor& q
   const int64_t batch = cu_q.numel() - 1;
   at::Tensor out = at::empty({total_q, heads, dv}, q.options());
   at::Tensor lse = at::empty({heads, total_q}, q.options().dtype(at::kFloat));
-  if (total_q == 0 || batch == 0 || heads == 0) return {out, lse};
-  // bf16/fp16 on tensor cores when the head dims and the GPU allow it
-  if (varlen_attention_fwd_mma(q, k, v, cu_q, cu_k, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, causal)) {
+  if (total_q == 0 || batch == 0 || heads == 0) {
+    g_last_kernel[0] = "none";
     return {out, lse};
   }
+  // bf16/fp16 on tensor cores when the head dims and the GPU allow it
+  if (varlen_attention_fwd_mma(q, k, v, cu_q, cu_k, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, causal)) {
+    g_last_kernel[0] = "mma";
+    return {out, lse};
+  }
+  g_last_kernel[0] = "simt";
   const int group = static_cast<int>(heads / k.size(1));
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
@@ -469,13 +481,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
   at::Tensor dv_t = at::empty_like(v);
   if (batch == 0 || heads == 0 || total_q == 0) {
     // no query: every gradient is zero (keys of samples without queries are written as zeros by the kernel too)
+    g_last_kernel[1] = "none";
     return {dq.zero_(), dk_t.zero_(), dv_t.zero_()};
   }
   // bf16/fp16 on tensor cores when the head dims and the GPU allow it (varlen_attention_mma_bwd.cu)
   if (varlen_attention_bwd_mma(dout, q, k, v, out, lse, cu_q, cu_k, dq, dk_t, dv_t, max_seqlen_q, max_seqlen_k,
                                softmax_scale, causal)) {
+    g_last_kernel[1] = "mma";
     return {dq, dk_t, dv_t};
   }
+  g_last_kernel[1] = "simt";
   const int group = static_cast<int>(heads / k.size(1));
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
@@ -524,6 +539,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
 TORCH_LIBRARY_IMPL(lookfast, CUDA, m) {
   m.impl("varlen_attention_fwd", &varlen_attention_fwd_cuda);
   m.impl("varlen_attention_bwd", &varlen_attention_bwd_cuda);
+}
+
+// A diagnostic, not an op on tensors (its own namespace, as the CPU's lookfast_cpu.varlen_attention_kernel): the
+// kernel family ("mma", "simt", "none", or "" before any call) that the latest CUDA forward or backward of
+// varlen_attention ran, in this process. Only CUDA builds define it.
+static std::string last_kernel(bool backward) { return g_last_kernel[backward ? 1 : 0].load(); }
+
+TORCH_LIBRARY(lookfast_cuda, m) {
+  m.def("varlen_attention_last_kernel(bool backward=False) -> str", &last_kernel);
 }
 
 }  // namespace lookfast

@@ -230,16 +230,19 @@ Tensor pack_b_slabs(const Tensor& weight2d, int64_t k_pad, bool vnni) {
       constexpr int64_t kTile = 16;
       if (vnni) {
         uint32_t* words = reinterpret_cast<uint32_t*>(base);  // (K_pad / 2, width) pairs
-        const int64_t pairs = k_pad / 2;
+        const int64_t full = k / 2, pairs = k_pad / 2;      // pairs of two weights; then (w[K-1], 0) if K is odd
         for (int64_t j0 = 0; j0 < width; j0 += kTile) {
-          for (int64_t q0 = 0; q0 < pairs; q0 += kTile) {
-            for (int64_t j = j0; j < std::min(width, j0 + kTile); ++j) {
+          const int64_t j1 = std::min(width, j0 + kTile);
+          for (int64_t q0 = 0; q0 < full; q0 += kTile) {
+            const int64_t q1 = std::min(full, q0 + kTile);
+            for (int64_t j = j0; j < j1; ++j) {
               const uint16_t* row = src + (n0 + j) * k;
-              for (int64_t q = q0; q < std::min(pairs, q0 + kTile); ++q) {
-                const uint32_t lo = 2 * q < k ? row[2 * q] : 0, hi = 2 * q + 1 < k ? row[2 * q + 1] : 0;
-                words[q * width + j] = lo | (hi << 16);
-              }
+              for (int64_t q = q0; q < q1; ++q) std::memcpy(words + q * width + j, row + 2 * q, 4);
             }
+          }
+          for (int64_t j = j0; j < j1; ++j) {
+            for (int64_t q = full; q < pairs; ++q)
+              words[q * width + j] = (q == full && k % 2) ? uint32_t(src[(n0 + j) * k + k - 1]) : 0u;
           }
         }
       } else {

@@ -85,6 +85,16 @@ def main() -> int:
         print(f"FAIL: ops without a CUDA kernel: {', '.join(missing)}")
         return 1
     print("OK: every lookfast op has a CUDA kernel")
+    # the diagnostic with which the GPU tests check that bf16/fp16 attention ran on the tensor cores
+    try:
+        last = torch.ops.lookfast_cuda.varlen_attention_last_kernel(False)
+    except (AttributeError, RuntimeError) as e:
+        print(f"FAIL: torch.ops.lookfast_cuda.varlen_attention_last_kernel is missing ({e})")
+        return 1
+    if last != "":
+        print(f"FAIL: varlen_attention_last_kernel says {last!r} before any call (expected '')")
+        return 1
+    print("OK: torch.ops.lookfast_cuda.varlen_attention_last_kernel is registered")
     cuobjdump = find_cuobjdump()
     library = _backend.library_path
     if cuobjdump is None or library is None:

@@ -210,9 +210,10 @@ constexpr int64_t kBlockM = 64, kBlockN = 64;  // one micro-kernel call: a 64 x 
 // weight (D, K) -> B = weight^T (K_pad, D) as the micro-kernel reads it, in one contiguous slab per block of
 // kBlockN output columns (the slab of columns n0..n0+w-1 at offset n0 * K_pad, leading dimension w): element
 // (k, j) of a slab at ((k / 2) * w + j) * 2 + k % 2 in VNNI-2 (the operand order of vdpbf16ps and AMX tiles), at
-// k * w + j row-major; rows K..K_pad-1 are zeros. Slabs rather than one (K, D) matrix: with D-wide rows each AMX
-// tile row of B came from another 3 KB row, and the same GEMM ran ~3x slower (Sapphire Rapids, G1's shape, best of
-// 60 alternating calls). Built in 16 x 16 tiles of 32-bit pairs (a per-element loop scattered every write to its
+// k * w + j row-major; rows K..K_pad-1 are zeros. Slabs rather than one (K, D) matrix, whose D-wide rows put each
+// AMX tile row of B in another 3 KB row: with unpadded K (588) the slabs alone made the micro-kernel calls ~3x
+// faster (Sapphire Rapids, G1's shape, best of 60 alternating calls); with K padded (embed_row_stride) the two
+// layouts measured within noise, and the slabs stay. Built in 16 x 16 tiles of 32-bit pairs (a per-element loop scattered every write to its
 // own cache line and cost as much as the GEMM). Repacked per call (a few percent of the GEMM at 274 rows): a cache
 // keyed on the weight's address and version would go stale when the weight is edited through `.data`, which bumps
 // no version.
@@ -327,8 +328,9 @@ BrgemmLayout embed_layout() {
 
 // Row stride (elements) of the gathered patches for the bf16/fp16 embedding: on the matrix engine, K rounded up to
 // 32 (64 bytes, the AMX tile's bf16 depth), the extra columns zero. Every row of A then starts on a cache line and K
-// has no tail: with K = 588 (rows 1176 bytes apart) oneDNN's AMX micro-kernel took 3-5x longer on the same GEMM
-// than with the rows padded to 608 (Sapphire Rapids, 1 thread, G1's 1096 x 588 x 768: ~4 ms against ~0.8 ms).
+// has no tail: with K = 588 (rows 1176 bytes apart) and a D-wide B oneDNN's AMX micro-kernel calls took ~4x longer
+// than with the rows padded to 608 (Sapphire Rapids, 1 thread, G1's 1096 x 588 x 768: 2.2-3.3 ms against 0.8 ms,
+// where torch.mm takes 0.85 ms).
 int64_t embed_row_stride(at::ScalarType dtype, int64_t k) {
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return k;
   const BrgemmLayout layout =

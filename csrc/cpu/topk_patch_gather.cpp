@@ -213,10 +213,11 @@ constexpr int64_t kBlockM = 64, kBlockN = 64;  // one micro-kernel call: a 64 x 
 // k * w + j row-major; rows K..K_pad-1 are zeros. Slabs rather than one (K, D) matrix, whose D-wide rows put each
 // AMX tile row of B in another 3 KB row: with unpadded K (588) the slabs alone made the micro-kernel calls ~3x
 // faster (Sapphire Rapids, G1's shape, best of 60 alternating calls); with K padded (embed_row_stride) the two
-// layouts measured within noise, and the slabs stay. Built in 16 x 16 tiles of 32-bit pairs (a per-element loop scattered every write to its
-// own cache line and cost as much as the GEMM). Repacked per call (a few percent of the GEMM at 274 rows): a cache
-// keyed on the weight's address and version would go stale when the weight is edited through `.data`, which bumps
-// no version.
+// layouts measured within noise, and the slabs stay. Built in 16 x 16 tiles of 32-bit pairs (a per-element loop
+// scattered every write to its own cache line and cost as much as the GEMM). Repacked per call: about a quarter of
+// the GEMM's time at G1's 1096 rows, about as much as the GEMM at LookWhere's 274 (~0.2 ms, ~0.2% of a LookWhere
+// forward); a cache keyed on the weight's address and version would go stale when the weight is edited through
+// `.data`, which bumps no version.
 Tensor pack_b_slabs(const Tensor& weight2d, int64_t k_pad, bool vnni) {
   const int64_t d = weight2d.size(0), k = weight2d.size(1);
   const Tensor w = weight2d.contiguous();
@@ -401,7 +402,8 @@ Tensor patch_gather_embed_cpu(const Tensor& images, const Tensor& indices, const
   const Tensor cu = cu_seqlens.contiguous();
   check_offsets(cu.const_data_ptr<int32_t>(), g);
   const bool low = images.scalar_type() == at::kBFloat16 || images.scalar_type() == at::kHalf;
-  Tensor patches = gather_rows(images, idx, cu, g, g.embed() && low ? embed_row_stride(images.scalar_type(), g.patch_dim) : 0);
+  const int64_t ld = g.embed() && low ? embed_row_stride(images.scalar_type(), g.patch_dim) : 0;
+  Tensor patches = gather_rows(images, idx, cu, g, ld);
   if (!g.embed()) return patches;
   if (low) {
     return embed_reduced_precision(patches, idx, weight->reshape({g.embed_dim, g.patch_dim}), bias, pos_embed, g);

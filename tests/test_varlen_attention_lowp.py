@@ -4,7 +4,7 @@ FlashAttention's rule: against a float64 truth, lookfast's error in a low precis
 (gradients) the error of plain PyTorch attention math run in that same precision. Every CPU kernel present is tested
 with the same bodies (the `isa` fixture, LOOKFAST_CPU_ISA): the automatic choice, the portable kernel (baseline, any
 CPU), the hand-written bf16 dot-product kernel (avx512bf16, where the CPU has AVX512-BF16) and the oneDNN brgemm
-kernel (brgemm: AMX or AVX512-BF16 for bf16, AMX-FP16 for fp16); a kernel this CPU lacks is skipped with the reason. Also: float64 gradients to ~1e-12, float32 gradients within 3x of PyTorch's float32 math, NaN propagation,
+kernel (brgemm: AMX or AVX512-BF16 for bf16, AMX-FP16 or AVX512-FP16 for fp16); a kernel this CPU lacks is skipped with the reason. Also: float64 gradients to ~1e-12, float32 gradients within 3x of PyTorch's float32 math, NaN propagation,
 poisoned outputs, autocast (as scaled_dot_product_attention), opcheck and torch.compile in bf16.
 """
 import math
@@ -60,7 +60,7 @@ def isa(request, monkeypatch):
             got = _kernel(dtype)
         if got != request.param:
             need = {"avx512bf16": "AVX512-BF16 and bf16 inputs",
-                    "brgemm": "an oneDNN brgemm micro-kernel for this dtype (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16)"}
+                    "brgemm": "an oneDNN brgemm micro-kernel for this dtype (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16 or AVX512-FP16)"}
             pytest.skip(f"LOOKFAST_CPU_ISA={request.param} is not available for {dtype} on this CPU "
                         f"(needs {need[request.param]}); it would run {got}")
     return request.param
@@ -218,6 +218,9 @@ def test_kernel_choice_follows_the_cpu_and_the_switch(monkeypatch):
         # AMX: brgemm; AVX512-BF16 without AMX: the hand-written kernel (measured faster on Zen 5; isa.cpp's note).
         assert auto == ("brgemm" if amx and torch.backends.mkldnn.is_available() else "avx512bf16" if dot else "baseline")
     assert _kernel(torch.bfloat16, 8) == "baseline"  # narrow heads: the portable kernel is the faster one
+    if flags:  # fp16: brgemm with AMX-FP16 only (AVX512-FP16's micro-kernel measured slower than the portable one)
+        amx_fp16 = " amx_fp16" in flags and torch.backends.mkldnn.is_available()
+        assert _kernel(torch.float16, 64) == _kernel(torch.float16, 64, True) == ("brgemm" if amx_fp16 else "baseline")
     if flags:  # backward: brgemm with AMX; the hand-written kernel on AVX512-BF16 without AMX (measured faster)
         assert _kernel(torch.bfloat16, 64, True) == ("brgemm" if amx else "avx512bf16" if dot else "baseline")
     monkeypatch.setenv("LOOKFAST_CPU_ISA", "baseline")
@@ -228,6 +231,8 @@ def test_kernel_choice_follows_the_cpu_and_the_switch(monkeypatch):
         forced = _kernel(torch.bfloat16, 8)
     if dot or amx:  # torch's oneDNN has a bf16 micro-kernel on both; forced, brgemm runs every head dim
         assert forced == "brgemm" == _kernel(torch.bfloat16, 64) == _kernel(torch.bfloat16, 8, True)
+    if " avx512_fp16" in flags or " amx_fp16" in flags:  # and an fp16 one (row-major B without AMX-FP16)
+        assert _kernel(torch.float16, 64) == _kernel(torch.float16, 64, True) == "brgemm"
 
 
 @needs_cpp

@@ -85,29 +85,50 @@ inline uint16_t bits(T x) {
 inline uint32_t pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
 
 // ------------------------------------------------------------------------------------------------ packing
-// Kᵀ of one (sample, kv head) in VNNI-2, one slab per block of kKeyBlock keys: the pair (K[j][2p], K[j][2p+1]) of
-// key j = kb*kKeyBlock + jj at kt[(kb*dh2 + p)*kKeyBlock + jj]; zero for the odd head dim's pad and for the keys
-// from len_k up to the next multiple of 16 (what the last block's N covers).
+// Every B operand is packed by the two functions below, in the layout oneDNN's micro-kernel takes for T on this CPU
+// (brgemm_layout.h): VNNI-2 pairs (bf16 everywhere, fp16 with AMX-FP16) or row-major (fp16 on AVX512-FP16 without
+// AMX-FP16). Both layouts fill the same 16-bit elements of the same buffers (a pair at uint32 index i is the two
+// elements at 16-bit index 2i), so the offsets the products pass are the same in both.
+
+// Kᵀ of one (sample, kv head), one slab per block of kKeyBlock keys. VNNI-2: the pair (K[j][2p], K[j][2p+1]) of key
+// j = kb*kKeyBlock + jj at kt[(kb*dh2 + p)*kKeyBlock + jj]; row-major: K[j][d] at 16-bit element
+// (kb*2*dh2 + d)*kKeyBlock + jj. Zero for the odd head dim's pad and for the keys from len_k up to the next multiple
+// of 16 (what the last block's N covers).
 template <typename T>
-void pack_kt(const T* src, int64_t stride, int64_t len_k, int64_t Dh, int64_t dh2, uint32_t* kt) {
+void pack_kt(const T* src, int64_t stride, int64_t len_k, int64_t Dh, int64_t dh2, uint32_t* kt, bool row_major) {
   const int64_t full = Dh / 2;
+  uint16_t* kt16 = reinterpret_cast<uint16_t*>(kt);
   for (int64_t j = 0; j < up(len_k, 16); ++j) {
-    uint32_t* d = kt + (j / kKeyBlock) * dh2 * kKeyBlock + j % kKeyBlock;
-    if (j >= len_k) {
+    const int64_t slab = (j / kKeyBlock) * dh2 * kKeyBlock, jj = j % kKeyBlock;
+    const T* y = j < len_k ? src + j * stride : nullptr;
+    if (row_major) {
+      uint16_t* d = kt16 + 2 * slab + jj;
+      for (int64_t e = 0; e < 2 * dh2; ++e) d[e * kKeyBlock] = y != nullptr && e < Dh ? bits(y[e]) : uint16_t(0);
+      continue;
+    }
+    uint32_t* d = kt + slab + jj;
+    if (y == nullptr) {
       for (int64_t p = 0; p < dh2; ++p) d[p * kKeyBlock] = 0;
       continue;
     }
-    const T* y = src + j * stride;
     for (int64_t p = 0; p < full; ++p) d[p * kKeyBlock] = pair(bits(y[2 * p]), bits(y[2 * p + 1]));
     if (full != dh2) d[full * kKeyBlock] = pair(bits(y[Dh - 1]), 0);
   }
 }
 
-// V of one (sample, kv head) in VNNI-2: vn[p*ldv + c] = (V[2p][c], V[2p+1][c]); zero past len_k (up to the next
-// multiple of 16 keys) and for the columns from Dv to ldv.
+// V of one (sample, kv head), rows up to the next multiple of 16 keys (zero past len_k), columns up to ldv (zero
+// from Dv). VNNI-2: vn[p*ldv + c] = (V[2p][c], V[2p+1][c]); row-major: V[j][c] at 16-bit element j*ldv + c.
 template <typename T>
-void pack_v(const T* src, int64_t stride, int64_t len_k, int64_t Dv, int64_t ldv, uint32_t* vn) {
+void pack_v(const T* src, int64_t stride, int64_t len_k, int64_t Dv, int64_t ldv, uint32_t* vn, bool row_major) {
   const int64_t rows2 = up(len_k, 16) / 2;
+  if (row_major) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(vn);
+    for (int64_t j = 0; j < 2 * rows2; ++j, d += ldv) {
+      if (j < len_k) std::memcpy(d, src + j * stride, sizeof(uint16_t) * Dv);
+      std::memset(d + (j < len_k ? Dv : 0), 0, sizeof(uint16_t) * (j < len_k ? ldv - Dv : ldv));
+    }
+    return;
+  }
   for (int64_t p = 0; p < rows2; ++p) {
     uint32_t* d = vn + p * ldv;
     const T* y0 = 2 * p < len_k ? src + 2 * p * stride : nullptr;
@@ -115,6 +136,13 @@ void pack_v(const T* src, int64_t stride, int64_t len_k, int64_t Dv, int64_t ldv
     for (int64_t c = 0; c < Dv; ++c) d[c] = pair(y0 ? bits(y0[c]) : uint16_t(0), y1 ? bits(y1[c]) : uint16_t(0));
     for (int64_t c = Dv; c < ldv; ++c) d[c] = 0;
   }
+}
+
+// Whether this CPU's micro-kernel takes T's B operands row-major (fp16 on AVX512-FP16 without AMX-FP16).
+template <typename T>
+bool row_major_b() {
+  if constexpr (std::is_same<T, c10::Half>::value) return brgemm_b_layout<c10::Half>() == BrgemmLayout::kRowMajor;
+  return false;
 }
 
 // ------------------------------------------------------------------------------------------------ vector helpers
@@ -153,14 +181,15 @@ LF_BRGEMM_TARGET void forward_items(const VarlenProblem& s, const FwdItem* items
   const float qs = static_cast<float>(s.scale) * kLog2e;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const float nan = std::numeric_limits<float>::quiet_NaN();
+  const bool row_major = row_major_b<T>();
   int64_t packed_b = -1, packed_kvh = -1;
   for (int64_t it = 0; it < count; ++it) {
     const FwdItem w = items[it];
     const int64_t q0 = s.cu_q[w.b], k0 = s.cu_k[w.b];
     const int64_t len_q = s.cu_q[w.b + 1] - q0, len_k = s.cu_k[w.b + 1] - k0, kvh = w.h / group;
     if (w.b != packed_b || kvh != packed_kvh) {
-      pack_kt(k + k0 * Hk * Dh + kvh * Dh, Hk * Dh, len_k, Dh, dh2, kt.data);
-      pack_v(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, ldv, vn.data);
+      pack_kt(k + k0 * Hk * Dh + kvh * Dh, Hk * Dh, len_k, Dh, dh2, kt.data, row_major);
+      pack_v(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, ldv, vn.data, row_major);
       packed_b = w.b;
       packed_kvh = kvh;
     }
@@ -286,9 +315,10 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
   std::memset(dkacc.data, 0, sizeof(float) * krows * ldh);
   std::memset(dvacc.data, 0, sizeof(float) * krows * ldv);
   const T* kbase = k + k0 * Hk * Dh + kvh * Dh;
-  pack_kt(kbase, Hk * Dh, len_k, Dh, dh2, kt.data);
-  pack_kt(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, dv2, vt.data);
-  pack_v(kbase, Hk * Dh, len_k, Dh, ldh, kn.data);
+  const bool row_major = row_major_b<T>();
+  pack_kt(kbase, Hk * Dh, len_k, Dh, dh2, kt.data, row_major);
+  pack_kt(v + k0 * Hk * Dv + kvh * Dv, Hk * Dv, len_k, Dv, dv2, vt.data, row_major);
+  pack_v(kbase, Hk * Dh, len_k, Dh, ldh, kn.data, row_major);
 
   Buf<uint16_t> qa(kTileQ * std::max<int64_t>(dhe, 2)), doa(kTileQ * std::max<int64_t>(dve, 2));
   Buf<uint32_t> qn((kTileQ / 2) * std::max<int64_t>(ldh, 16)), don((kTileQ / 2) * std::max<int64_t>(ldv, 16));
@@ -312,8 +342,8 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
         std::memcpy(qa.data + r * dhe, qrow + r * H * Dh, sizeof(uint16_t) * Dh);
         std::memcpy(doa.data + r * dve, dorow + r * H * Dv, sizeof(uint16_t) * Dv);
       }
-      pack_v(qrow, H * Dh, n, Dh, ldh, qn.data);
-      pack_v(dorow, H * Dv, n, Dv, ldv, don.data);
+      pack_v(qrow, H * Dh, n, Dh, ldh, qn.data, row_major);
+      pack_v(dorow, H * Dv, n, Dv, ldv, don.data, row_major);
       int key_end[kTileQ];
       float shift[kTileQ], delta[kTileQ];
       int k_hi = 0;
@@ -432,9 +462,9 @@ bool available(at::ScalarType dtype) {
   static const bool cpu = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   if (!cpu) return false;
-  // This kernel packs K and V in VNNI-2; fp16 on AVX512-FP16 without AMX-FP16 takes row-major B (brgemm_layout.h).
+  // The packing follows the micro-kernel's layout (VNNI-2, or row-major for fp16 on AVX512-FP16 without AMX-FP16).
   if (dtype == at::kBFloat16) return brgemm_b_layout<c10::BFloat16>() == BrgemmLayout::kVnni2;
-  return brgemm_b_layout<c10::Half>() == BrgemmLayout::kVnni2;
+  return brgemm_b_layout<c10::Half>() != BrgemmLayout::kNone;
 }
 
 void forward(const VarlenProblem& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,

@@ -3,7 +3,8 @@
 //   unset / auto  the automatic choice below
 //   baseline      the portable kernel (any CPU)
 //   avx512bf16    the hand-written AVX512-BF16 kernel (bf16, head dim >= 32; narrower heads stay portable)
-//   brgemm        the oneDNN brgemm kernel (AMX or AVX512-BF16), forward and backward, every head dim
+//   brgemm        the oneDNN brgemm kernel (AMX, AVX512-BF16, or AVX512-FP16 for fp16), forward and backward, every
+//                 head dim
 // A forced kernel the CPU (or the dtype) lacks falls back to the automatic choice with a one-time warning; an
 // unknown value too. float32/float64 always run the portable kernel.
 //
@@ -22,7 +23,11 @@
 //     A3 1.54-1.63, A3 causal 1.65-1.94 (five oneDNN calls per (query tile, key block), scalar K/V packing and the Pᵀ/dSᵀ transposes, against
 //     the hand kernel's prefetching and register-level VNNI stores). (Before that hand-kernel work brgemm's forward
 //     was 0.77-0.94x; kBrgemmWithoutAmx flips the choice if a later measurement says so.)
-//   - fp16 without an oneDNN fp16 micro-kernel: the portable kernel (the hand-written kernel is bf16 only).
+//   - fp16 without AMX-FP16: the portable kernel (the hand-written kernel is bf16 only). On AVX512-FP16 CPUs oneDNN
+//     has an fp16 micro-kernel that takes B row-major and widens to float32 FMAs (no fp32-accumulating fp16 product
+//     exists there); brgemm runs on it when forced, but measured slower than the portable kernel (Intel Xeon with
+//     AMX-BF16 and AVX512-FP16, no AMX-FP16, 1 thread, best of 8 alternating calls, brgemm / portable time): A1
+//     forward 1.05, A3 forward 1.18, A1 forward + backward 1.38, A3 forward + backward 1.45.
 #include "cpu/varlen_attention_isa.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -67,8 +72,7 @@ Kernel automatic(at::ScalarType dtype, int64_t head_dim) {
   if (varlen_brgemm::available(dtype) && (kBrgemmWithoutAmx || at::native::cpublas::could_pack(dtype)))
     return Kernel::kBrgemm;
   if (dot_kernel(dtype, head_dim)) return Kernel::kDot;
-  if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;  // fp16 with an oneDNN fp16 micro-kernel
-  return Kernel::kPortable;
+  return Kernel::kPortable;  // fp16 without AMX-FP16 (AVX512-FP16's micro-kernel measured slower: note above)
 }
 
 // The kernel for one call: a forced kernel the CPU or dtype lacks falls back to the automatic choice, with a one-time
@@ -82,7 +86,7 @@ Kernel choose(at::ScalarType dtype, int64_t head_dim, bool warn) {
       if (varlen_brgemm::available(dtype)) return Kernel::kBrgemm;
       if (warn)
         TORCH_WARN_ONCE("lookfast: LOOKFAST_CPU_ISA=brgemm, but torch's oneDNN brgemm has no ", dtype,
-                        " micro-kernel on this CPU (bf16 needs AVX512-BF16 or AMX, fp16 AMX-FP16); varlen_attention "
+                        " micro-kernel on this CPU (bf16 needs AVX512-BF16 or AMX, fp16 AMX-FP16 or AVX512-FP16); varlen_attention "
                         "uses the automatic choice (",
                         name(automatic(dtype, head_dim)), " for this call)");
       return automatic(dtype, head_dim);

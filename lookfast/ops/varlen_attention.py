@@ -292,8 +292,9 @@ def varlen_attention(
             and accumulators in float32; P and dS rounded to bf16 as GEMM operands; outputs rounded once. Narrower
             heads, CPUs without AVX512-BF16, and LOOKFAST_CPU_ISA=baseline run the portable kernel, which widens to
             float32 and uses float32 FMAs. LOOKFAST_CPU_ISA=brgemm|avx512bf16 forces one matrix kernel (docs/ops.md).
-        float16: stored in fp16; on the brgemm kernel where oneDNN has an fp16 micro-kernel (AMX-FP16), else
-            computed by the portable kernel in float32.
+        float16: stored in fp16; on the brgemm kernel where oneDNN has an fp16 micro-kernel on AMX-FP16, else
+            computed by the portable kernel in float32 (LOOKFAST_CPU_ISA=brgemm forces oneDNN's AVX512-FP16
+            micro-kernel where the CPU has it, measured slower than the portable kernel).
         lse is float32 for every input dtype (one op schema on every device).
     Error against float64 truth is at most 2x (out) / 3x (gradients) that of plain PyTorch attention in the same
     low precision (tests/test_varlen_attention_lowp.py).

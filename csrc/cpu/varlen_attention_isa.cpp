@@ -27,7 +27,9 @@
 //     has an fp16 micro-kernel that takes B row-major and widens to float32 FMAs (no fp32-accumulating fp16 product
 //     exists there); brgemm runs on it when forced, but measured slower than the portable kernel (Intel Xeon with
 //     AMX-BF16 and AVX512-FP16, no AMX-FP16, 1 thread, best of 8 alternating calls, brgemm / portable time): A1
-//     forward 1.05, A3 forward 1.18, A1 forward + backward 1.38, A3 forward + backward 1.45.
+//     forward 1.05, A3 forward 1.18, A1 forward + backward 1.38, A3 forward + backward 1.45. Also tried there: the
+//     forward with each fp16 value split exactly into two bf16 parts and three AMX-BF16 products (scalar splitting
+//     while packing): 1.09x (A1) and 1.50x (A3) the portable kernel's time, so not kept.
 #include "cpu/varlen_attention_isa.h"
 
 #include <ATen/native/CPUBlas.h>

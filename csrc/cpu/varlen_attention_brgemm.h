@@ -9,9 +9,10 @@
 namespace lookfast {
 namespace varlen_brgemm {
 
-// True when torch's brgemm multiplies `dtype` (bf16 or fp16) operands in VNNI-2 layout correctly on this CPU and
-// this kernel's vector code runs here (AVX512-BF16). Probed once per dtype with a small product whose result
-// depends on the layout; false for every other dtype and on every other CPU.
+// True when torch's brgemm multiplies `dtype` (bf16 or fp16) operands correctly on this CPU in a layout this kernel
+// packs (VNNI-2, or row-major for fp16 on AVX512-FP16 without AMX-FP16; probed once per dtype by
+// cpu/brgemm_layout.h) and this kernel's vector code runs here (AVX512-BF16); false for every other dtype and on every
+// other CPU.
 bool available(at::ScalarType dtype);
 
 // out (total_q, H, Dv) and lse (H, total_q) float32 are written in full. q, k, v contiguous, bf16 or fp16 (and

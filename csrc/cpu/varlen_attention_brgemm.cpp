@@ -19,8 +19,9 @@
 // Kᵀ is packed in one slab per key block of kKeyBlock keys (so ldb is the same constant for every sample), V as
 // pairs of key rows padded to 16 columns; the query tile is copied into a zero-padded (rows up to 8, head dim up to
 // even) buffer. Every brgemm shape is then (M in {8,16,24,32}) x (N a multiple of 16) x (K fixed per problem) with
-// constant leading dimensions (the backward's dK/dV products: M the block's 16-padded key count, K the tile's
-// padded query count): a bounded set of JIT-compiled kernels per thread, whatever the ragged lengths.
+// constant leading dimensions (the backward's dKᵀ/dVᵀ products: M the 16-padded head dim, N the block's 16-padded
+// key count, K the tile's padded query count): a bounded set of JIT-compiled kernels per thread, whatever the ragged
+// lengths.
 #include "cpu/varlen_attention_brgemm.h"
 
 #include <ATen/Context.h>
@@ -84,6 +85,34 @@ inline uint16_t bits(T x) {
 }
 inline uint32_t pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
 
+// r[i] <- column i of the 16x16 float32 matrix whose rows are r[0..15] (unpacks within 128-bit lanes, then lane
+// shuffles: 64 shuffles per 256 elements).
+LF_BRGEMM_TARGET inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i+m], 128-bit lane k: column 4k+m of rows 4i..4i+3
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int m = 0; m < 4; ++m) {  // column 4k+m: lane k of u[m], u[4+m], u[8+m], u[12+m]
+    const __m512 s0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), s1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xdd);
+    const __m512 s2 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+    const __m512 s3 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
+    t[m] = _mm512_shuffle_f32x4(s0, s2, 0x88);
+    t[8 + m] = _mm512_shuffle_f32x4(s0, s2, 0xdd);
+    t[4 + m] = _mm512_shuffle_f32x4(s1, s3, 0x88);
+    t[12 + m] = _mm512_shuffle_f32x4(s1, s3, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
 // ------------------------------------------------------------------------------------------------ packing
 // Every B operand is packed by the two functions below, in the layout oneDNN's micro-kernel takes for T on this CPU
 // (brgemm_layout.h): VNNI-2 pairs (bf16 everywhere, fp16 with AMX-FP16) or row-major (fp16 on AVX512-FP16 without
@@ -95,24 +124,33 @@ inline uint32_t pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo
 // (kb*2*dh2 + d)*kKeyBlock + jj. Zero for the odd head dim's pad and for the keys from len_k up to the next multiple
 // of 16 (what the last block's N covers).
 template <typename T>
-void pack_kt(const T* src, int64_t stride, int64_t len_k, int64_t Dh, int64_t dh2, uint32_t* kt, bool row_major) {
-  const int64_t full = Dh / 2;
+LF_BRGEMM_TARGET void pack_kt(const T* src, int64_t stride, int64_t len_k, int64_t Dh, int64_t dh2, uint32_t* kt,
+                              bool row_major) {
+  if (!row_major) {
+    // VNNI-2: Kᵀ's pairs are the 32-bit words of K's rows, so 16 keys x 16 words at a time is a 16x16 transpose of
+    // 32-bit words (masked loads: the odd head dim's last word gets a zero high half, keys past len_k are zero).
+    for (int64_t j = 0; j < up(len_k, 16); j += 16) {
+      uint32_t* slab = kt + (j / kKeyBlock) * dh2 * kKeyBlock + j % kKeyBlock;
+      for (int64_t p0 = 0; p0 < dh2; p0 += 16) {
+        const int64_t e = std::min<int64_t>(32, Dh - 2 * p0);  // 16-bit elements of this word block
+        const __mmask32 em = e >= 32 ? ~__mmask32(0) : (__mmask32(1) << e) - 1;
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = j + i < len_k ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(em, src + (j + i) * stride + 2 * p0))
+                               : _mm512_setzero_ps();
+        transpose16(r);
+        for (int64_t p = 0; p < std::min<int64_t>(16, dh2 - p0); ++p)
+          _mm512_storeu_ps(reinterpret_cast<float*>(slab + (p0 + p) * kKeyBlock), r[p]);
+      }
+    }
+    return;
+  }
   uint16_t* kt16 = reinterpret_cast<uint16_t*>(kt);
   for (int64_t j = 0; j < up(len_k, 16); ++j) {
     const int64_t slab = (j / kKeyBlock) * dh2 * kKeyBlock, jj = j % kKeyBlock;
     const T* y = j < len_k ? src + j * stride : nullptr;
-    if (row_major) {
-      uint16_t* d = kt16 + 2 * slab + jj;
-      for (int64_t e = 0; e < 2 * dh2; ++e) d[e * kKeyBlock] = y != nullptr && e < Dh ? bits(y[e]) : uint16_t(0);
-      continue;
-    }
-    uint32_t* d = kt + slab + jj;
-    if (y == nullptr) {
-      for (int64_t p = 0; p < dh2; ++p) d[p * kKeyBlock] = 0;
-      continue;
-    }
-    for (int64_t p = 0; p < full; ++p) d[p * kKeyBlock] = pair(bits(y[2 * p]), bits(y[2 * p + 1]));
-    if (full != dh2) d[full * kKeyBlock] = pair(bits(y[Dh - 1]), 0);
+    uint16_t* d = kt16 + 2 * slab + jj;
+    for (int64_t e = 0; e < 2 * dh2; ++e) d[e * kKeyBlock] = y != nullptr && e < Dh ? bits(y[e]) : uint16_t(0);
   }
 }
 
@@ -155,6 +193,29 @@ LF_BRGEMM_TARGET inline __attribute__((always_inline)) void store_lowp(uint16_t*
     const __m256i h = _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     std::memcpy(dst, &h, 32);
   }
+}
+// dst[c] = T(src[c] * mul) for c < n: 16 lanes at a time, the tail masked (rounded as T's constructor rounds).
+template <typename T>
+LF_BRGEMM_TARGET inline void store_row(T* dst, const float* src, int64_t n, float mul) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) store_lowp<T>(d + c, cpu_vec::vload(src + c) * mul);
+  if (c < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - c)) - 1);
+    alignas(64) uint16_t t[16];
+    store_lowp<T>(t, (VF)_mm512_maskz_loadu_ps(m, src + c) * mul);
+    _mm256_mask_storeu_epi16(d + c, m, _mm256_load_si256(reinterpret_cast<const __m256i*>(t)));
+  }
+}
+// 16 values of T widened to float32 exactly (lanes past n read as 0).
+template <typename T>
+LF_BRGEMM_TARGET inline __attribute__((always_inline)) VF load_wide(const T* src, int64_t n) {
+  const __mmask16 m = n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, src);
+  if constexpr (std::is_same<T, c10::BFloat16>::value)
+    return (VF)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  else
+    return (VF)_mm512_cvtph_ps(h);
 }
 LF_BRGEMM_TARGET inline __attribute__((always_inline)) VF lane_index() {
   return VF{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
@@ -263,9 +324,8 @@ LF_BRGEMM_TARGET void forward_items(const VarlenProblem& s, const FwdItem* items
           *lse_r = neg_inf;
           continue;
         }
-        const float* arow = acc.data + r * ldv;
         const float inv = l[r] == 0.f ? nan : 1.f / l[r];
-        for (int64_t c = 0; c < Dv; ++c) orow[c] = T(arow[c] * inv);
+        store_row(orow, acc.data + r * ldv, Dv, inv);
         *lse_r = l[r] == 0.f ? nan : (m[r] + std::log2(l[r])) * varlen::kLn2;  // log2 domain -> natural log
       }
     }
@@ -290,12 +350,59 @@ void forward_typed(const VarlenProblem& s, const at::Tensor& q, const at::Tensor
 }
 
 // ------------------------------------------------------------------------------------------------ backward
+// VNNI-2 pairs of consecutive rows of a row-major 16-bit (rows x cols) block, cols a multiple of 16: out[p*ld + c]
+// = (src[2p][c], src[2p+1][c]) for p < pairs, rows from `rows` on read as zero. Two loads, two widenings and an OR
+// per 16 pairs: what lets the backward's Pᵀ·dO and dSᵀ·Q run as (dO)ᵀ·P and Qᵀ·dS with P and dS as the B operand,
+// instead of transposing P and dS element by element.
+LF_BRGEMM_TARGET inline void pair_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t pairs, int64_t cols,
+                                       uint32_t* out) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint16_t* r0 = 2 * p < rows ? src + 2 * p * ld : nullptr;
+    const uint16_t* r1 = 2 * p + 1 < rows ? src + (2 * p + 1) * ld : nullptr;
+    uint32_t* d = out + p * ld;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __m512i lo = r0 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + c)))
+                            : _mm512_setzero_si512();
+      const __m512i hi = r1 ? _mm512_slli_epi32(
+                                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + c))),
+                                  16)
+                            : _mm512_setzero_si512();
+      _mm512_storeu_si512(d + c, _mm512_or_si512(lo, hi));
+    }
+  }
+}
+
+// dst[j * ld + c] = T(acc[c][j] * mul) for j < rows, c < cols, acc holding one (up(cols, 16) x kKeyBlock) float32
+// slab per block of kKeyBlock rows (its pad columns finite): 16x16 blocks transposed in registers, rounded and
+// written as 16-element row pieces.
+template <typename T>
+LF_BRGEMM_TARGET void write_transposed(const float* acc, int64_t rows, int64_t cols, int64_t ld, float mul, T* dst) {
+  uint16_t* d16 = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t j = 0; j < rows; j += 16) {
+    const int64_t m = std::min<int64_t>(16, rows - j);
+    const float* a = acc + (j / kKeyBlock) * up(cols, 16) * kKeyBlock + j % kKeyBlock;
+    for (int64_t c = 0; c < cols; c += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(a + (c + i) * kKeyBlock);
+      transpose16(r);
+      const int64_t w = std::min<int64_t>(16, cols - c);
+      const __mmask16 wm = static_cast<__mmask16>(w == 16 ? 0xffff : (1u << w) - 1);
+      for (int64_t i = 0; i < m; ++i) {
+        alignas(64) uint16_t t[16];
+        store_lowp<T>(t, (VF)r[i] * mul);
+        _mm256_mask_storeu_epi16(d16 + (j + i) * ld + c, wm, _mm256_load_si256(reinterpret_cast<const __m256i*>(t)));
+      }
+    }
+  }
+}
+
 // One (sample, kv head): owns dK/dV rows of that sample (no races); loops over its query heads and query tiles,
 // recomputing S = Q·Kᵀ and dP = dO·Vᵀ per key block, P = exp2(S*scale*log2e - lse*log2e) from the saved float32 lse
-// (as the hand-written kernel), dS = P * (dP - delta); dV += Pᵀ·dO, dK += dSᵀ·Q (accumulated over all query tiles in
-// float32) and dQ += dS·K (finished per tile). Five brgemm calls per (tile, key block); P and dS rounded to the input
-// dtype once as operands. Extra operand layouts: Vᵀ slabs (as Kᵀ), K and the tile's Q and dO in VNNI-2 pairs along
-// their rows, Pᵀ and dSᵀ as plain (keys x queries) rows.
+// (as the hand-written kernel), dS = P * (dP - delta); dVᵀ += dOᵀ·P, dKᵀ += Qᵀ·dS (transposed accumulators, one
+// (head dim x kKeyBlock) float32 slab per key block, summed over all query tiles) and dQ += dS·K (finished per tile).
+// Five brgemm calls per (tile, key block); P and dS rounded to the input dtype once as operands. Extra operand
+// layouts: Vᵀ slabs (as Kᵀ), K in VNNI-2 pairs along its rows, the tile's Qᵀ and dOᵀ as plain (head dim x queries)
+// rows (transposed once per tile), P and dS in VNNI-2 pairs along the queries (pair_rows, per key block).
 template <typename T>
 LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t kvh, const T* dout, const T* q,
                                     const T* k, const T* v, const float* lse, const T* out, int64_t total_q, T* dq,
@@ -311,7 +418,7 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   Buf<uint32_t> kt(kblocks * dh2 * kKeyBlock), vt(kblocks * dv2 * kKeyBlock), kn((krows / 2) * ldh);
-  Buf<float> dkacc(krows * ldh), dvacc(krows * ldv);
+  Buf<float> dkacc(krows * ldh), dvacc(krows * ldv);  // transposed: slab kb holds (ldh x kKeyBlock) / (ldv x ...)
   std::memset(dkacc.data, 0, sizeof(float) * krows * ldh);
   std::memset(dvacc.data, 0, sizeof(float) * krows * ldv);
   const T* kbase = k + k0 * Hk * Dh + kvh * Dh;
@@ -321,13 +428,17 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
   pack_v(kbase, Hk * Dh, len_k, Dh, ldh, kn.data, row_major);
 
   Buf<uint16_t> qa(kTileQ * std::max<int64_t>(dhe, 2)), doa(kTileQ * std::max<int64_t>(dve, 2));
-  Buf<uint32_t> qn((kTileQ / 2) * std::max<int64_t>(ldh, 16)), don((kTileQ / 2) * std::max<int64_t>(ldv, 16));
-  Buf<uint16_t> dsa(kTileQ * kKeyBlock), pt(kKeyBlock * kTileQ), dst(kKeyBlock * kTileQ);
+  Buf<uint16_t> qtr(std::max<int64_t>(ldh, 16) * kTileQ), dotr(std::max<int64_t>(ldv, 16) * kTileQ);
+  Buf<uint16_t> pa(kTileQ * kKeyBlock), dsa(kTileQ * kKeyBlock);
+  Buf<uint32_t> pn((kTileQ / 2) * kKeyBlock), dsn((kTileQ / 2) * kKeyBlock);
   Buf<float> sc(kTileQ * kKeyBlock), dp(kTileQ * kKeyBlock), dqacc(kTileQ * std::max<int64_t>(ldh, 16));
   std::memset(qa.data, 0, sizeof(uint16_t) * kTileQ * std::max<int64_t>(dhe, 2));
   std::memset(doa.data, 0, sizeof(uint16_t) * kTileQ * std::max<int64_t>(dve, 2));
   std::memset(dsa.data, 0, sizeof(uint16_t) * kTileQ * kKeyBlock);
   const auto as_t = [](const void* p) { return reinterpret_cast<const T*>(p); };
+  // In the row-major B layout (fp16 without AMX-FP16) P and dS are B operands as they are; in VNNI-2, paired.
+  const uint16_t* p_b = row_major ? pa.data : reinterpret_cast<const uint16_t*>(pn.data);
+  const uint16_t* ds_b = row_major ? dsa.data : reinterpret_cast<const uint16_t*>(dsn.data);
 
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < len_q; i0 += kTileQ) {
@@ -335,28 +446,41 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
       const T* qrow = q + ((q0 + i0) * H + h) * Dh;
       const T* dorow = dout + ((q0 + i0) * H + h) * Dv;
       const T* orow = out + ((q0 + i0) * H + h) * Dv;
-      // A operands (rows n..mp-1 zero: their products are computed and ignored), B operands along the tile's rows.
+      // A operands (rows n..mp-1 zero: their products are computed and ignored; the transposed tiles' columns
+      // n..mp-1 zero, as the pad rows of P and dS, so the pad queries weigh exactly 0 in dK and dV).
       std::memset(qa.data, 0, sizeof(uint16_t) * mp * dhe);
       std::memset(doa.data, 0, sizeof(uint16_t) * mp * dve);
+      std::memset(qtr.data, 0, sizeof(uint16_t) * ldh * kTileQ);
+      std::memset(dotr.data, 0, sizeof(uint16_t) * ldv * kTileQ);
       for (int64_t r = 0; r < n; ++r) {
-        std::memcpy(qa.data + r * dhe, qrow + r * H * Dh, sizeof(uint16_t) * Dh);
-        std::memcpy(doa.data + r * dve, dorow + r * H * Dv, sizeof(uint16_t) * Dv);
+        const uint16_t* qr = reinterpret_cast<const uint16_t*>(qrow + r * H * Dh);
+        const uint16_t* gr = reinterpret_cast<const uint16_t*>(dorow + r * H * Dv);
+        std::memcpy(qa.data + r * dhe, qr, sizeof(uint16_t) * Dh);
+        std::memcpy(doa.data + r * dve, gr, sizeof(uint16_t) * Dv);
+        for (int64_t d = 0; d < Dh; ++d) qtr.data[d * kTileQ + r] = qr[d];
+        for (int64_t c = 0; c < Dv; ++c) dotr.data[c * kTileQ + r] = gr[c];
       }
-      pack_v(qrow, H * Dh, n, Dh, ldh, qn.data, row_major);
-      pack_v(dorow, H * Dv, n, Dv, ldv, don.data, row_major);
+      if (row_major) {  // pad query rows of P and dS: exact zeros (stale values could be inf/NaN)
+        std::memset(pa.data + n * kKeyBlock, 0, sizeof(uint16_t) * (mp - n) * kKeyBlock);
+        std::memset(dsa.data + n * kKeyBlock, 0, sizeof(uint16_t) * (mp - n) * kKeyBlock);
+      }
       int key_end[kTileQ];
-      float shift[kTileQ], delta[kTileQ];
+      float shift[kTileQ], delta[kTileQ] = {};
       int k_hi = 0;
       for (int64_t r = 0; r < n; ++r) {
         key_end[r] = static_cast<int>(varlen::causal_key_end(i0 + r, len_q, len_k, s.causal));
         k_hi = std::max(k_hi, key_end[r]);
         const float lv = lse[h * total_q + q0 + i0 + r];
         shift[r] = lv == neg_inf ? std::numeric_limits<float>::infinity() : lv * kLog2e;  // no key: P = 0
-        float d = 0.f;  // delta = rowsum(dO * O) in float32 from the stored values
-        const T* o = orow + r * H * Dv;
-        const T* g = dorow + r * H * Dv;
-        for (int64_t c = 0; c < Dv; ++c) d += static_cast<float>(o[c]) * static_cast<float>(g[c]);
-        delta[r] = d;
+      }
+      if (k_hi > kKeyBlock) {  // else delta comes from P and dP below
+        for (int64_t r = 0; r < n; ++r) {
+          VF d = {};  // delta = rowsum(dO * O) in float32 from the stored values
+          const T* o = orow + r * H * Dv;
+          const T* g = dorow + r * H * Dv;
+          for (int64_t c = 0; c < Dv; c += 16) d += load_wide(o + c, Dv - c) * load_wide(g + c, Dv - c);
+          delta[r] = hsum(d);
+        }
       }
       for (int64_t j0 = 0; j0 < k_hi; j0 += kKeyBlock) {
         const int64_t nb = std::min<int64_t>(kKeyBlock, k_hi - j0), nbp = up(nb, 16), slab = j0 / kKeyBlock;
@@ -373,6 +497,7 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
         for (int64_t r = 0; r < n; ++r) {
           float* srow = sc.data + r * kKeyBlock;
           const float* dprow = dp.data + r * kKeyBlock;
+          uint16_t* prow = pa.data + r * kKeyBlock;
           uint16_t* dsrow = dsa.data + r * kKeyBlock;
           const float lim = static_cast<float>(std::clamp<int64_t>(key_end[r] - j0, 0, nbp));
           for (int64_t c = 0; c < nbp; c += 16) {  // P over S, in place
@@ -392,26 +517,21 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
           }
           for (int64_t c = 0; c < nbp; c += 16) {
             const VF p = cpu_vec::vload(srow + c);
-            const VF ds = p * (cpu_vec::vload(dprow + c) - dlt);
-            store_lowp<T>(dsrow + c, ds);
-            alignas(64) uint16_t pb[16], db[16];
-            store_lowp<T>(pb, p);
-            store_lowp<T>(db, ds);
-            for (int t = 0; t < 16; ++t) {  // transposed copies: keys as rows, queries along the reduction
-              pt.data[(c + t) * kTileQ + r] = pb[t];
-              dst.data[(c + t) * kTileQ + r] = db[t];
-            }
+            store_lowp<T>(prow + c, p);
+            store_lowp<T>(dsrow + c, p * (cpu_vec::vload(dprow + c) - dlt));
           }
         }
-        for (int64_t c = 0; c < nbp; ++c)  // the pad queries weigh exactly 0 (stale values could be inf/NaN)
-          for (int64_t r = n; r < mp; ++r) pt.data[c * kTileQ + r] = dst.data[c * kTileQ + r] = 0;
-        if (ldv > 0)  // dV += Pᵀ dO
-          at::native::cpublas::brgemm(nbp, ldv, mp, kTileQ, ldv, ldv, true, as_t(pt.data), as_t(don.data),
-                                      dvacc.data + j0 * ldv, true);
+        if (!row_major) {
+          pair_rows(pa.data, kKeyBlock, n, mp / 2, nbp, pn.data);
+          pair_rows(dsa.data, kKeyBlock, n, mp / 2, nbp, dsn.data);
+        }
+        if (ldv > 0)  // dVᵀ += dOᵀ P
+          at::native::cpublas::brgemm(ldv, nbp, mp, kTileQ, kKeyBlock, kKeyBlock, true, as_t(dotr.data), as_t(p_b),
+                                      dvacc.data + slab * ldv * kKeyBlock, true);
         if (ldh > 0) {
-          // dK += dSᵀ Q
-          at::native::cpublas::brgemm(nbp, ldh, mp, kTileQ, ldh, ldh, true, as_t(dst.data), as_t(qn.data),
-                                      dkacc.data + j0 * ldh, true);
+          // dKᵀ += Qᵀ dS
+          at::native::cpublas::brgemm(ldh, nbp, mp, kTileQ, kKeyBlock, kKeyBlock, true, as_t(qtr.data), as_t(ds_b),
+                                      dkacc.data + slab * ldh * kKeyBlock, true);
           // dQ (+)= dS K
           at::native::cpublas::brgemm(mp, ldh, nbp, kKeyBlock, ldh, ldh, j0 > 0, as_t(dsa.data),
                                       as_t(kn.data + (j0 / 2) * ldh), dqacc.data, true);
@@ -419,17 +539,15 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
       }
       for (int64_t r = 0; r < n; ++r) {
         T* g = dq + ((q0 + i0 + r) * H + h) * Dh;
-        const float* a = dqacc.data + r * ldh;
-        for (int64_t d = 0; d < Dh; ++d) g[d] = k_hi > 0 ? T(a[d] * scale) : T(0.f);
+        if (k_hi > 0)
+          store_row(g, dqacc.data + r * ldh, Dh, scale);
+        else
+          std::memset(static_cast<void*>(g), 0, sizeof(T) * Dh);
       }
     }
   }
-  for (int64_t j = 0; j < len_k; ++j) {
-    T* gk = dk + ((k0 + j) * Hk + kvh) * Dh;
-    T* gv = dv + ((k0 + j) * Hk + kvh) * Dv;
-    for (int64_t d = 0; d < Dh; ++d) gk[d] = T(dkacc.data[j * ldh + d] * scale);
-    for (int64_t c = 0; c < Dv; ++c) gv[c] = T(dvacc.data[j * ldv + c]);
-  }
+  write_transposed(dkacc.data, len_k, Dh, Hk * Dh, scale, dk + k0 * Hk * Dh + kvh * Dh);
+  write_transposed(dvacc.data, len_k, Dv, Hk * Dv, 1.f, dv + k0 * Hk * Dv + kvh * Dv);
 }
 
 template <typename T>

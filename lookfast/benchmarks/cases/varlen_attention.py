@@ -12,6 +12,9 @@ torch.nn.attention.varlen.varlen_attn (torch's own packed attention) is not a pe
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -191,6 +194,7 @@ def _a4_case(dtype=torch.float32) -> Case:
             o = F.scaled_dot_product_attention(qpad, kpad, vpad, attn_mask=key_mask)
             return torch.autograd.grad(o, (qpad, kpad, vpad), gpad)
 
+        pair.update(fwd=fwd_only, bwd=bwd_only)
         return {
             "lookfast fwd+bwd": fwd_bwd,
             "sdpa padded + key mask fwd+bwd": padded_fwd_bwd,
@@ -198,11 +202,24 @@ def _a4_case(dtype=torch.float32) -> Case:
             "lookfast bwd op only": bwd_only,
         }
 
+    pair: dict = {}  # the forward and backward calls, kept by setup() for the paired timing below
+
     def summarize(times: dict[str, float]) -> list[str]:
         if "lookfast fwd only" not in times or "lookfast bwd op only" not in times:
             return []
         ratio = times["lookfast bwd op only"] / times["lookfast fwd only"]
-        return [f"backward / forward = {ratio:.2f} (bar <= 2.5: {'met' if ratio <= 2.5 else 'NOT met'})"]
+        # The two medians come seconds apart, and on a noisy machine they move by 1.5x between rows; calls
+        # alternating one by one see the same machine state, so the bar is judged on the median per-pair ratio.
+        ratios = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            pair["fwd"]()
+            t1 = time.perf_counter()
+            pair["bwd"]()
+            ratios.append((time.perf_counter() - t1) / (t1 - t0))
+        paired = statistics.median(ratios)
+        return [f"backward / forward = {paired:.2f} in 20 alternating pairs of calls (median ratio; the rows' medians "
+                f"give {ratio:.2f}) (bar <= 2.5: {'met' if paired <= 2.5 else 'NOT met'})"]
 
     total = sum(lengths)
     fwd = _fwd_flops(lengths, lengths, _A3_HEADS, _A3_DH, _A3_DH)

@@ -22,7 +22,13 @@
 //     hand-written time over 3 runs: forward A1 0.95, A3 1.19-1.31, A3 causal 1.31-1.46; backward A1 1.67-1.68,
 //     A3 1.54-1.63, A3 causal 1.65-1.94 (five oneDNN calls per (query tile, key block), scalar K/V packing and the Pᵀ/dSᵀ transposes, against
 //     the hand kernel's prefetching and register-level VNNI stores). (Before that hand-kernel work brgemm's forward
-//     was 0.77-0.94x; kBrgemmWithoutAmx flips the choice if a later measurement says so.)
+//     was 0.77-0.94x; kBrgemmWithoutAmx flips the choice if a later measurement says so.) Since then (3 Dec) the
+//     brgemm backward pairs P and dS along the queries instead of transposing them, packs Kᵀ with 16x16 register
+//     transposes and prefetches the strided rows; no AMD CPU has measured it yet. As a stand-in, on the Intel Xeon
+//     below with oneDNN held to AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, so brgemm runs vdpbf16ps as on
+//     AMD; best of 10 alternating calls, brgemm / hand-written time): A1 forward 0.96, A3 forward 0.98, A4 forward
+//     + backward 1.07 (the build before: 0.97 / 1.08 / 1.17), so the choice without AMX stays the hand kernel.
+//     With AMX on the same machine, same script: A1 0.77, A3 0.41, A4 0.42 (before: 0.72 / 0.43 / 0.55).
 //   - fp16 without AMX-FP16: the portable kernel (the hand-written kernel is bf16 only). On AVX512-FP16 CPUs oneDNN
 //     has an fp16 micro-kernel that takes B row-major and widens to float32 FMAs (no fp32-accumulating fp16 product
 //     exists there); brgemm runs on it when forced, but measured slower than the portable kernel (Intel Xeon with

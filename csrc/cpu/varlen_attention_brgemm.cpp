@@ -41,6 +41,7 @@
 
 #include "common/varlen_attention.h"
 #include "cpu/brgemm_layout.h"
+#include "cpu/transpose16.h"
 #include "cpu/vector_math.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -85,34 +86,6 @@ inline uint16_t bits(T x) {
 }
 inline uint32_t pair(uint16_t lo, uint16_t hi) { return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16); }
 
-// r[i] <- column i of the 16x16 float32 matrix whose rows are r[0..15] (unpacks within 128-bit lanes, then lane
-// shuffles: 64 shuffles per 256 elements).
-LF_BRGEMM_TARGET inline void transpose16(__m512* r) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // u[4i+m], 128-bit lane k: column 4k+m of rows 4i..4i+3
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
-    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int m = 0; m < 4; ++m) {  // column 4k+m: lane k of u[m], u[4+m], u[8+m], u[12+m]
-    const __m512 s0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), s1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xdd);
-    const __m512 s2 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
-    const __m512 s3 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
-    t[m] = _mm512_shuffle_f32x4(s0, s2, 0x88);
-    t[8 + m] = _mm512_shuffle_f32x4(s0, s2, 0xdd);
-    t[4 + m] = _mm512_shuffle_f32x4(s1, s3, 0x88);
-    t[12 + m] = _mm512_shuffle_f32x4(s1, s3, 0xdd);
-  }
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
-
 // ------------------------------------------------------------------------------------------------ packing
 // Every B operand is packed by the two functions below, in the layout oneDNN's micro-kernel takes for T on this CPU
 // (brgemm_layout.h): VNNI-2 pairs (bf16 everywhere, fp16 with AMX-FP16) or row-major (fp16 on AVX512-FP16 without
@@ -134,13 +107,11 @@ LF_BRGEMM_TARGET void pack_kt(const T* src, int64_t stride, int64_t len_k, int64
       for (int64_t p0 = 0; p0 < dh2; p0 += 16) {
         const int64_t e = std::min<int64_t>(32, Dh - 2 * p0);  // 16-bit elements of this word block
         const __mmask32 em = e >= 32 ? ~__mmask32(0) : (__mmask32(1) << e) - 1;
-        __m512 r[16];
+        __m512i r[16];
         for (int i = 0; i < 16; ++i)
-          r[i] = j + i < len_k ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(em, src + (j + i) * stride + 2 * p0))
-                               : _mm512_setzero_ps();
-        transpose16(r);
-        for (int64_t p = 0; p < std::min<int64_t>(16, dh2 - p0); ++p)
-          _mm512_storeu_ps(reinterpret_cast<float*>(slab + (p0 + p) * kKeyBlock), r[p]);
+          r[i] = j + i < len_k ? _mm512_maskz_loadu_epi16(em, src + (j + i) * stride + 2 * p0) : _mm512_setzero_si512();
+        transpose16x16_32(r);
+        for (int64_t p = 0; p < std::min<int64_t>(16, dh2 - p0); ++p) _mm512_storeu_si512(slab + (p0 + p) * kKeyBlock, r[p]);
       }
     }
     return;
@@ -386,14 +357,14 @@ LF_BRGEMM_TARGET void write_transposed(const float* acc, int64_t rows, int64_t c
     const int64_t m = std::min<int64_t>(16, rows - j);
     const float* a = acc + (j / kKeyBlock) * up(cols, 16) * kKeyBlock + j % kKeyBlock;
     for (int64_t c = 0; c < cols; c += 16) {
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(a + (c + i) * kKeyBlock);
-      transpose16(r);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(_mm512_loadu_ps(a + (c + i) * kKeyBlock));
+      transpose16x16_32(r);
       const int64_t w = std::min<int64_t>(16, cols - c);
       const __mmask16 wm = static_cast<__mmask16>(w == 16 ? 0xffff : (1u << w) - 1);
       for (int64_t i = 0; i < m; ++i) {
         alignas(64) uint16_t t[16];
-        store_lowp<T>(t, (VF)r[i] * mul);
+        store_lowp<T>(t, (VF)_mm512_castsi512_ps(r[i]) * mul);
         _mm256_mask_storeu_epi16(d16 + (j + i) * ld + c, wm, _mm256_load_si256(reinterpret_cast<const __m256i*>(t)));
       }
     }

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "common/varlen_attention.h"
+#include "cpu/transpose16.h"
 #include "cpu/vector_math.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -177,35 +178,6 @@ LF_BF16_TARGET inline __attribute__((always_inline)) void store_out(c10::BFloat1
   _mm256_mask_storeu_epi16(dst, mask16(n), round_bf16(x));
 }
 
-// In-register transpose of a 16x16 matrix of 32-bit elements (r[i] holds row i; afterwards r[i] holds column i).
-LF_BF16_TARGET inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {
-  __m512i t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {  // 32-bit interleave of row pairs, per 128-bit lane
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int g = 0; g < 4; ++g) {  // u[4g + c], lane L: column 4L + c of rows 4g..4g+3
-    r[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {  // gather lane L of u[c], u[4+c], u[8+c], u[12+c] into column 4L + c
-    const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
-    const __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512i w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
-    t[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-    t[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-    t[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
-    t[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = t[i];
-}
-
 // Two float32 rows (16 columns each) as 16 VNNI pairs (bf16(lo[j]), bf16(hi[j])): the B operand layout, written
 // straight from the registers that computed them (no transposed copy).
 // interleave_rows takes the two rows as the 16 + 16 bf16 of one _mm512_cvtne2ps_pbh(hi, lo).
@@ -254,7 +226,7 @@ LF_BF16_TARGET void pack_bt(const c10::BFloat16* src, int64_t stride, int64_t n,
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i)
         r[i] = j0 + i < n ? _mm512_maskz_loadu_epi16(m, src + (j0 + i) * stride + 2 * p0) : _mm512_setzero_si512();
-      transpose16(r);
+      transpose16x16_32(r);
       const int64_t np = std::min<int64_t>(16, c2 - p0);
       for (int64_t i = 0; i < np; ++i) _mm512_storeu_si512(dst + (p0 + i) * ldb + j0, r[i]);
     }
@@ -419,7 +391,7 @@ LF_BF16_TARGET void store_transposed(const float* src, int64_t lds, int64_t D, i
     __m512i r[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + (d0 + i) * lds);
-    transpose16(r);
+    transpose16x16_32(r);
     for (int64_t j = 0; j < nj; ++j)
       store_out(dst + j * ldd + d0, _mm512_mul_ps(_mm512_castsi512_ps(r[j]), _mm512_set1_ps(scale)), D - d0);
   }

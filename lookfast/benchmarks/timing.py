@@ -37,3 +37,17 @@ def summarize_samples(samples: list[float]) -> dict[str, Any]:
         "rounds": len(samples),
         "samples": list(samples),
     }
+
+
+def paired_ratio(first: Callable[[], Any], second: Callable[[], Any], pairs: int) -> float:
+    """Median over `pairs` alternating calls of (time of second) / (time of first). On a noisy machine two medians
+    taken seconds apart can move by 1.5x or more; calls alternating one by one see the same machine state, so this
+    ratio is the steadier figure for a bar set on the ratio of two implementations."""
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        ratios.append((time.perf_counter() - t1) / (t1 - t0))
+    return statistics.median(ratios)

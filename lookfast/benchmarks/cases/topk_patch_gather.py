@@ -2,9 +2,6 @@
 and the best plain-PyTorch formulation, eager and under torch.compile."""
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
@@ -101,21 +98,13 @@ def _embed_case(case_id: str, b: int, size: int, p: int, k: int, d: int, quick: 
         peer = times.get("gather+linear torch.compile")
         if dtype == torch.float32 or not peer or not times.get("lookfast"):
             return []
-        from ..timing import measure
+        from ..timing import measure, paired_ratio
 
         a, w = torch.randn(rows, patch_dim).to(dtype), torch.randn(patch_dim, d).to(dtype)
         gemm = measure(lambda: torch.mm(a, w), 0.2)["median"]
         floor = flops / (ceilings.matmul_gflops(1024, 0.2, dtype) * 1e9)
-        # On a noisy machine the two medians above come minutes apart; calls alternating one by one see the same
-        # machine state, so the median of their per-pair ratios is the steadier figure.
-        ratios = []
-        for _ in range(40):
-            t0 = time.perf_counter()
-            pair["ours"]()
-            t1 = time.perf_counter()
-            pair["peer"]()
-            ratios.append((time.perf_counter() - t1) / (t1 - t0))
-        paired = statistics.median(ratios)
+        # The two medians above come minutes apart; alternating calls see the same machine state.
+        paired = paired_ratio(pair["ours"], pair["peer"], 40)
         return [f"lookfast vs the compiled peer in 40 alternating pairs of calls (median ratio): {paired:.2f}x",
                 f"the embedding GEMM alone (torch.mm, same shape): {1e3 * gemm:.2f} ms; lookfast's FLOPs at the "
                 f"{str(dtype).replace('torch.', '')} mm ceiling: {1e3 * floor:.2f} ms; so at most "

@@ -12,13 +12,11 @@ torch.nn.attention.varlen.varlen_attn (torch's own packed attention) is not a pe
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 from ..case import Case, dtype_variants
+from ..timing import paired_ratio
 
 
 def _cu(lengths: list[int]) -> torch.Tensor:
@@ -208,16 +206,8 @@ def _a4_case(dtype=torch.float32) -> Case:
         if "lookfast fwd only" not in times or "lookfast bwd op only" not in times:
             return []
         ratio = times["lookfast bwd op only"] / times["lookfast fwd only"]
-        # The two medians come seconds apart, and on a noisy machine they move by 1.5x between rows; calls
-        # alternating one by one see the same machine state, so the bar is judged on the median per-pair ratio.
-        ratios = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            pair["fwd"]()
-            t1 = time.perf_counter()
-            pair["bwd"]()
-            ratios.append((time.perf_counter() - t1) / (t1 - t0))
-        paired = statistics.median(ratios)
+        # The bar is judged on alternating calls (timing.paired_ratio): the two medians come seconds apart.
+        paired = paired_ratio(pair["fwd"], pair["bwd"], 20)
         return [f"backward / forward = {paired:.2f} in 20 alternating pairs of calls (median ratio; the rows' medians "
                 f"give {ratio:.2f}) (bar <= 2.5: {'met' if paired <= 2.5 else 'NOT met'})"]
 

@@ -29,8 +29,12 @@ def load_checkpoint_file(path: str | os.PathLike, trusted: bool = False, extra_s
 
 
 def _sum_dtype(t: torch.Tensor) -> torch.dtype:
-    # float64 sums in float64; every other floating dtype in float32, so that an fp16 image's sum cannot overflow fp16.
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    # float64 sums in float64 and bf16 in bf16 (float32's exponent range, and torch accumulates it in float32: asking
+    # for a float32 result instead sends bf16 to a ~14x slower CPU kernel, 24 ms against 1.7 ms for a (64, 3, 224,
+    # 224) batch); every other floating dtype in float32, so that an fp16 image's sum cannot overflow fp16.
+    if t.dtype in (torch.float64, torch.bfloat16):
+        return t.dtype
+    return torch.float32
 
 
 def finite_per_image(images: torch.Tensor) -> torch.Tensor:
@@ -39,7 +43,7 @@ def finite_per_image(images: torch.Tensor) -> torch.Tensor:
     Fast path: one sum per image. NaN and inf propagate through IEEE additions (inf + -inf is NaN), so an image with a
     non-finite value always has a non-finite sum; a sum is ~10x cheaper than `isfinite().all()` on the CPU (one
     streaming pass, no bool temporary). Only the images whose sum is not finite (a NaN/inf, or finite values so large
-    that the float32 sum overflows) are checked element by element, so the answer is exact. One host sync on GPUs."""
+    that the sum overflows float32's range) are checked element by element, so the answer is exact. One host sync on GPUs."""
     if images.dim() == 0:
         raise ValueError("images must have a batch dimension")
     if not images.dtype.is_floating_point:

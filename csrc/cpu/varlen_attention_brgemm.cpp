@@ -109,9 +109,11 @@ LF_BRGEMM_TARGET void pack_kt(const T* src, int64_t stride, int64_t len_k, int64
         const __mmask32 em = e >= 32 ? ~__mmask32(0) : (__mmask32(1) << e) - 1;
         __m512i r[16];
         for (int i = 0; i < 16; ++i)
-          r[i] = j + i < len_k ? _mm512_maskz_loadu_epi16(em, src + (j + i) * stride + 2 * p0) : _mm512_setzero_si512();
+          r[i] = j + i < len_k ? _mm512_maskz_loadu_epi16(em, src + (j + i) * stride + 2 * p0)
+                               : _mm512_setzero_si512();
         transpose16x16_32(r);
-        for (int64_t p = 0; p < std::min<int64_t>(16, dh2 - p0); ++p) _mm512_storeu_si512(slab + (p0 + p) * kKeyBlock, r[p]);
+        for (int64_t p = 0; p < std::min<int64_t>(16, dh2 - p0); ++p)
+          _mm512_storeu_si512(slab + (p0 + p) * kKeyBlock, r[p]);
       }
     }
     return;
@@ -421,8 +423,6 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
       const T* qrow = q + ((q0 + i0) * H + h) * Dh;
       const T* dorow = dout + ((q0 + i0) * H + h) * Dv;
       const T* orow = out + ((q0 + i0) * H + h) * Dv;
-      // A operands (rows n..mp-1 zero: their products are computed and ignored; the transposed tiles' columns
-      // n..mp-1 zero, as the pad rows of P and dS, so the pad queries weigh exactly 0 in dK and dV).
       // The next tile's Q and dO rows (strided by H heads, so beyond the hardware prefetchers' reach): measured
       // ~10% of the A4 backward waiting in the row copies below without this.
       for (int64_t r = 0; r < std::min<int64_t>(kTileQ, len_q - i0 - kTileQ); ++r) {
@@ -431,6 +431,8 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
         for (int64_t o = 0; o < static_cast<int64_t>(sizeof(T)) * Dh; o += 64) _mm_prefetch(nq + o, _MM_HINT_T0);
         for (int64_t o = 0; o < static_cast<int64_t>(sizeof(T)) * Dv; o += 64) _mm_prefetch(ng + o, _MM_HINT_T0);
       }
+      // A operands (rows n..mp-1 zero: their products are computed and ignored; the transposed tiles' columns
+      // n..mp-1 zero, as the pad rows of P and dS, so the pad queries weigh exactly 0 in dK and dV).
       std::memset(qa.data, 0, sizeof(uint16_t) * mp * dhe);
       std::memset(doa.data, 0, sizeof(uint16_t) * mp * dve);
       std::memset(qtr.data, 0, sizeof(uint16_t) * ldh * kTileQ);

@@ -43,7 +43,8 @@ def finite_per_image(images: torch.Tensor) -> torch.Tensor:
     Fast path: one sum per image. NaN and inf propagate through IEEE additions (inf + -inf is NaN), so an image with a
     non-finite value always has a non-finite sum; a sum is ~10x cheaper than `isfinite().all()` on the CPU (one
     streaming pass, no bool temporary). Only the images whose sum is not finite (a NaN/inf, or finite values so large
-    that the sum overflows float32's range) are checked element by element, so the answer is exact. One host sync on GPUs."""
+    that the sum overflows float32's range) are checked element by element, so the answer is exact. One host sync on
+    GPUs."""
     if images.dim() == 0:
         raise ValueError("images must have a batch dimension")
     if not images.dtype.is_floating_point:

@@ -170,6 +170,13 @@ LF_BRGEMM_TARGET inline __attribute__((always_inline)) void store_lowp(uint16_t*
     std::memcpy(dst, &h, 32);
   }
 }
+// The lanes of x selected by m, rounded to T, stored at dst (the other 16-bit elements untouched).
+template <typename T>
+LF_BRGEMM_TARGET inline __attribute__((always_inline)) void store_lowp_masked(uint16_t* dst, VF x, __mmask16 m) {
+  alignas(64) uint16_t t[16];
+  store_lowp<T>(t, x);
+  _mm256_mask_storeu_epi16(dst, m, _mm256_load_si256(reinterpret_cast<const __m256i*>(t)));
+}
 // dst[c] = T(src[c] * mul) for c < n: 16 lanes at a time, the tail masked (rounded as T's constructor rounds).
 template <typename T>
 LF_BRGEMM_TARGET inline void store_row(T* dst, const float* src, int64_t n, float mul) {
@@ -178,10 +185,16 @@ LF_BRGEMM_TARGET inline void store_row(T* dst, const float* src, int64_t n, floa
   for (; c + 16 <= n; c += 16) store_lowp<T>(d + c, cpu_vec::vload(src + c) * mul);
   if (c < n) {
     const __mmask16 m = static_cast<__mmask16>((1u << (n - c)) - 1);
-    alignas(64) uint16_t t[16];
-    store_lowp<T>(t, (VF)_mm512_maskz_loadu_ps(m, src + c) * mul);
-    _mm256_mask_storeu_epi16(d + c, m, _mm256_load_si256(reinterpret_cast<const __m256i*>(t)));
+    store_lowp_masked<T>(d + c, (VF)_mm512_maskz_loadu_ps(m, src + c) * mul, m);
   }
+}
+// Prefetch rows first..first+rows-1 of `base` (`bytes` bytes each, `stride` elements apart): the next query tile's
+// rows, strided by the heads, so beyond the hardware prefetchers' reach. Addresses are formed only for those rows.
+template <typename T>
+LF_BRGEMM_TARGET inline void prefetch_rows(const T* base, int64_t first, int64_t rows, int64_t stride, int64_t bytes) {
+  for (int64_t r = first; r < first + rows; ++r)
+    for (int64_t o = 0; o < bytes; o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(base + r * stride) + o, _MM_HINT_T0);
 }
 // 16 values of T widened to float32 exactly (lanes past n read as 0).
 template <typename T>
@@ -232,10 +245,8 @@ LF_BRGEMM_TARGET void forward_items(const VarlenProblem& s, const FwdItem* items
     }
     for (int64_t i0 = w.q_begin; i0 < w.q_end; i0 += kTileQ) {
       const int64_t n = std::min<int64_t>(kTileQ, w.q_end - i0), mp = up(n, 8);
-      for (int64_t r = 0; r < std::min<int64_t>(kTileQ, w.q_end - i0 - kTileQ); ++r) {  // next tile's rows (strided)
-        const char* nq = reinterpret_cast<const char*>(q + ((q0 + i0 + kTileQ + r) * H + w.h) * Dh);
-        for (int64_t o = 0; o < static_cast<int64_t>(sizeof(T)) * Dh; o += 64) _mm_prefetch(nq + o, _MM_HINT_T0);
-      }
+      prefetch_rows(q + w.h * Dh, q0 + i0 + kTileQ, std::min<int64_t>(kTileQ, w.q_end - i0 - kTileQ), H * Dh,
+                    static_cast<int64_t>(sizeof(T)) * Dh);
       // Query rows n..mp-1 of qa stay as the previous tile left them (finite values or the initial zeros): their
       // score and output rows are computed and ignored.
       for (int64_t r = 0; r < n; ++r)
@@ -367,11 +378,8 @@ LF_BRGEMM_TARGET void write_transposed(const float* acc, int64_t rows, int64_t c
       transpose16x16_32(r);
       const int64_t w = std::min<int64_t>(16, cols - c);
       const __mmask16 wm = static_cast<__mmask16>(w == 16 ? 0xffff : (1u << w) - 1);
-      for (int64_t i = 0; i < m; ++i) {
-        alignas(64) uint16_t t[16];
-        store_lowp<T>(t, (VF)_mm512_castsi512_ps(r[i]) * mul);
-        _mm256_mask_storeu_epi16(d16 + (j + i) * ld + c, wm, _mm256_load_si256(reinterpret_cast<const __m256i*>(t)));
-      }
+      for (int64_t i = 0; i < m; ++i)
+        store_lowp_masked<T>(d16 + (j + i) * ld + c, (VF)_mm512_castsi512_ps(r[i]) * mul, wm);
     }
   }
 }
@@ -426,14 +434,10 @@ LF_BRGEMM_TARGET void backward_item(const VarlenProblem& s, int64_t b, int64_t k
       const T* qrow = q + ((q0 + i0) * H + h) * Dh;
       const T* dorow = dout + ((q0 + i0) * H + h) * Dv;
       const T* orow = out + ((q0 + i0) * H + h) * Dv;
-      // The next tile's Q and dO rows (strided by H heads, so beyond the hardware prefetchers' reach): measured
-      // ~10% of the A4 backward waiting in the row copies below without this.
-      for (int64_t r = 0; r < std::min<int64_t>(kTileQ, len_q - i0 - kTileQ); ++r) {
-        const char* nq = reinterpret_cast<const char*>(qrow + (kTileQ + r) * H * Dh);
-        const char* ng = reinterpret_cast<const char*>(dorow + (kTileQ + r) * H * Dv);
-        for (int64_t o = 0; o < static_cast<int64_t>(sizeof(T)) * Dh; o += 64) _mm_prefetch(nq + o, _MM_HINT_T0);
-        for (int64_t o = 0; o < static_cast<int64_t>(sizeof(T)) * Dv; o += 64) _mm_prefetch(ng + o, _MM_HINT_T0);
-      }
+      // The next tile's Q and dO rows: measured ~10% of the A4 backward waiting in the row copies below without this.
+      const int64_t next = std::min<int64_t>(kTileQ, len_q - i0 - kTileQ);
+      prefetch_rows(qrow, kTileQ, next, H * Dh, static_cast<int64_t>(sizeof(T)) * Dh);
+      prefetch_rows(dorow, kTileQ, next, H * Dv, static_cast<int64_t>(sizeof(T)) * Dv);
       // A operands (rows n..mp-1 zero: their products are computed and ignored; the transposed tiles' columns
       // n..mp-1 zero, as the pad rows of P and dS, so the pad queries weigh exactly 0 in dK and dV).
       std::memset(qa.data, 0, sizeof(uint16_t) * mp * dhe);

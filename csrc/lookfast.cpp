@@ -49,5 +49,10 @@ TORCH_LIBRARY(lookfast, m) {
   // Returns (B, C, grid, grid) in values' dtype, accumulated in fp32 (fp64 for fp64). Ties go to the earlier slot.
   m.def("nearest_patch_fill(Tensor keep, Tensor values, int grid, Tensor? lengths, int neighbours) -> Tensor");
 
+  // ---------------------------------------------------------------- layer_norm_rows (lookfast/ops/layer_norm_rows.py)
+  // (x[r] - mean) / sqrt(var + eps) per row of x (N, C), no affine, biased variance, statistics in fp32 (fp64 for
+  // fp64), rounded once to x's dtype. Returns a contiguous (N, C) tensor.
+  m.def("layer_norm_rows(Tensor x, float eps) -> Tensor");
+
   // ---------------------------------------------------------------- end of schemas
 }

@@ -32,6 +32,7 @@ from . import _backend  # noqa: E402  (loads the compiled library before the ops
 from .ops.topk_patch_gather import topk_indices, topk_patch_gather  # noqa: E402
 from .ops.varlen_attention import cross_attention, varlen_attention  # noqa: E402
 from .ops.nearest_patch_fill import nearest_patch_fill  # noqa: E402
+from .ops.layer_norm_rows import layer_norm_rows  # noqa: E402
 from .early_exit import (  # noqa: E402
     EarlyExitRunner,
     budget_proportions,
@@ -49,6 +50,7 @@ __all__ = [
     "varlen_attention",
     "cross_attention",
     "nearest_patch_fill",
+    "layer_norm_rows",
     "exit_compact",
     "exit_scatter",
     "EarlyExitRunner",

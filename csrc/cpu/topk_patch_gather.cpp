@@ -38,6 +38,7 @@
 #include "common/topk_patch_gather.h"
 #include "common/topk_patch_gather_host.h"
 #include "cpu/brgemm_layout.h"
+#include "cpu/lowp_convert.h"
 #include "cpu/transpose16.h"
 #include "vector_math.h"
 
@@ -313,32 +314,6 @@ Tensor pack_b_slabs(const Tensor& weight2d, int64_t k_pad, bool vnni) {
     }
   });
   return out;
-}
-
-// bf16 <-> fp32 by bit operations (round to nearest even, NaN kept quiet: the same results as c10::BFloat16), so
-// the epilogue below auto-vectorises in each target clone; fp16 goes through c10::Half.
-template <typename scalar_t>
-LF_INLINE float widen(scalar_t x) {
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    uint32_t u = static_cast<uint32_t>(x.x) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  } else {
-    return static_cast<float>(x);
-  }
-}
-
-template <typename scalar_t>
-LF_INLINE scalar_t narrow(float f) {
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    const uint16_t bits = std::isnan(f) ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    return at::BFloat16(bits, at::BFloat16::from_bits());
-  } else {
-    return static_cast<scalar_t>(f);
-  }
 }
 
 // tokens[r, :] = round(acc[r, :] + (bias + pos_embed[idx[r], :])) for rows [r0, r1): the fp32 GEMM result (acc row

@@ -1,0 +1,214 @@
+// CPU kernel of layer_norm_rows (lookfast/ops/layer_norm_rows.py): y[r, :] = (x[r, :] - mean) / sqrt(var + eps) over
+// each row of a (N, C) matrix, no affine (the fused models fold it into the next projection), statistics in float32
+// (float64 for float64), each output rounded once to x's dtype.
+//
+// Roofline (Dyn-Perceiver reg800m z->x, bf16, 16 images at 56x56: N 50176 rows of C 64): 6.4 MB read, 6.4 MB
+// written, ~5 flops per element: memory-bound, one read and one write pass (the row is widened once into an L1
+// buffer; mean, variance and the output come from there). torch's LayerNorm on the same bf16 rows takes about four
+// times a copy of them (per-row set-up around rows this short); this kernel aims at the copy.
+//
+// Two passes over the buffered row (mean, then the centred sum of squares) rather than one-pass sums: the same
+// cost here (the row is in L1) and no cancellation when |mean| >> std.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/lowp_convert.h"
+#include "cpu/vector_math.h"
+
+namespace lookfast {
+namespace layer_norm_rows {
+namespace {
+
+using at::Tensor;
+using namespace cpu_vec;
+
+// Sum of the lanes as a tree (log2(VL) shuffle + add steps): a lane-by-lane chain would be VL dependent adds, the
+// largest cost of a 64-element row.
+template <typename acc_t>
+LF_INLINE acc_t hsum(typename Vec<acc_t>::type v) {
+  if constexpr (Vec<acc_t>::size == 16) {
+    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+    v += __builtin_shufflevector(v, v, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
+  } else {
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1);
+    v += __builtin_shufflevector(v, v, 1, 0, 1, 0, 1, 0, 1, 0);
+  }
+  return v[0];
+}
+
+// VL elements of a row as acc_t lanes: a plain load when the row is stored in acc_t, bf16 widened by a shift (the
+// rows are read straight from the input, no widened copy: a buffer written and read back at once stalls every
+// load on store forwarding, which cost more than the arithmetic).
+template <typename scalar_t, typename acc_t>
+LF_INLINE typename Vec<acc_t>::type load_acc(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return vload(p);
+  } else {
+    static_assert(std::is_same_v<scalar_t, at::BFloat16> && std::is_same_v<acc_t, float>);
+    typedef uint16_t U16 __attribute__((vector_size(32)));
+    typedef uint32_t U32 __attribute__((vector_size(64)));
+    U16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const U32 w = __builtin_convertvector(h, U32) << 16;
+    typename Vec<acc_t>::type f;
+    std::memcpy(&f, &w, sizeof(f));
+    return f;
+  }
+}
+
+// Stores VL lanes rounded once to scalar_t (bf16: round to nearest even, NaN kept quiet, as lowp_convert.h's narrow).
+template <typename scalar_t, typename acc_t>
+LF_INLINE void store_rounded(scalar_t* p, typename Vec<acc_t>::type v) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    vstore(p, v);
+  } else {
+    typedef uint16_t U16 __attribute__((vector_size(32)));
+    typedef uint32_t U32 __attribute__((vector_size(64)));
+    U32 u;
+    std::memcpy(&u, &v, sizeof(u));
+    U32 bits = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    bits = v != v ? U32{} + 0x7FC0u : bits;
+    const U16 h = __builtin_convertvector(bits, U16);
+    std::memcpy(p, &h, sizeof(h));
+  }
+}
+
+// sum over the row of (x - shift), or of its square.
+template <typename scalar_t, typename acc_t>
+LF_INLINE acc_t row_sum(const scalar_t* x, int64_t c, acc_t shift, bool square) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  const V m = vbroadcast(shift);
+  V s0 = {}, s1 = {};
+  int64_t j = 0;
+  for (; j + 2 * VL <= c; j += 2 * VL) {
+    const V a = load_acc<scalar_t, acc_t>(x + j) - m, b = load_acc<scalar_t, acc_t>(x + j + VL) - m;
+    s0 += square ? a * a : a;
+    s1 += square ? b * b : b;
+  }
+  for (; j + VL <= c; j += VL) {
+    const V a = load_acc<scalar_t, acc_t>(x + j) - m;
+    s0 += square ? a * a : a;
+  }
+  acc_t total = hsum<acc_t>(s0 + s1);
+  for (; j < c; ++j) {
+    const acc_t a = widen<scalar_t, acc_t>(x[j]) - shift;
+    total += square ? a * a : a;
+  }
+  return total;
+}
+
+// Rows are normalised kRowBlock at a time: first the statistics of every row of the block, then the outputs. Per row
+// the chain sum -> mean -> centred sum -> 1/sqrt is a few dozen cycles of latency against a few dozen instructions
+// of work (C 64); a row-at-a-time loop waited on it (half the kernel's time in the scalar add, divide and square
+// root), while rows of a block are independent and overlap, and their square roots run as one vector op.
+constexpr int64_t kRowBlock = 16;
+
+// Rows [0, n) (n <= kRowBlock) of x, stored as src_t (scalar_t, or float for fp16 rows widened first), into y.
+template <typename src_t, typename scalar_t, typename acc_t>
+LF_INLINE void normalize_block(const src_t* x, int64_t ldx, scalar_t* y, int64_t n, int64_t c, acc_t eps) {
+  typedef typename Vec<acc_t>::type V;
+  constexpr int VL = Vec<acc_t>::size;
+  acc_t mean[kRowBlock], rstd[kRowBlock];
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(c);
+  for (int64_t i = 0; i < n; ++i) {
+    mean[i] = row_sum<src_t, acc_t>(x + i * ldx, c, acc_t(0), false) * inv_c;
+    rstd[i] = row_sum<src_t, acc_t>(x + i * ldx, c, mean[i], true) * inv_c;  // the variance, for now
+  }
+  for (int64_t i = 0; i < n; ++i) rstd[i] = acc_t(1) / std::sqrt(rstd[i] + eps);
+  constexpr bool kVectorStore = std::is_same_v<src_t, scalar_t>;  // fp16 output: scalar rounding below
+  for (int64_t i = 0; i < n; ++i) {
+    const src_t* xr = x + i * ldx;
+    scalar_t* yr = y + i * c;
+    int64_t j = 0;
+    if constexpr (kVectorStore) {
+      const V m = vbroadcast(mean[i]), s = vbroadcast(rstd[i]);
+      for (; j + VL <= c; j += VL) store_rounded<scalar_t, acc_t>(yr + j, (load_acc<src_t, acc_t>(xr + j) - m) * s);
+    }
+    for (; j < c; ++j) yr[j] = narrow<scalar_t, acc_t>((widen<src_t, acc_t>(xr[j]) - mean[i]) * rstd[i]);
+  }
+}
+
+template <typename scalar_t>
+LF_INLINE void normalize_rows_impl(const scalar_t* __restrict__ x, int64_t ldx, scalar_t* __restrict__ y, int64_t r0,
+                                   int64_t r1, int64_t c, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t e = static_cast<acc_t>(eps);
+  std::vector<float> rows(std::is_same_v<scalar_t, at::Half> ? kRowBlock * c : 0);
+  for (int64_t r = r0; r < r1; r += kRowBlock) {
+    const int64_t n = std::min(kRowBlock, r1 - r);
+    if constexpr (std::is_same_v<scalar_t, at::Half>) {
+      // fp16 rows widened once into a float block (no vector fp16 conversion in the portable clone)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < c; ++j) rows[i * c + j] = static_cast<float>(x[(r + i) * ldx + j]);
+      normalize_block<float, scalar_t, acc_t>(rows.data(), c, y + r * c, n, c, e);
+    } else {
+      normalize_block<scalar_t, scalar_t, acc_t>(x + r * ldx, ldx, y + r * c, n, c, e);
+    }
+  }
+}
+
+// One target-clone set per dtype (GCC's target_clones does not apply to templates).
+#define LF_DEFINE_ROWS(scalar_t, name)                                                                           \
+  LF_MULTIVERSION void name(const scalar_t* x, int64_t ldx, scalar_t* y, int64_t r0, int64_t r1, int64_t c,     \
+                            double eps) {                                                                        \
+    normalize_rows_impl<scalar_t>(x, ldx, y, r0, r1, c, eps);                                                    \
+  }
+LF_DEFINE_ROWS(double, normalize_rows_f64)
+LF_DEFINE_ROWS(float, normalize_rows_f32)
+LF_DEFINE_ROWS(at::BFloat16, normalize_rows_bf16)
+LF_DEFINE_ROWS(at::Half, normalize_rows_f16)
+#undef LF_DEFINE_ROWS
+
+void normalize_rows(const double* x, int64_t ldx, double* y, int64_t r0, int64_t r1, int64_t c, double eps) {
+  normalize_rows_f64(x, ldx, y, r0, r1, c, eps);
+}
+void normalize_rows(const float* x, int64_t ldx, float* y, int64_t r0, int64_t r1, int64_t c, double eps) {
+  normalize_rows_f32(x, ldx, y, r0, r1, c, eps);
+}
+void normalize_rows(const at::BFloat16* x, int64_t ldx, at::BFloat16* y, int64_t r0, int64_t r1, int64_t c,
+                    double eps) {
+  normalize_rows_bf16(x, ldx, y, r0, r1, c, eps);
+}
+void normalize_rows(const at::Half* x, int64_t ldx, at::Half* y, int64_t r0, int64_t r1, int64_t c, double eps) {
+  normalize_rows_f16(x, ldx, y, r0, r1, c, eps);
+}
+
+Tensor layer_norm_rows_cpu(const Tensor& x, double eps) {
+  TORCH_CHECK(x.dim() == 2, "layer_norm_rows: x must be (N, C), got ", x.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "layer_norm_rows: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "layer_norm_rows: eps must be finite and >= 0, got ", eps);
+  // Rows may be any distance apart (a channels-last pixel view has them C apart); elements within a row adjacent.
+  const Tensor src = x.stride(1) == 1 || x.size(1) <= 1 ? x : x.contiguous();
+  const int64_t n = src.size(0), c = src.size(1), ldx = n > 1 ? src.stride(0) : c;
+  Tensor out = at::empty({n, c}, src.options());
+  if (n == 0 || c == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "layer_norm_rows_cpu", [&] {
+    const scalar_t* xp = src.const_data_ptr<scalar_t>();
+    scalar_t* yp = out.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / c);
+    at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) { normalize_rows(xp, ldx, yp, r0, r1, c, eps); });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lookfast, CPU, m) { m.impl("layer_norm_rows", &layer_norm_rows_cpu); }
+
+}  // namespace layer_norm_rows
+}  // namespace lookfast

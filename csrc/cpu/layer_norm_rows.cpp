@@ -50,41 +50,20 @@ LF_INLINE acc_t hsum(typename Vec<acc_t>::type v) {
   return v[0];
 }
 
-// VL elements of a row as acc_t lanes: a plain load when the row is stored in acc_t, bf16 widened by a shift (the
-// rows are read straight from the input, no widened copy: a buffer written and read back at once stalls every
-// load on store forwarding, which cost more than the arithmetic).
+// VL elements of a row as acc_t lanes: a plain load, or bf16 widened by a shift (lowp_convert.h). The rows are read
+// straight from the input, with no widened copy: a buffer written and read back at once stalls every load on store
+// forwarding, which cost more than the arithmetic.
 template <typename scalar_t, typename acc_t>
 LF_INLINE typename Vec<acc_t>::type load_acc(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return vload(p);
-  } else {
-    static_assert(std::is_same_v<scalar_t, at::BFloat16> && std::is_same_v<acc_t, float>);
-    typedef uint16_t U16 __attribute__((vector_size(32)));
-    typedef uint32_t U32 __attribute__((vector_size(64)));
-    U16 h;
-    std::memcpy(&h, p, sizeof(h));
-    const U32 w = __builtin_convertvector(h, U32) << 16;
-    typename Vec<acc_t>::type f;
-    std::memcpy(&f, &w, sizeof(f));
-    return f;
-  }
+  if constexpr (std::is_same_v<scalar_t, acc_t>) return vload(p);
+  else return vload_widen(p);
 }
 
-// Stores VL lanes rounded once to scalar_t (bf16: round to nearest even, NaN kept quiet, as lowp_convert.h's narrow).
+// VL lanes stored rounded once to scalar_t.
 template <typename scalar_t, typename acc_t>
 LF_INLINE void store_rounded(scalar_t* p, typename Vec<acc_t>::type v) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    vstore(p, v);
-  } else {
-    typedef uint16_t U16 __attribute__((vector_size(32)));
-    typedef uint32_t U32 __attribute__((vector_size(64)));
-    U32 u;
-    std::memcpy(&u, &v, sizeof(u));
-    U32 bits = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    bits = v != v ? U32{} + 0x7FC0u : bits;
-    const U16 h = __builtin_convertvector(bits, U16);
-    std::memcpy(p, &h, sizeof(h));
-  }
+  if constexpr (std::is_same_v<scalar_t, acc_t>) vstore(p, v);
+  else vstore_narrow(p, v);
 }
 
 // sum over the row of (x - shift), or of its square.

@@ -38,4 +38,57 @@ LF_INLINE scalar_t narrow(acc_t f) {
   }
 }
 
+namespace cpu_vec {
+
+// Vector forms for the kernels' target clones (vector_math.h): 16 (or, _half, 8 with the upper lanes zero) elements
+// of float or bf16 as float lanes, and float lanes stored as float or as bf16 rounded like narrow() above.
+template <typename scalar_t>
+constexpr bool kVectorWidens = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+template <typename scalar_t, int N = 16>
+LF_INLINE Vec<float>::type vload_widen(const scalar_t* p) {
+  static_assert(kVectorWidens<scalar_t> && (N == 16 || N == 8));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (N == 16) return vload(p);
+    else return vload_half(p);
+  } else {
+    Vec<float>::type f = {};
+    if constexpr (N == 16) {
+      typedef uint16_t U16 __attribute__((vector_size(32)));
+      typedef uint32_t U32 __attribute__((vector_size(64)));
+      U16 h;
+      std::memcpy(&h, p, sizeof(h));
+      const U32 w = __builtin_convertvector(h, U32) << 16;
+      std::memcpy(&f, &w, sizeof(w));
+    } else {
+      typedef uint16_t U16 __attribute__((vector_size(16)));
+      typedef uint32_t U32 __attribute__((vector_size(32)));
+      U16 h;
+      std::memcpy(&h, p, sizeof(h));
+      const U32 w = __builtin_convertvector(h, U32) << 16;
+      std::memcpy(&f, &w, sizeof(w));  // lanes 8..15 stay zero
+    }
+    return f;
+  }
+}
+
+template <typename scalar_t, int N = 16>
+LF_INLINE void vstore_narrow(scalar_t* p, Vec<float>::type v) {
+  static_assert(kVectorWidens<scalar_t> && (N == 16 || N == 8));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (N == 16) vstore(p, v);
+    else vstore_half(p, v);
+  } else {
+    typedef uint16_t U16 __attribute__((vector_size(32)));
+    typedef uint32_t U32 __attribute__((vector_size(64)));
+    U32 u;
+    std::memcpy(&u, &v, sizeof(u));
+    U32 bits = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    bits = v != v ? U32{} + 0x7FC0u : bits;
+    const U16 h = __builtin_convertvector(bits, U16);
+    std::memcpy(p, &h, 2 * N);
+  }
+}
+
+}  // namespace cpu_vec
 }  // namespace lookfast

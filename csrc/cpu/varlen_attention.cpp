@@ -34,6 +34,7 @@
 #include "cpu/varlen_attention_brgemm.h"
 #include "cpu/varlen_attention_isa.h"
 #include "cpu/varlen_attention_lowp.h"
+#include "cpu/lowp_convert.h"
 #include "cpu/varlen_attention_work.h"
 #include "cpu/vector_math.h"
 
@@ -284,13 +285,32 @@ LF_INLINE void transpose_block(typename Vec<acc_t>::type* r) {
   if constexpr (Vec<acc_t>::size == 16) transpose_stage<acc_t, 8>(r);
 }
 
+// N elements (N = VL, or VL / 2 with the upper lanes zero) of a row as acc_t lanes, and acc_t lanes stored as N
+// elements rounded once: plain loads / stores when scalar_t is acc_t, bf16 <-> float conversions otherwise.
+template <typename scalar_t, typename acc_t, int N>
+LF_INLINE typename Vec<acc_t>::type load_lanes(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) return N == Vec<acc_t>::size ? vload(p) : vload_half(p);
+  else return vload_widen<scalar_t, N>(p);
+}
+template <typename scalar_t, typename acc_t, int N>
+LF_INLINE void store_lanes(scalar_t* p, typename Vec<acc_t>::type v) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if constexpr (N == Vec<acc_t>::size) vstore(p, v);
+    else vstore_half(p, v);
+  } else {
+    vstore_narrow<scalar_t, N>(p, v);
+  }
+}
+
 // dst[c * VL + lane] = scale * src[lane * stride + c] for lane < n (0 for the other lanes), c < cols.
 template <typename scalar_t, typename acc_t>
 LF_INLINE void pack_transposed(const scalar_t* src, int64_t src_stride, int64_t n, int64_t cols, acc_t scale,
                                acc_t* dst) {
   typedef typename Vec<acc_t>::type V;
   constexpr int VL = Vec<acc_t>::size;
-  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+  // Same type, or bf16 widened 16 (8) lanes at a time (lowp_convert.h): element-wise conversion cost as much as the
+  // attention itself on narrow heads (A2, width 8).
+  if constexpr (std::is_same<scalar_t, acc_t>::value || (std::is_same_v<acc_t, float> && kVectorWidens<scalar_t>)) {
     if (cols >= VL || cols == VL / 2) {
       // Blocks of VL columns; a ragged last block overlaps the previous one (same values written twice).
       V r[VL];
@@ -300,7 +320,8 @@ LF_INLINE void pack_transposed(const scalar_t* src, int64_t src_stride, int64_t 
 #pragma GCC unroll 16
         for (int lane = 0; lane < VL; ++lane) {
           V x = {};
-          if (lane < n) x = half ? vload_half(src + lane * src_stride) : vload(src + lane * src_stride + c);
+          if (lane < n) x = half ? load_lanes<scalar_t, acc_t, VL / 2>(src + lane * src_stride)
+                                 : load_lanes<scalar_t, acc_t, VL>(src + lane * src_stride + c);
           r[lane] = x * scale;
         }
         transpose_block<acc_t>(r);
@@ -325,7 +346,7 @@ template <typename scalar_t, typename acc_t>
 LF_INLINE void store_transposed(const acc_t* src, int64_t n, int64_t cols, acc_t mul, scalar_t* dst, int64_t stride) {
   typedef typename Vec<acc_t>::type V;
   constexpr int VL = Vec<acc_t>::size;
-  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+  if constexpr (std::is_same<scalar_t, acc_t>::value || (std::is_same_v<acc_t, float> && kVectorWidens<scalar_t>)) {
     if (cols >= VL || cols == VL / 2) {
       V r[VL];
       const bool half = cols < VL;
@@ -338,9 +359,9 @@ LF_INLINE void store_transposed(const acc_t* src, int64_t n, int64_t cols, acc_t
         for (int lane = 0; lane < VL; ++lane) {
           if (lane >= n) break;
           if (half)
-            vstore_half(dst + lane * stride, r[lane]);
+            store_lanes<scalar_t, acc_t, VL / 2>(dst + lane * stride, r[lane]);
           else
-            vstore(dst + lane * stride + c, r[lane]);
+            store_lanes<scalar_t, acc_t, VL>(dst + lane * stride + c, r[lane]);
         }
       }
       return;

@@ -52,8 +52,21 @@ def dp_models():
     return {"cast": copy.deepcopy(m32).to(BF16), "autocast": copy.deepcopy(m32)}
 
 
+@pytest.mark.parametrize("mlp", ["onednn", "addmm"])
 @pytest.mark.parametrize("mode", MODES)
-def test_dyn_perceiver_bf16_rule(dp_models, dp_vector, mode):
+def test_dyn_perceiver_bf16_rule(dp_models, dp_vector, mode, mlp, monkeypatch):
+    """mlp: the fused z->x MLP on oneDNN's fused linears (where this CPU's oneDNN runs bf16), or forced onto the
+    addmm / gelu / addmm_ path that CPUs without it take."""
+    from lookfast.models.dyn_perceiver import fused
+
+    from lookfast.models.dyn_perceiver.layers import onednn_dtype
+
+    packed = []
+    if mlp == "addmm":
+        monkeypatch.setattr(fused, "_onednn_mlp_weights", lambda *args: None)
+    else:
+        original = fused._onednn_mlp_weights
+        monkeypatch.setattr(fused, "_onednn_mlp_weights", lambda *args: packed.append(original(*args)) or packed[-1])
     model = dp_models[mode]
     x = torch.from_numpy(dp_vector["x"])
     outs = {}
@@ -69,6 +82,9 @@ def test_dyn_perceiver_bf16_rule(dp_models, dp_vector, mode):
         # 20-50% (max-norm) in bf16, so this bound only says the bf16 run is not NaN / inf / unrelated.
         assert official < 1.0, (i, official)
         assert ours <= 2 * official, (mode, i, ours, official)
+    if mlp == "onednn":  # the oneDNN path ran wherever this CPU's oneDNN has bf16
+        on_onednn = onednn_dtype(torch.zeros(1, dtype=BF16)) == BF16
+        assert packed and all((p is not None) == on_onednn for p in packed)
 
 
 def test_dyn_perceiver_early_exit_and_calibration_bf16(seed):

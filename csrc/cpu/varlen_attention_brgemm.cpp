@@ -271,9 +271,12 @@ LF_BRGEMM_TARGET void forward_items(const VarlenProblem& s, const FwdItem* items
         } else {  // head dim 0: every score is 0
           std::memset(sc.data, 0, sizeof(float) * kTileQ * kKeyBlock);
         }
+        // Scale, mask and block maximum of every row first, then the exponentials: the rows' reduction chains
+        // (maximum, then sum) are independent and overlap, where one row at a time waited on each (A1, 49 keys:
+        // ~9% less time; A3 shapes ~4%, alternating calls in one process).
+        float block_max[kTileQ];
         for (int64_t r = 0; r < n; ++r) {
           float* srow = sc.data + r * kKeyBlock;
-          uint16_t* prow = pa.data + r * kKeyBlock;
           const float lim = static_cast<float>(std::clamp<int64_t>(key_end[r] - j0, 0, nbp));
           VF mx = cpu_vec::vbroadcast(neg_inf);
           for (int64_t c = 0; c < nbp; c += 16) {
@@ -282,7 +285,12 @@ LF_BRGEMM_TARGET void forward_items(const VarlenProblem& s, const FwdItem* items
             cpu_vec::vstore(srow + c, x);
             mx = cpu_vec::vmax(mx, x);
           }
-          const float bm = hmax(mx);
+          block_max[r] = hmax(mx);
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          const float* srow = sc.data + r * kKeyBlock;
+          uint16_t* prow = pa.data + r * kKeyBlock;
+          const float bm = block_max[r];
           const float m_new = bm > m[r] ? bm : m[r];
           const float ms = m_new == neg_inf ? 0.f : m_new;  // no key seen yet: subtract 0, exp2(-inf) stays 0
           VF sum = {};

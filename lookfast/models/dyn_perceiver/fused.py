@@ -13,7 +13,8 @@ math as the official layer (only float summation order changes):
 - attention runs in `lookfast.cross_attention` (streamed queries against resident keys);
 - the output projection, its bias and the residual are one GEMM (addmm into the pixels, with the bias as an extra
   input column of ones);
-- fc2 accumulates into the residual in place.
+- fc2 accumulates into the residual in place; for bf16 where oneDNN runs bf16, the MLP is two oneDNN linears
+  instead (fc1 with GELU in its epilogue, fc2 + bias + residual with an add post-op, rounded once).
 
 Precision: everything runs in one dtype `dt`, the pixels' dtype, or under torch.autocast the autocast dtype (the
 layer's nn.Linear calls would run there); the folded weights are computed in float32 from the stored ones and
@@ -63,7 +64,9 @@ def _z2x_weights(layer: CrossAttentionLayer, dt: torch.dtype):
 def z2x_fused(layer: CrossAttentionLayer, x: torch.Tensor, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """x (B, C, H, W) pixels, z (B, L, Cz) latents -> updated x (B, C, H, W), channels-last memory.
     Equals `layer` applied to x as (B, HW, C) tokens. With `inplace` (for a caller that owns x and drops it), a
-    channels-last x of the compute dtype is overwritten with the result: one pass over the pixels fewer."""
+    channels-last x of the compute dtype is used as scratch: the attention's residual is added into its memory (one
+    pass over the pixels fewer), and x then holds an intermediate, not the result: use the returned tensor (x's
+    memory itself on the addmm path, a new tensor on the oneDNN bf16 path)."""
     b, c, h, w = x.shape
     ca, mlp = layer.cross_attn, layer.mlp
     att = ca.attention

@@ -52,22 +52,6 @@ LF_INLINE acc_t hsum(typename Vec<acc_t>::type v) {
   return v[0];
 }
 
-// VL elements of a row as acc_t lanes: a plain load, or bf16 widened by a shift (lowp_convert.h). The rows are read
-// straight from the input, with no widened copy: a buffer written and read back at once stalls every load on store
-// forwarding, which cost more than the arithmetic.
-template <typename scalar_t, typename acc_t>
-LF_INLINE typename Vec<acc_t>::type load_acc(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) return vload(p);
-  else return vload_widen(p);
-}
-
-// VL lanes stored rounded once to scalar_t.
-template <typename scalar_t, typename acc_t>
-LF_INLINE void store_rounded(scalar_t* p, typename Vec<acc_t>::type v) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) vstore(p, v);
-  else vstore_narrow(p, v);
-}
-
 // sum over the row of (x - shift), or of its square.
 template <typename scalar_t, typename acc_t>
 LF_INLINE acc_t row_sum(const scalar_t* x, int64_t c, acc_t shift, bool square) {
@@ -77,12 +61,12 @@ LF_INLINE acc_t row_sum(const scalar_t* x, int64_t c, acc_t shift, bool square) 
   V s0 = {}, s1 = {};
   int64_t j = 0;
   for (; j + 2 * VL <= c; j += 2 * VL) {
-    const V a = load_acc<scalar_t, acc_t>(x + j) - m, b = load_acc<scalar_t, acc_t>(x + j + VL) - m;
+    const V a = load_lanes<scalar_t, acc_t>(x + j) - m, b = load_lanes<scalar_t, acc_t>(x + j + VL) - m;
     s0 += square ? a * a : a;
     s1 += square ? b * b : b;
   }
   for (; j + VL <= c; j += VL) {
-    const V a = load_acc<scalar_t, acc_t>(x + j) - m;
+    const V a = load_lanes<scalar_t, acc_t>(x + j) - m;
     s0 += square ? a * a : a;
   }
   acc_t total = hsum<acc_t>(s0 + s1);
@@ -118,7 +102,7 @@ LF_INLINE void normalize_block(const src_t* x, int64_t ldx, scalar_t* y, int64_t
     int64_t j = 0;
     if constexpr (kVectorStore) {
       const V m = vbroadcast(mean[i]), s = vbroadcast(rstd[i]);
-      for (; j + VL <= c; j += VL) store_rounded<scalar_t, acc_t>(yr + j, (load_acc<src_t, acc_t>(xr + j) - m) * s);
+      for (; j + VL <= c; j += VL) store_lanes<scalar_t, acc_t>(yr + j, (load_lanes<src_t, acc_t>(xr + j) - m) * s);
     }
     for (; j < c; ++j) yr[j] = narrow<scalar_t, acc_t>((widen<src_t, acc_t>(xr[j]) - mean[i]) * rstd[i]);
   }

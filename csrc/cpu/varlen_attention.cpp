@@ -285,23 +285,6 @@ LF_INLINE void transpose_block(typename Vec<acc_t>::type* r) {
   if constexpr (Vec<acc_t>::size == 16) transpose_stage<acc_t, 8>(r);
 }
 
-// N elements (N = VL, or VL / 2 with the upper lanes zero) of a row as acc_t lanes, and acc_t lanes stored as N
-// elements rounded once: plain loads / stores when scalar_t is acc_t, bf16 <-> float conversions otherwise.
-template <typename scalar_t, typename acc_t, int N>
-LF_INLINE typename Vec<acc_t>::type load_lanes(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) return N == Vec<acc_t>::size ? vload(p) : vload_half(p);
-  else return vload_widen<scalar_t, N>(p);
-}
-template <typename scalar_t, typename acc_t, int N>
-LF_INLINE void store_lanes(scalar_t* p, typename Vec<acc_t>::type v) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if constexpr (N == Vec<acc_t>::size) vstore(p, v);
-    else vstore_half(p, v);
-  } else {
-    vstore_narrow<scalar_t, N>(p, v);
-  }
-}
-
 // dst[c * VL + lane] = scale * src[lane * stride + c] for lane < n (0 for the other lanes), c < cols.
 template <typename scalar_t, typename acc_t>
 LF_INLINE void pack_transposed(const scalar_t* src, int64_t src_stride, int64_t n, int64_t cols, acc_t scale,

@@ -315,7 +315,8 @@ LF_BRGEMM_TARGET void forward_items(const VarlenProblem& s, const FwdItem* items
       }
       for (int64_t r = 0; r < n; ++r) {
         // No key seen: exact zeros (whatever v holds) and lse -inf. Keys seen but every score -inf (overflow):
-        // 0/0 = NaN, as softmax. A NaN sum (NaN or +inf score) stays NaN through the multiply.
+        // out 0/0 = NaN, as softmax, and lse -inf, as logsumexp (l is 0 only then). A NaN sum (NaN or +inf score)
+        // stays NaN through the multiply.
         T* orow = out + ((q0 + i0 + r) * H + w.h) * Dv;
         float* lse_r = lse + w.h * total_q + q0 + i0 + r;
         if (key_end[r] == 0) {
@@ -325,7 +326,7 @@ LF_BRGEMM_TARGET void forward_items(const VarlenProblem& s, const FwdItem* items
         }
         const float inv = l[r] == 0.f ? nan : 1.f / l[r];
         store_row(orow, acc.data + r * ldv, Dv, inv);
-        *lse_r = l[r] == 0.f ? nan : (m[r] + std::log2(l[r])) * varlen::kLn2;  // log2 domain -> natural log
+        *lse_r = l[r] == 0.f ? neg_inf : (m[r] + std::log2(l[r])) * varlen::kLn2;  // log2 domain -> natural log
       }
     }
   }

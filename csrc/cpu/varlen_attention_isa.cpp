@@ -16,19 +16,16 @@
 //     A1 forward 1.06 / 1.62 / 1.56; A3 forward 13.4 / 29.0 / 24.4; A3 causal forward 11.5 / 18.9 / 19.6; A3 forward
 //     + backward 51.5 / 95.7 / 82.0; A3 causal forward + backward 40.6 / 61.1 / 62.7. A2 (width 8, below
 //     kMinMatrixHeadDim) forced onto brgemm: 5.5 ms against the portable kernel's 3.6.
-//   - AVX512-BF16 without AMX, bf16: the hand-written kernel, forward and backward. Both kernels run vdpbf16ps for
-//     the products there; measured side by side in one process (AMD EPYC Zen 5, 1 thread, shared machine, best of
-//     11-24 alternating calls per kernel, the ops alone, after main's prefetching hand kernel of 2 Dec), brgemm /
-//     hand-written time over 3 runs: forward A1 0.95, A3 1.19-1.31, A3 causal 1.31-1.46; backward A1 1.67-1.68,
-//     A3 1.54-1.63, A3 causal 1.65-1.94 (five oneDNN calls per (query tile, key block), scalar K/V packing and the Pᵀ/dSᵀ transposes, against
-//     the hand kernel's prefetching and register-level VNNI stores). (Before that hand-kernel work brgemm's forward
-//     was 0.77-0.94x; kBrgemmWithoutAmx flips the choice if a later measurement says so.) Since then (3 Dec) the
-//     brgemm backward pairs P and dS along the queries instead of transposing them, packs Kᵀ with 16x16 register
-//     transposes and prefetches the strided rows; no AMD CPU has measured it yet. As a stand-in, on the Intel Xeon
-//     below with oneDNN held to AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, so brgemm runs vdpbf16ps as on
-//     AMD; best of 10 alternating calls, brgemm / hand-written time): A1 forward 0.96, A3 forward 0.98, A4 forward
-//     + backward 1.07 (the build before: 0.97 / 1.08 / 1.17), so the choice without AMX stays the hand kernel.
-//     With AMX on the same machine, same script: A1 0.77, A3 0.41, A4 0.42 (before: 0.72 / 0.43 / 0.55).
+//   - AVX512-BF16 without AMX, bf16: brgemm for the forward, the hand-written kernel for the backward. Both kernels
+//     run vdpbf16ps for the products there. Measured side by side in one process (AMD EPYC Zen 5, family 26, 1
+//     thread, quiet machine, 61 alternating calls per kernel, the ops alone; scratch script timing the A1/A3 bench
+//     shapes and one 279-token, 12-head LookWhere sequence), brgemm / hand-written time, median (best): forward A1
+//     0.78 (0.77), A3 0.97 (0.98), A3 causal 0.96 (0.96), LookWhere 279 tokens 0.94 (0.91); backward (A4, 21-31
+//     calls) 1.24 (1.13-1.18). So the forward's choice flipped after the brgemm forward's two-loop softmax (3 Dec);
+//     the backward's five oneDNN calls per (query tile, key block) still lose to the hand kernel's fused loops. The
+//     backward reads only q, k, v, out, lse and dout, which both kernels define alike (lse in float32, out rounded
+//     once), so a brgemm forward pairs with a hand-written backward. History (same machine type, 2 Dec, before the
+//     brgemm kernel's AMX-side work): forward A1 0.95, A3 1.19-1.31; backward 1.5-1.9.
 //   - fp16 without AMX-FP16: the portable kernel (the hand-written kernel is bf16 only). On AVX512-FP16 CPUs oneDNN
 //     has an fp16 micro-kernel that takes B row-major and widens to float32 FMAs (no fp32-accumulating fp16 product
 //     exists there); brgemm runs on it when forced, but measured slower than the portable kernel (Intel Xeon with
@@ -55,9 +52,10 @@ namespace {
 
 constexpr int64_t kMinMatrixHeadDim = varlen_lowp::kMinDotHeadDim;  // 32, as the hand-written kernel
 
-// On AVX512-BF16 without AMX: brgemm (true) or the hand-written kernel (false), forward and backward (measured: the
+// bf16 on AVX512-BF16 without AMX: brgemm (true) or the hand-written kernel (false), per direction (measured: the
 // file's note above).
-constexpr bool kBrgemmWithoutAmx = false;
+constexpr bool kBrgemmForwardWithoutAmx = true;
+constexpr bool kBrgemmBackwardWithoutAmx = false;
 
 enum class Request { kAuto, kBaseline, kAvx512Bf16, kBrgemm };
 
@@ -75,17 +73,18 @@ Request request() {
 // The hand-written kernel where the CPU has AVX512-BF16, for bf16 and head dims >= 32 (its own rule).
 bool dot_kernel(at::ScalarType dtype, int64_t head_dim) { return varlen_lowp::use_dot_kernel(dtype, head_dim); }
 
-Kernel automatic(at::ScalarType dtype, int64_t head_dim) {
+Kernel automatic(at::ScalarType dtype, int64_t head_dim, bool backward) {
   if (head_dim < kMinMatrixHeadDim) return Kernel::kPortable;
-  if (varlen_brgemm::available(dtype) && (kBrgemmWithoutAmx || at::native::cpublas::could_pack(dtype)))
-    return Kernel::kBrgemm;
+  const bool without_amx = dtype == at::kBFloat16 && (backward ? kBrgemmBackwardWithoutAmx : kBrgemmForwardWithoutAmx);
+  if (varlen_brgemm::available(dtype) && (without_amx || at::native::cpublas::could_pack(dtype))) return Kernel::kBrgemm;
   if (dot_kernel(dtype, head_dim)) return Kernel::kDot;
   return Kernel::kPortable;  // fp16 without AMX-FP16 (AVX512-FP16's micro-kernel measured slower: note above)
 }
 
 // The kernel for one call: a forced kernel the CPU or dtype lacks falls back to the automatic choice, with a one-time
 // warning (given by the forward, which runs first).
-Kernel choose(at::ScalarType dtype, int64_t head_dim, bool warn) {
+Kernel choose(at::ScalarType dtype, int64_t head_dim, bool backward) {
+  const bool warn = !backward;
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return Kernel::kPortable;
   switch (request()) {
     case Request::kBaseline:
@@ -96,28 +95,28 @@ Kernel choose(at::ScalarType dtype, int64_t head_dim, bool warn) {
         TORCH_WARN_ONCE("lookfast: LOOKFAST_CPU_ISA=brgemm, but torch's oneDNN brgemm has no ", dtype,
                         " micro-kernel on this CPU (bf16 needs AVX512-BF16 or AMX, fp16 AMX-FP16 or AVX512-FP16); varlen_attention "
                         "uses the automatic choice (",
-                        name(automatic(dtype, head_dim)), " for this call)");
-      return automatic(dtype, head_dim);
+                        name(automatic(dtype, head_dim, backward)), " for this call)");
+      return automatic(dtype, head_dim, backward);
     case Request::kAvx512Bf16:
       if (dtype == at::kBFloat16 && dot_kernel(dtype, 64))
         return dot_kernel(dtype, head_dim) ? Kernel::kDot : Kernel::kPortable;
       if (warn)
         TORCH_WARN_ONCE("lookfast: LOOKFAST_CPU_ISA=avx512bf16, but the hand-written AVX512-BF16 kernel ",
                         dtype == at::kBFloat16 ? "needs a CPU with AVX512-BF16" : "covers bfloat16 only",
-                        "; varlen_attention uses the automatic choice (", name(automatic(dtype, head_dim)),
+                        "; varlen_attention uses the automatic choice (", name(automatic(dtype, head_dim, backward)),
                         " for this call)");
-      return automatic(dtype, head_dim);
+      return automatic(dtype, head_dim, backward);
     case Request::kAuto:
     default:
-      return automatic(dtype, head_dim);
+      return automatic(dtype, head_dim, backward);
   }
 }
 
 }  // namespace
 
-Kernel forward_kernel(at::ScalarType dtype, int64_t head_dim) { return choose(dtype, head_dim, true); }
+Kernel forward_kernel(at::ScalarType dtype, int64_t head_dim) { return choose(dtype, head_dim, false); }
 
-Kernel backward_kernel(at::ScalarType dtype, int64_t head_dim) { return choose(dtype, head_dim, false); }
+Kernel backward_kernel(at::ScalarType dtype, int64_t head_dim) { return choose(dtype, head_dim, true); }
 
 const char* name(Kernel k) {
   switch (k) {

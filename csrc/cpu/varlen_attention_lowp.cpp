@@ -363,7 +363,8 @@ LF_BF16_TARGET void forward_items(const Shape& s, const FwdItem* items, int64_t 
       }
       for (int64_t r = 0; r < n; ++r) {
         // A query that sees no key: exact zeros (whatever v holds) and lse -inf. One that sees keys whose scores are
-        // all -inf (overflow): NaN, as softmax. l NaN (a NaN or +inf score): NaN, kept by the multiply.
+        // all -inf (overflow): out NaN, as softmax, and lse -inf, as logsumexp (l is 0 only then). l NaN (a NaN or
+        // +inf score): NaN, kept by the multiply.
         const float* arow = acc.data + r * ldv;
         c10::BFloat16* orow = out + ((q0 + i0 + r) * H + w.h) * Dv;
         float* lse_r = lse + w.h * total_q + q0 + i0 + r;
@@ -375,8 +376,7 @@ LF_BF16_TARGET void forward_items(const Shape& s, const FwdItem* items, int64_t 
         const float inv = l[r] == 0.f ? std::numeric_limits<float>::quiet_NaN() : 1.f / l[r];
         for (int64_t c = 0; c < Dv; c += 16)
           store_out(orow + c, _mm512_mul_ps(_mm512_loadu_ps(arow + c), _mm512_set1_ps(inv)), Dv - c);
-        *lse_r = l[r] == 0.f ? std::numeric_limits<float>::quiet_NaN()
-                             : (m[r] + std::log2(l[r])) * 0.6931471805599453f;  // log2 domain -> natural log
+        *lse_r = l[r] == 0.f ? neg_inf : (m[r] + std::log2(l[r])) * 0.6931471805599453f;  // log2 -> natural log
       }
     }
   }

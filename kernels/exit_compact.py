@@ -13,6 +13,8 @@ inputs. The end of this file defines the launchers as the ops `lookfast::<librar
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -151,12 +153,16 @@ def _as_words(rows2d: torch.Tensor) -> torch.Tensor:
 def _rows2d(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 1:
         t = t.unsqueeze(1)
+    if _family.compacted_strides(t) is not None:  # rows are dense blocks in another order (channels_last): raw bytes
+        return _bool_as_bytes(t.as_strided((t.shape[0], math.prod(t.shape[1:])), (t.stride(0), 1)))
     t2 = t.reshape(t.shape[0], -1)
     if t2.stride(1) != 1:  # one element per row: any stride is dense; else strided rows are made dense
         t2 = t2.as_strided(t2.shape, (t2.stride(0), 1)) if t2.shape[1] <= 1 else t2.contiguous()
-    if t2.dtype == torch.bool:
-        t2 = t2.view(torch.uint8)
-    return t2
+    return _bool_as_bytes(t2)
+
+
+def _bool_as_bytes(t2: torch.Tensor) -> torch.Tensor:
+    return t2.view(torch.uint8) if t2.dtype == torch.bool else t2
 
 
 def _launch_copy(src2d: torch.Tensor, dst2d: torch.Tensor, index: torch.Tensor, scatter: bool) -> None:
@@ -176,7 +182,7 @@ def compact_rows(states: list[torch.Tensor], keep: torch.Tensor) -> list[torch.T
     """Each state's rows gathered in `keep` order (any dtype, any trailing shape; strided rows are made dense)."""
     outs = []
     for s in states:
-        out = torch.empty((keep.shape[0],) + tuple(s.shape[1:]), dtype=s.dtype, device=s.device)
+        out = _family.compacted_empty(s, keep.shape[0])  # dense-block rows (channels_last) keep their layout
         if out.numel():
             _launch_copy(_rows2d(s), _rows2d(out), keep, scatter=False)
         outs.append(out)
@@ -191,15 +197,6 @@ def exit_scatter(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Ten
     if dst.data_ptr() != out.data_ptr() or dst.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
         raise ValueError("exit_scatter (triton): out must have dense rows")
     _launch_copy(_rows2d(values), dst, batch_index, scatter=True)
-
-
-def _rows_dense(t: torch.Tensor) -> bool:
-    expected = 1
-    for d in range(t.dim() - 1, 0, -1):
-        if t.shape[d] != 1 and t.stride(d) != expected:
-            return False
-        expected *= t.shape[d]
-    return True
 
 
 # ------------------------------------------------------------------------------- registration: lookfast::<op>_triton
@@ -221,7 +218,7 @@ def _compact_rows_op(states: list[torch.Tensor], keep: torch.Tensor) -> list[tor
 
 @torch.library.custom_op("lookfast::exit_scatter_triton", mutates_args=("out",))
 def _exit_scatter_op(out: torch.Tensor, batch_index: torch.Tensor, values: torch.Tensor) -> None:
-    if _rows_dense(out):
+    if _family.rows_are_contiguous(out):
         exit_scatter(out, batch_index, values)
     else:  # the copy kernel writes dense rows; a strided `out` takes PyTorch's copy
         out.index_copy_(0, batch_index, values)

@@ -181,6 +181,30 @@ def brute_force_thresholds(exit_logits, proportions):
     return out + [-math.inf]
 
 
+def test_runner_keeps_channels_last_states(seed):
+    # CNN activations in channels_last stay channels_last for the later stages (compact_rows keeps dense-block rows'
+    # layout): a contiguous copy would send every later convolution down oneDNN's slower NCHW path.
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(9, 4, 3, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4 * 3 * 5, 3, generator=g)
+    seen = []
+
+    def stage(state):
+        seen.append(state[0].is_contiguous(memory_format=torch.channels_last))
+        return (state[0] * 2,)  # elementwise ops keep channels_last
+
+    heads = [lambda s: s[0].flatten(1) @ w] * 3
+    first = ((images * 2).flatten(1) @ w).softmax(-1).amax(-1)
+    t = first.median().item()  # about half the samples leave at exit 1
+    logits, exit_index = lookfast.EarlyExitRunner([stage] * 3, heads)((images,), [t, 1.0, 0.0])
+    seen_first = seen.pop(0)
+    assert seen_first
+    assert 0 < int((exit_index == 0).sum()) < 9 and (exit_index > 0).any()  # some samples went on
+    assert seen == [True, True]  # stages 2 and 3 ran on compacted survivors
+    want = torch.stack([(images * 2 ** (i + 1)).flatten(1) @ w for i in range(3)])[exit_index, torch.arange(9)]
+    torch.testing.assert_close(logits, want)
+
+
 def test_calibrate_hand_computed():
     # 2 classes, logits (0, z): max softmax = sigmoid(|z|). n = 4, proportions (0.5, 0.25, 0.25).
     z = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.2, 4.0, 1.0, 0.1], [0.0, 0.0, 0.0, 0.0]])

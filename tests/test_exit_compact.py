@@ -43,9 +43,24 @@ def odd_states(n: int) -> list[torch.Tensor]:
         torch.randn(n, 0, 3),
         wide[:, ::2, 1:4],  # strided rows: not memcpy-able
         torch.randn(5, n, 3).transpose(0, 1),  # rows dense but far apart
-        torch.randn(n, 2, 6).transpose(1, 2),  # transposed trailing dims
+        torch.randn(n, 2, 6).transpose(1, 2),  # transposed trailing dims: each row one dense block
         torch.randn(n, 3, dtype=torch.float64),
+        torch.randn(n, 4, 3, 5).contiguous(memory_format=torch.channels_last),  # CNN activations
     ]
+
+
+# The layout compact_rows gives each of odd_states' outputs (docs/ops.md section 3): rows that are one dense block
+# keep their order within the row (channels_last stays channels_last), anything else comes back contiguous.
+EXPECTED_LAYOUT = ["contiguous"] * 8 + [(12, 1, 6), "contiguous", "channels_last"]
+
+
+def assert_layout(g: torch.Tensor, layout) -> None:
+    if layout == "contiguous":
+        assert g.is_contiguous(), g.stride()
+    elif layout == "channels_last":
+        assert g.is_contiguous(memory_format=torch.channels_last) and g.stride()[0] == math.prod(g.shape[1:]), g.stride()
+    else:
+        assert g.stride() == layout, (g.stride(), layout)
 
 
 def poison_heap(nbytes: int = 1 << 20) -> None:
@@ -81,6 +96,8 @@ def test_public_api_on_every_backend(backend, criterion, seed):
         got = lookfast.exit_compact(x.to(dev), thr, *(s.to(dev) for s in states), criterion=criterion)
         assert backend.ran("exit_confidence_mask") and backend.ran("compact_rows")
         assert_compact_equal([g.cpu() for g in got], want)
+        for g, layout in zip(got[2:], EXPECTED_LAYOUT):
+            assert_layout(g, layout)
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -160,8 +177,8 @@ def test_cpp_matches_reference(criterion, seed, monkeypatch):
             poison_heap()
             got = lookfast.exit_compact(x, thr, *states, criterion=criterion)
             assert_compact_equal(got, want)
-            for g, s in zip(got[2:], states):
-                assert g.is_contiguous()
+            for g, layout in zip(got[2:], EXPECTED_LAYOUT):
+                assert_layout(g, layout)
         nan_rows = torch.isnan(conf).nonzero().squeeze(1).tolist()
         for r in nan_rows:  # NaN confidence never exits
             assert r in got[0].tolist()
@@ -230,13 +247,16 @@ def test_triton_matches_reference(criterion, seed, monkeypatch):
     for n, classes in [(7, 37), (1, 5), (6, 1), (0, 4)]:
         x = random_logits(n, classes, nan_rows=min(n, 1))
         states = [torch.randn(n, 3, 5), torch.randint(0, 9, (n, 3)), torch.rand(n, 3) > 0.5,
-                  torch.randn(n, 4).half(), torch.randn(n, 6, 4)[:, ::2], torch.randn(n)]
+                  torch.randn(n, 4).half(), torch.randn(n, 6, 4)[:, ::2], torch.randn(n),
+                  torch.randn(n, 3, 2, 5).contiguous(memory_format=torch.channels_last)]
         conf = ex.exit_confidence_reference(x, criterion)
         thr = threshold_between(conf, rng)
         want = ex.exit_compact_reference(x, thr, *states, criterion=criterion)
         keep, exited = k.exit_confidence_mask(x, torch.tensor(thr, dtype=torch.float64), ex.CRITERIA[criterion])
         assert keep.tolist() == want[0].tolist() and exited.tolist() == want[1].tolist()
-        assert_compact_equal(k.compact_rows(states, keep), list(want[2:]))
+        got = k.compact_rows(states, keep)
+        assert_compact_equal(got, list(want[2:]))
+        assert_layout(got[-1], "channels_last")
     x = torch.randn(5, 40, dtype=torch.float64)
     for crit in CRITERIA:  # float64 path
         thr = threshold_between(ex.exit_confidence_reference(x, crit), rng)
@@ -304,7 +324,8 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.lookfast.exit_confidence_mask.default, (x, torch.tensor(0.3), crit),
                               test_utils=("test_schema", "test_faketensor"))
     keep = torch.tensor([0, 3, 4, 10])
-    states = [torch.randn(11, 3, requires_grad=True), torch.randint(0, 5, (11, 2)), torch.randn(11, 2, 2)]
+    states = [torch.randn(11, 3, requires_grad=True), torch.randint(0, 5, (11, 2)), torch.randn(11, 2, 2),
+              torch.randn(11, 3, 2, 2).contiguous(memory_format=torch.channels_last)]  # the fake keeps its layout too
     torch.library.opcheck(torch.ops.lookfast.compact_rows.default, (states, keep))
     torch.library.opcheck(torch.ops.lookfast.compact_rows_backward.default, ([torch.randn(4, 3)], keep, 11))
     torch.library.opcheck(torch.ops.lookfast.exit_scatter.default, (torch.zeros(11, 3), keep, torch.randn(4, 3)))

@@ -5,9 +5,13 @@
 // body that is the same on both devices (compact_rows_backward, composed of ATen ops).
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -75,6 +79,36 @@ inline bool rows_are_contiguous(const at::Tensor& t) {
     expected *= t.size(d);
   }
   return true;
+}
+
+// The strides compact_rows gives its output for a state t with m rows: t's own strides within a row when each row
+// is one dense block in some dimension order (a channels_last image batch, say), so the rows copy as raw bytes and
+// the layout the next layer expects survives; else none (the output is contiguous). lookfast/ops/exit_compact.py's
+// compacted_strides is the same rule for the reference and Triton backends and the fake kernel.
+inline std::optional<std::vector<int64_t>> compacted_strides(const at::Tensor& t) {
+  if (t.dim() < 2 || rows_are_contiguous(t)) return std::nullopt;
+  std::vector<int64_t> dims;
+  for (int64_t d = 1; d < t.dim(); ++d)
+    if (t.size(d) != 1) dims.push_back(d);
+  std::sort(dims.begin(), dims.end(), [&](int64_t a, int64_t b) { return t.stride(a) < t.stride(b); });
+  int64_t expected = 1;
+  for (int64_t d : dims) {
+    if (t.stride(d) != expected) return std::nullopt;  // a gap or an overlap within the row
+    expected *= t.size(d);
+  }
+  std::vector<int64_t> strides(t.strides().begin(), t.strides().end());
+  strides[0] = expected;  // the row's element count: rows back to back
+  return strides;
+}
+
+// True when every row is one dense block (contiguous, or dense in another order): rows copy as raw bytes into an
+// output laid out by compacted_strides.
+inline bool rows_are_blocks(const at::Tensor& t) { return rows_are_contiguous(t) || compacted_strides(t).has_value(); }
+
+// An uninitialised output of `sizes` (sizes[0] = m rows) laid out as compacted_strides(t) says.
+inline at::Tensor compacted_empty(const at::Tensor& t, at::IntArrayRef sizes) {
+  const auto strides = compacted_strides(t);
+  return strides ? at::empty_strided(sizes, *strides, t.options()) : at::empty(sizes, t.options());
 }
 
 // compact_rows_backward on any device: the gather's adjoint, each grad's rows added into zeros at `keep`

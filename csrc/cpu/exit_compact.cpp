@@ -116,18 +116,19 @@ struct RowCopy {
   static RowCopy scatter(const at::Tensor& values, const at::Tensor& out) { return between(values, out); }
 };
 
-// An uninitialised contiguous output; large ones come from RowBufferPool (see there: page faults would otherwise
-// cost more than the copy).
-at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+// An uninitialised output, contiguous or with `strides` (compacted_strides: dense, the same size); large ones come
+// from RowBufferPool (see there: page faults would otherwise cost more than the copy).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
+                        const std::optional<std::vector<int64_t>>& strides = std::nullopt) {
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * opts.dtype().itemsize();
   RowBufferPool& pool = RowBufferPool::instance();
-  if (!pool.enabled() || bytes < RowBufferPool::kMinPooledBytes) return at::empty(sizes, opts);
   size_t capacity = 0;
-  void* p = pool.acquire(bytes, &capacity);
-  if (p == nullptr) return at::empty(sizes, opts);
-  return at::from_blob(p, sizes, [capacity](void* q) { RowBufferPool::instance().release(q, capacity); }, opts);
+  void* p = pool.enabled() && bytes >= RowBufferPool::kMinPooledBytes ? pool.acquire(bytes, &capacity) : nullptr;
+  if (p == nullptr) return strides ? at::empty_strided(sizes, *strides, opts) : at::empty(sizes, opts);
+  auto release = [capacity](void* q) { RowBufferPool::instance().release(q, capacity); };
+  return strides ? at::from_blob(p, sizes, *strides, release, opts) : at::from_blob(p, sizes, release, opts);
 }
 
 // Row i of the work: copy source row idx[i] to destination row i (a gather), or source row i to destination row
@@ -215,11 +216,12 @@ std::vector<at::Tensor> compact_rows_cpu(at::TensorList states, const at::Tensor
   for (const at::Tensor& s : states) {
     auto sizes = s.sizes().vec();
     sizes[0] = m;
-    at::Tensor out = empty_output(sizes, s.options());
+    // Rows that are dense blocks (contiguous, or e.g. channels_last images) keep their layout and copy as bytes.
+    at::Tensor out = empty_output(sizes, s.options(), compacted_strides(s));
     if (m > 0) {
       if (out.numel() == 0) {
         // zero-width rows: nothing to copy (and a null data pointer must not reach memcpy)
-      } else if (rows_are_contiguous(s)) {
+      } else if (rows_are_blocks(s)) {
         fast.push_back(RowCopy::gather(s, out));
       } else {
         at::index_select_out(out, s, 0, index);  // strided rows (rare: transposed states): ATen's strided gather

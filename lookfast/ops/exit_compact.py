@@ -63,8 +63,41 @@ def _exit_confidence_mask_reference(logits, threshold, criterion: int):
     return torch.nonzero(~exits).squeeze(1), torch.nonzero(exits).squeeze(1)
 
 
+def rows_are_contiguous(t: torch.Tensor) -> bool:
+    """True when each row t[i] is contiguous (any stride between rows)."""
+    expected = 1
+    for d in range(t.dim() - 1, 0, -1):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+def compacted_strides(state: torch.Tensor):
+    """The strides of compact_rows' output for `state` (None: contiguous). A state whose rows are each one dense
+    block in another dimension order (a channels_last image batch, say) keeps its strides within a row, rows back to
+    back, so the next layer gets the layout it had; any other state comes back contiguous. The C++/CUDA kernels use
+    the same rule (csrc/common/exit_checks.h, compacted_strides)."""
+    if state.dim() < 2 or rows_are_contiguous(state):
+        return None
+    dims = sorted((d for d in range(1, state.dim()) if state.shape[d] != 1), key=lambda d: state.stride(d))
+    expected = 1
+    for d in dims:
+        if state.stride(d) != expected:  # a gap or an overlap within the row
+            return None
+        expected *= state.shape[d]
+    return (expected, *state.stride()[1:])
+
+
+def compacted_empty(state: torch.Tensor, rows) -> torch.Tensor:
+    """An uninitialised (rows, *state.shape[1:]) tensor laid out as `compacted_strides(state)` says."""
+    shape = (rows, *state.shape[1:])
+    strides = compacted_strides(state)
+    return state.new_empty(shape) if strides is None else state.new_empty_strided(shape, strides)
+
+
 def _compact_rows_reference(states, keep):
-    return [s.index_select(0, keep) for s in states]
+    return [torch.index_select(s, 0, keep, out=compacted_empty(s, keep.shape[0])) for s in states]
 
 
 def exit_scatter_reference(out, batch_index, values):
@@ -84,7 +117,7 @@ def _exit_confidence_mask_fake(logits, threshold, criterion):
 
 
 def _compact_rows_fake(states, keep):
-    return [s.new_empty((keep.shape[0], *s.shape[1:])) for s in states]
+    return [compacted_empty(s, keep.shape[0]) for s in states]
 
 
 def _compact_rows_backward_fake(grads, keep, rows):

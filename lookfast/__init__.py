@@ -41,7 +41,7 @@ from .early_exit import (  # noqa: E402
     exit_scatter,
     expected_cost,
 )
-from .memory import cpu_pool_cached_bytes, cpu_pool_empty_cache  # noqa: E402
+from .memory import cpu_pool_cached_bytes, cpu_pool_empty_cache, keep_freed_cpu_memory  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
@@ -59,4 +59,5 @@ __all__ = [
     "expected_cost",
     "cpu_pool_empty_cache",
     "cpu_pool_cached_bytes",
+    "keep_freed_cpu_memory",
 ]

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":
         return _info()
+    from .memory import keep_freed_cpu_memory
+
+    keep_freed_cpu_memory()  # bench, serve, infer: reuse freed activations instead of page-faulting fresh memory
     if args.command == "serve":
         from .serving.cli import main as serve_main
 

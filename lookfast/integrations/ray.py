@@ -55,7 +55,10 @@ class Predictor:
     def __init__(self, settings: InferSettings, threads: int = 1):
         import torch
 
+        from ..memory import keep_freed_cpu_memory
+
         torch.set_num_threads(max(1, int(threads)))
+        keep_freed_cpu_memory()  # a long-lived worker process: reuse freed activations (lookfast.memory)
         self.worker = Worker(settings)
 
     def __call__(self, batch: dict):

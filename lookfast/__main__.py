@@ -1,5 +1,5 @@
 """Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]
-[--dtype float32|bfloat16|all]`, `python -m lookfast info` (which backends and kernels this install has) and
+[--dtype float32|bfloat16|all] [--keep-freed-memory]`, `python -m lookfast info` (which backends and kernels this install has) and
 `python -m lookfast serve --model ...` (the HTTP server; needs `pip install 'lookfast[serve]'`, see lookfast/serving),
 `python -m lookfast infer` (batch inference over image folders; `python -m lookfast infer --help`) and
 `python -m lookfast gpucheck [--json PATH]` (on a CUDA GPU: the GPU-marked tests and the bf16/fp16 GPU benchmark rows;
@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dtype", choices=["float32", "bfloat16", "all"], default=None,
                        help="precision of the cases that have variants (ids of low-precision variants end in -bf16); "
                             "default: bfloat16 where the CPU has AMX or AVX512-BF16, else float32")
+    bench.add_argument("--keep-freed-memory", action="store_true",
+                       help="call lookfast.keep_freed_cpu_memory() first (every row, peers included, then runs "
+                            "without glibc's page faults on freed activations; default: the allocator as a plain "
+                            "process has it)")
     sub.add_parser("info", help="show the compiled backends and registered kernels")
     from .serving.cli import add_arguments as serve_arguments
 
@@ -65,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         return _info()
     from .memory import keep_freed_cpu_memory
 
-    keep_freed_cpu_memory()  # bench, serve, infer: reuse freed activations instead of page-faulting fresh memory
+    if args.command in ("serve", "infer") or getattr(args, "keep_freed_memory", False):
+        # Long-running inference: reuse freed activations instead of page-faulting fresh memory (lookfast.memory).
+        # The bench leaves the allocator as a plain process has it unless asked: it changes the peers' times too.
+        applied = keep_freed_cpu_memory()
+        if args.command == "bench":
+            print(f"allocator: --keep-freed-memory {'applied' if applied else 'not available here (glibc only)'}")
     if args.command == "serve":
         from .serving.cli import main as serve_main
 

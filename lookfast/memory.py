@@ -11,8 +11,9 @@ are freed, when the tensors die).
 `keep_freed_cpu_memory()` does the same for every CPU tensor, through the C library's allocator: torch's CPU tensors
 come from glibc malloc, which by default hands large freed blocks back to the OS, so the next batch's activations
 page-fault in again (on the project's VMs a Dyn-Perceiver B 64 bf16 forward took ~10k faults per call, 40 MB, and
-an early-exit call ~21k, at 1-2 us each). lookfast's own processes (`python -m lookfast bench|serve|infer`, the Ray
-workers) call it at start; a program that embeds lookfast can call it once too.
+an early-exit call ~21k, at 1-2 us each). lookfast's serving and batch-inference processes (`python -m lookfast
+serve|infer`, the Ray workers) call it at start, the bench with `--keep-freed-memory`; a program that embeds lookfast
+can call it once too.
 """
 from __future__ import annotations
 

@@ -63,3 +63,17 @@ def test_bad_limit_names_the_argument():
                      ("64", TypeError)]:
         with pytest.raises(err, match="limit_mb"):
             lookfast.keep_freed_cpu_memory(bad)
+
+
+@pytest.mark.skipif(not GLIBC, reason="keep_freed_cpu_memory acts on glibc's malloc only (Linux with glibc)")
+def test_bench_flag_applies_it_and_the_default_does_not(monkeypatch):
+    # The bench's default rows run with the allocator as a plain process has it; --keep-freed-memory applies the
+    # setting before any row (it changes the peers' times too). serve/infer apply it (lookfast.__main__).
+    import lookfast.__main__ as cli
+    import lookfast.benchmarks.run as run
+
+    calls = []
+    monkeypatch.setattr(run, "main", lambda *a, **k: 0)
+    monkeypatch.setattr("lookfast.memory.keep_freed_cpu_memory", lambda *a, **k: calls.append(1) or True)
+    assert cli.main(["bench", "--only", "E1"]) == 0 and calls == []
+    assert cli.main(["bench", "--only", "E1", "--keep-freed-memory"]) == 0 and calls == [1]

@@ -62,8 +62,8 @@ def layer_norm_rows(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     eps: added to the variance, finite and >= 0.
 
     Returns a new contiguous (N, C) tensor in x's dtype: y = (x - mean) / sqrt(var + eps) per row, with the mean and
-    the biased variance (divisor C) in float32 (float64 for float64 x) from two passes over the row, and each output
-    rounded once to x's dtype. N = 0 or C = 0 gives an empty result. NaN or inf in a row makes that row NaN (as
+    the biased variance (divisor C) from two passes over the row, in float64 for float64 and float32 x (outputs too),
+    in float32 for bfloat16/float16 x, and each output rounded once to x's dtype. N = 0 or C = 0 gives an empty result. NaN or inf in a row makes that row NaN (as
     torch). Gradients flow to x. On CUDA (and under `LOOKFAST_BACKEND=reference`) this is `F.layer_norm`.
     Refuses: x not a 2-D floating-point tensor, eps negative or not finite.
     """

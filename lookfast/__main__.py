@@ -1,9 +1,11 @@
-"""Command line: `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]
-[--dtype float32|bfloat16|all] [--keep-freed-memory]`, `python -m lookfast info` (which backends and kernels this install has) and
-`python -m lookfast serve --model ...` (the HTTP server; needs `pip install 'lookfast[serve]'`, see lookfast/serving),
-`python -m lookfast infer` (batch inference over image folders; `python -m lookfast infer --help`) and
-`python -m lookfast gpucheck [--json PATH]` (on a CUDA GPU: the GPU-marked tests and the bf16/fp16 GPU benchmark rows;
-see lookfast/gpucheck.py)."""
+"""Command line:
+- `python -m lookfast bench [--quick] [--json PATH] [--only ID ...] [--threads N ...] [--plot PNG]
+  [--dtype float32|bfloat16|all] [--keep-freed-memory]`: the benchmark suite;
+- `python -m lookfast info`: which backends and kernels this install has;
+- `python -m lookfast serve --model ...`: the HTTP server (needs `pip install 'lookfast[serve]'`, see lookfast/serving);
+- `python -m lookfast infer`: batch inference over image folders (`python -m lookfast infer --help`);
+- `python -m lookfast gpucheck [--json PATH]`: on a CUDA GPU, the GPU-marked tests and the bf16/fp16 GPU benchmark
+  rows (see lookfast/gpucheck.py)."""
 from __future__ import annotations
 
 import argparse

@@ -83,7 +83,8 @@ inline bool rows_are_contiguous(const at::Tensor& t) {
 
 // The strides compact_rows gives its output for a state t with m rows: t's own strides within a row when each row
 // is one dense block in some dimension order (a channels_last image batch, say), so the rows copy as raw bytes and
-// the layout the next layer expects survives; else none (the output is contiguous). lookfast/ops/exit_compact.py's
+// the layout the next layer expects survives; else none (the output is contiguous). Rows copy as raw bytes exactly
+// when this has a value or rows_are_contiguous(t). lookfast/ops/exit_compact.py's
 // compacted_strides is the same rule for the reference and Triton backends and the fake kernel.
 inline std::optional<std::vector<int64_t>> compacted_strides(const at::Tensor& t) {
   if (t.dim() < 2 || rows_are_contiguous(t)) return std::nullopt;
@@ -101,14 +102,10 @@ inline std::optional<std::vector<int64_t>> compacted_strides(const at::Tensor& t
   return strides;
 }
 
-// True when every row is one dense block (contiguous, or dense in another order): rows copy as raw bytes into an
-// output laid out by compacted_strides.
-inline bool rows_are_blocks(const at::Tensor& t) { return rows_are_contiguous(t) || compacted_strides(t).has_value(); }
-
-// An uninitialised output of `sizes` (sizes[0] = m rows) laid out as compacted_strides(t) says.
-inline at::Tensor compacted_empty(const at::Tensor& t, at::IntArrayRef sizes) {
-  const auto strides = compacted_strides(t);
-  return strides ? at::empty_strided(sizes, *strides, t.options()) : at::empty(sizes, t.options());
+// An uninitialised output of `sizes` (sizes[0] = m rows) with `strides` (compacted_strides), or contiguous.
+inline at::Tensor compacted_empty(at::IntArrayRef sizes, const std::optional<std::vector<int64_t>>& strides,
+                                  const at::TensorOptions& opts) {
+  return strides ? at::empty_strided(sizes, *strides, opts) : at::empty(sizes, opts);
 }
 
 // compact_rows_backward on any device: the gather's adjoint, each grad's rows added into zeros at `keep`

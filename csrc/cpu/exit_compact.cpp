@@ -126,7 +126,7 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& opts,
   RowBufferPool& pool = RowBufferPool::instance();
   size_t capacity = 0;
   void* p = pool.enabled() && bytes >= RowBufferPool::kMinPooledBytes ? pool.acquire(bytes, &capacity) : nullptr;
-  if (p == nullptr) return strides ? at::empty_strided(sizes, *strides, opts) : at::empty(sizes, opts);
+  if (p == nullptr) return compacted_empty(sizes, strides, opts);
   auto release = [capacity](void* q) { RowBufferPool::instance().release(q, capacity); };
   return strides ? at::from_blob(p, sizes, *strides, release, opts) : at::from_blob(p, sizes, release, opts);
 }
@@ -217,11 +217,12 @@ std::vector<at::Tensor> compact_rows_cpu(at::TensorList states, const at::Tensor
     auto sizes = s.sizes().vec();
     sizes[0] = m;
     // Rows that are dense blocks (contiguous, or e.g. channels_last images) keep their layout and copy as bytes.
-    at::Tensor out = empty_output(sizes, s.options(), compacted_strides(s));
+    const auto strides = compacted_strides(s);
+    at::Tensor out = empty_output(sizes, s.options(), strides);
     if (m > 0) {
       if (out.numel() == 0) {
         // zero-width rows: nothing to copy (and a null data pointer must not reach memcpy)
-      } else if (rows_are_blocks(s)) {
+      } else if (strides || rows_are_contiguous(s)) {
         fast.push_back(RowCopy::gather(s, out));
       } else {
         at::index_select_out(out, s, 0, index);  // strided rows (rare: transposed states): ATen's strided gather

@@ -78,32 +78,6 @@ LF_INLINE acc_t row_sum(const scalar_t* x, int64_t c, acc_t shift, bool square) 
   return total;
 }
 
-// float32 rows: mean and variance summed in double (two passes, 8 double lanes x 2 chains). In float32 the mean of
-// a short row far from zero (C 3, |mean| >> std) carried a rounding that the variance and every output then
-// inherited: outputs at 2-4x torch's float32 error against a float64 truth in ~7% of random (7, 3) inputs.
-LF_INLINE double row_sum_f64(const float* x, int64_t c, double shift, bool square) {
-  typedef double D8 __attribute__((vector_size(64)));
-  typedef float F8 __attribute__((vector_size(32)));
-  const D8 m = D8{} + shift;
-  D8 s0 = {}, s1 = {};
-  int64_t j = 0;
-  for (; j + 16 <= c; j += 16) {
-    F8 a, b;
-    std::memcpy(&a, x + j, sizeof(a));
-    std::memcpy(&b, x + j + 8, sizeof(b));
-    const D8 da = __builtin_convertvector(a, D8) - m, db = __builtin_convertvector(b, D8) - m;
-    s0 += square ? da * da : da;
-    s1 += square ? db * db : db;
-  }
-  s0 += s1;
-  double total = ((s0[0] + s0[1]) + (s0[2] + s0[3])) + ((s0[4] + s0[5]) + (s0[6] + s0[7]));
-  for (; j < c; ++j) {
-    const double a = static_cast<double>(x[j]) - shift;
-    total += square ? a * a : a;
-  }
-  return total;
-}
-
 // Rows are normalised kRowBlock at a time: first the statistics of every row of the block, then the outputs. Per row
 // the chain sum -> mean -> centred sum -> 1/sqrt is a few dozen cycles of latency against a few dozen instructions
 // of work (C 64); a row-at-a-time loop waited on it (half the kernel's time in the scalar add, divide and square
@@ -115,27 +89,18 @@ template <typename src_t, typename scalar_t, typename acc_t>
 LF_INLINE void normalize_block(const src_t* x, int64_t ldx, scalar_t* y, int64_t n, int64_t c, double eps) {
   typedef typename Vec<acc_t>::type V;
   constexpr int VL = Vec<acc_t>::size;
-  // The per-row scalars (mean, variance, 1/sqrt) in double: one rounding each into acc_t instead of two or three in
-  // float32 (sum * (1/c), then sqrt, then a division), which alone put float32 outputs of wide rows (C 1000) at up
-  // to 2.1x torch's own float32 error against a float64 truth; a few scalar double ops per row cost nothing here.
-  acc_t mean[kRowBlock], rstd[kRowBlock];
-  double var[kRowBlock];
+  // The per-row statistics in float64 for float32 rows (stat_t: the sums too): in float32 the mean of a short row
+  // far from zero (C 3, |mean| >> std) carried a rounding that the variance and every output inherited, up to 2-4x
+  // torch's own float32 error against a float64 truth on ~7% of random (7, 3) inputs. For every dtype the per-row
+  // mean, variance and 1/sqrt are float64 scalars, each rounded once (in float32, sum * (1/c), sqrt and a division
+  // rounded two or three times); a few scalar double ops per row cost nothing here.
+  using stat_t = std::conditional_t<std::is_same_v<src_t, float> && std::is_same_v<acc_t, float>, double, acc_t>;
+  double mean[kRowBlock], rstd[kRowBlock];
   const double count = static_cast<double>(c);
-  double mean_d[kRowBlock];
   for (int64_t i = 0; i < n; ++i) {
-    if constexpr (std::is_same_v<src_t, float> && std::is_same_v<acc_t, float>) {
-      mean_d[i] = row_sum_f64(x + i * ldx, c, 0.0, false) / count;
-      var[i] = row_sum_f64(x + i * ldx, c, mean_d[i], true) / count;
-    } else {
-      mean_d[i] = static_cast<double>(row_sum<src_t, acc_t>(x + i * ldx, c, acc_t(0), false)) / count;
-      var[i] = static_cast<double>(row_sum<src_t, acc_t>(x + i * ldx, c, static_cast<acc_t>(mean_d[i]), true)) / count;
-    }
-    mean[i] = static_cast<acc_t>(mean_d[i]);
-  }
-  double rstd_d[kRowBlock];
-  for (int64_t i = 0; i < n; ++i) {
-    rstd_d[i] = 1.0 / std::sqrt(var[i] + eps);
-    rstd[i] = static_cast<acc_t>(rstd_d[i]);
+    mean[i] = static_cast<double>(row_sum<src_t, stat_t>(x + i * ldx, c, stat_t(0), false)) / count;
+    const double var = static_cast<double>(row_sum<src_t, stat_t>(x + i * ldx, c, static_cast<stat_t>(mean[i]), true));
+    rstd[i] = 1.0 / std::sqrt(var / count + eps);
   }
   constexpr bool kVectorStore = std::is_same_v<src_t, scalar_t>;  // fp16 output: scalar rounding below
   for (int64_t i = 0; i < n; ++i) {
@@ -146,15 +111,15 @@ LF_INLINE void normalize_block(const src_t* x, int64_t ldx, scalar_t* y, int64_t
       // float32 rows: (x - mean) * rstd in double, rounded once. In float32 its two roundings left wide rows
       // (C 1000) at up to 2.1x torch's own error against a float64 truth (torch's x * rstd - mean * rstd rounds
       // once but cancels badly when |mean| >> std); x - mean is exact in double. The loop vectorises (8 doubles).
-      const double m = mean_d[i], s = rstd_d[i];
-      for (; j < c; ++j) yr[j] = static_cast<float>((static_cast<double>(xr[j]) - m) * s);
+      for (; j < c; ++j) yr[j] = static_cast<float>((static_cast<double>(xr[j]) - mean[i]) * rstd[i]);
       continue;
     }
+    const acc_t m = static_cast<acc_t>(mean[i]), s = static_cast<acc_t>(rstd[i]);
     if constexpr (kVectorStore) {
-      const V m = vbroadcast(mean[i]), s = vbroadcast(rstd[i]);
-      for (; j + VL <= c; j += VL) store_lanes<scalar_t, acc_t>(yr + j, (load_lanes<src_t, acc_t>(xr + j) - m) * s);
+      const V mv = vbroadcast(m), sv = vbroadcast(s);
+      for (; j + VL <= c; j += VL) store_lanes<scalar_t, acc_t>(yr + j, (load_lanes<src_t, acc_t>(xr + j) - mv) * sv);
     }
-    for (; j < c; ++j) yr[j] = narrow<scalar_t, acc_t>((widen<src_t, acc_t>(xr[j]) - mean[i]) * rstd[i]);
+    for (; j < c; ++j) yr[j] = narrow<scalar_t, acc_t>((widen<src_t, acc_t>(xr[j]) - m) * s);
   }
 }
 

@@ -92,13 +92,23 @@ LF_INLINE void vstore_narrow(scalar_t* p, Vec<float>::type v) {
 
 // N elements (N = the acc_t vector width, or half of it with the upper lanes zero) of a row as acc_t lanes, and
 // acc_t lanes stored as N elements rounded once: plain loads / stores when scalar_t is acc_t (float or double), the
-// bf16 <-> float conversions above otherwise. The kernels read rows through these, with no widened copy: a buffer
-// written and read back at once stalls every load on store forwarding.
+// bf16 <-> float conversions above otherwise, and (loads only) float widened to double lanes. The kernels read rows
+// through these, with no widened copy: a buffer written and read back at once stalls every load on store forwarding.
 template <typename scalar_t, typename acc_t, int N = Vec<acc_t>::size>
 LF_INLINE typename Vec<acc_t>::type load_lanes(const scalar_t* p) {
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) return vload_widen<scalar_t, N>(p);
-  else if constexpr (N == Vec<acc_t>::size) return vload(p);
-  else return vload_half(p);
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, double>) {
+    static_assert(N == Vec<double>::size);
+    typedef float F8 __attribute__((vector_size(sizeof(float) * Vec<double>::size)));
+    F8 f;
+    std::memcpy(&f, p, sizeof(f));
+    return __builtin_convertvector(f, Vec<double>::type);
+  } else if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    return vload_widen<scalar_t, N>(p);
+  } else if constexpr (N == Vec<acc_t>::size) {
+    return vload(p);
+  } else {
+    return vload_half(p);
+  }
 }
 template <typename scalar_t, typename acc_t, int N = Vec<acc_t>::size>
 LF_INLINE void store_lanes(scalar_t* p, typename Vec<acc_t>::type v) {

@@ -164,9 +164,10 @@ std::vector<at::Tensor> compact_rows_cuda(at::TensorList states, const at::Tenso
   for (const at::Tensor& s : states) {
     auto sizes = s.sizes().vec();
     sizes[0] = m;
-    at::Tensor out = compacted_empty(s, sizes);  // dense-block rows (e.g. channels_last) keep their layout
+    const auto strides = compacted_strides(s);  // dense-block rows (e.g. channels_last) keep their layout
+    at::Tensor out = compacted_empty(sizes, strides, s.options());
     if (m > 0 && out.numel() > 0) {
-      if (rows_are_blocks(s)) {
+      if (strides || rows_are_contiguous(s)) {
         launch_copy_rows<false>(s, out, index, rows);
       } else {
         at::index_select_out(out, s, 0, index);

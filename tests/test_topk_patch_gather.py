@@ -115,6 +115,18 @@ def test_cpp_selection(seed, dtype):
     assert torch.equal(lookfast.topk_indices(wide, 9), topk_indices_reference(wide, 9))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cpp_selection_signed_zeros_infinities_subnormals(seed, dtype):
+    # The CPU selection turns float scores into integer keys: -0.0 must tie with +0.0 (they compare equal), the
+    # infinities and subnormals of either sign must keep their order, NaN must come last.
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), info.tiny / 4, -info.tiny / 4,
+                            info.tiny, -info.tiny, info.max, -info.max, 1.0, -1.0], dtype=torch.float64).to(dtype)
+    s = special[torch.randint(0, special.numel(), (6, 41))]
+    for k in (0, 1, 13, 40, 41):
+        assert torch.equal(torch.ops.lookfast.topk_indices(s, k), topk_indices_reference(s, k)), k
+
+
 def test_cpp_selection_ragged(seed):
     s = tie_scores(4, 23)
     counts = torch.tensor([0, 1, 23, 7], dtype=torch.int32)

@@ -54,5 +54,14 @@ TORCH_LIBRARY(lookfast, m) {
   // fp64), rounded once to x's dtype. Returns a contiguous (N, C) tensor.
   m.def("layer_norm_rows(Tensor x, float eps) -> Tensor");
 
+  // ---------------------------------------------------------------- packed_linear (lookfast/models/packed_linear.py)
+  // A bf16/fp16 linear layer's weight (N, K) packed once for the CPU's matrix-engine micro-kernel: (N * K_pad,),
+  // K_pad = K rounded up to 32. Refused where the CPU has no micro-kernel for the dtype.
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  // out (M, N) = round(residual + scale * (x @ W^T + bias)) on the packed weight, fp32 accumulation, one rounding;
+  // bias/scale (N,) and residual (M, N) optional (absent: that step is skipped). x (M, K), all in one dtype.
+  m.def("packed_linear(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, Tensor? scale, "
+        "Tensor? residual) -> Tensor");
+
   // ---------------------------------------------------------------- end of schemas
 }

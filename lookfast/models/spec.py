@@ -18,7 +18,7 @@ Every model is built with ops="fused" (lookfast kernels) unless options say "ref
 
 Precision (`dtype`): "float32" (default; the authors' float32 outputs, the existing contract), "bfloat16" or
 "float16". In bf16/fp16 the loaded model's weights are cast (`model.to(dtype)`) and LookWhere's bf16 weights packed
-(`LookWhere.pack_weights()`: bitwise the same outputs, faster; a no-op where torch lacks oneDNN bf16). The serving
+(`LookWhere.pack_weights()`: faster, within the bf16 accuracy rule; a no-op where no packed kernel is available). The serving
 Engine casts each (float32-decoded) image to the model's dtype right before the model call, and `lookfast infer` /
 `lookfast serve` convert the logits to float32 before softmax / argmax, so rows and answers keep their float32 types.
 A low precision the CPU has no matrix engine for (bf16 without AVX512-BF16 / AMX-BF16, fp16 without AVX512-FP16 /
@@ -146,7 +146,7 @@ class ModelSpec:
                 warn_once(f"spec-dtype-{self.dtype}", slow)  # points at the caller of load()
             model = model.to(self.torch_dtype)
             if self.dtype == "bfloat16" and hasattr(model, "pack_weights"):
-                model.pack_weights()  # bitwise the same outputs; does nothing where oneDNN bf16 is missing
+                model.pack_weights()  # docs/models.md; does nothing where no packed kernel is available
         return model
 
     def describe(self) -> str:

@@ -5,8 +5,8 @@ gather, dense sort for the fill), and at 1036 px the full-resolution ViT-B/14 (s
 whose time ratio is reported beside its MACs ratio.
 
 bf16 variants (ids ending in -bf16) at 1036 px, k 274, B 1, cls and seg: lookfast fused with bf16 weights (packed
-for oneDNN once by `LookWhere.pack_weights`, the eager counterpart of inductor's freezing; the unpacked model is
-timed beside it) against
+once for the matrix engine by `LookWhere.pack_weights`, the eager counterpart of inductor's freezing; the unpacked
+model is timed beside it) against
 the official computation in bf16 both ways a user would run it (weights cast to bf16; float32 weights under
 `torch.autocast("cpu", torch.bfloat16)`) and the same under `torch.compile` with `freezing` on (inductor folds the
 weights as constants, its best inference mode). Bars: >= 2x the official bf16 (each way, so >= 2x the faster) and
@@ -133,7 +133,7 @@ def _setup_bf16(size: int, k: int, task: str, with_compile: bool):
         model32 = LookWhere.from_config(high_res_size=size, k=k, num_classes=1000 if task == "cls" else 150,
                                         task=task).eval()
         model16 = copy.deepcopy(model32).to(torch.bfloat16)
-        # lookfast's row: its weights packed once for oneDNN (`pack_weights`, opt-in as inductor's freezing is);
+        # lookfast's row: its weights packed once for the matrix engine (`pack_weights`, opt-in as freezing is);
         # a copy, so the official rows, which share model16, run the plain official code.
         packed16 = copy.deepcopy(model16).pack_weights()
         images = torch.randn(1, 3, size, size)

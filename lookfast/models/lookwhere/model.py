@@ -162,13 +162,14 @@ class LookWhere(nn.Module):
     # ------------------------------------------------------------------ inference packing
     def pack_weights(self, enabled: bool = True) -> "LookWhere":
         """Opt-in inference speed-up for bf16 weights on CPU, as inductor's `freezing` does: pack the weights of the
-        selector's and the extractor's linear layers once into oneDNN's blocked layout (`lookfast.models.
-        packed_linear`), so each call skips oneDNN's per-call re-blocking of the weight (~10% of a ~280-row bf16
-        GEMM). Used by the selector and by ops="fused" (ops="reference" stays the official computation); results
-        are bitwise those without packing. A weight replaced, or edited in place through the parameter
-        (load_state_dict, optimizer step, `.to()`), is re-packed on its next use; an edit through `weight.data` is
-        not seen: call pack_weights() again after one. Does nothing for float32 weights, or where torch lacks
-        oneDNN bf16 support (`packed_linear.packing_available()`). enabled=False drops the packs. Returns self."""
+        selector's and the extractor's linear layers once for the CPU's matrix engine (`lookfast.models.
+        packed_linear`): where torch has a bf16 brgemm micro-kernel for this CPU (AMX or AVX512-BF16), lookfast's
+        packed_linear op (fp32 accumulation, each block's layer scale and residual add in the epilogue, one
+        rounding: outputs close to, not bitwise, the unpacked ones), else oneDNN's own packs (bitwise the unpacked
+        results). Used by ops="fused" only (ops="reference" stays the official computation). A weight replaced,
+        or edited in place through the parameter (load_state_dict, optimizer step, `.to()`), is re-packed on its
+        next use; an edit through `weight.data` is not seen: call pack_weights() again after one. Does nothing for
+        float32 weights, or where neither kernel is available. enabled=False drops the packs. Returns self."""
         from ..packed_linear import pack_linears, unpack_linears
 
         linears = [m for part in (self.selector, self.extractor) for m in part.modules() if isinstance(m, nn.Linear)]
@@ -212,7 +213,7 @@ class LookWhere(nn.Module):
         Row i of every output depends on image i alone."""
         self._check_images(images)
         with torch.no_grad():
-            scores, prefix = self.selector(images, self.grid)
+            scores, prefix = self.selector(images, self.grid, packed=self.ops == "fused")
         return (scores, prefix), self.resolve_k(scores, k, k_mass, k_min, k_max)
 
     def extract(self, images: torch.Tensor, scores: torch.Tensor, prefix: torch.Tensor, k,

@@ -45,18 +45,21 @@ class Selector(nn.Module):
                                           patch_size=patch_size, num_reg_tokens=num_reg_tokens, mlp=mlp,
                                           mlp_hidden=mlp_hidden, layer_scale=layer_scale)
         self.head = SelectorHead(dim, self.multiplier * self.multiplier)
-        # Set by LookWhere.pack_weights: the linears run on their oneDNN packs (same results, see packed_linear).
+        # Set by LookWhere.pack_weights: the linears run on their packs (see packed_linear) unless forward says not.
         self.packed_linears = False
 
-    def forward(self, images: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, C, H, W) -> (scores (B, grid*grid) row-major, prefix tokens (B, P, D) after the final norm)."""
+    def forward(self, images: torch.Tensor, grid: int, packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, C, H, W) -> (scores (B, grid*grid) row-major, prefix tokens (B, P, D) after the final norm).
+        packed=False runs the official computation even when `LookWhere.pack_weights` packed the linears (ops
+        "reference" asks for it); packed=True uses the packs when there are some."""
         b = images.shape[0]
+        packed = packed and self.packed_linears
         low = F.interpolate(images, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
         x = torch.cat([self.backbone.prefix_tokens(b), self.backbone.embed_patches(low)], dim=1)
-        x = self.backbone.forward_blocks(x, self.packed_linears)
+        x = self.backbone.forward_blocks(x, packed)
         p = self.backbone.num_prefix_tokens
         n, m = self.in_grid, self.multiplier
-        blocks = self.head(x[:, p:], self.packed_linears)  # (B, n*n, m*m)
+        blocks = self.head(x[:, p:], packed)  # (B, n*n, m*m)
         # pixel-shuffle order: token (h, w), output (i, j) -> map cell (h*m + i, w*m + j)
         fine = blocks.reshape(b, n, n, m, m).permute(0, 1, 3, 2, 4).reshape(b, 1, n * m, n * m)
         scores = F.interpolate(fine, size=(grid, grid), mode="bilinear", align_corners=False)

@@ -12,8 +12,8 @@ Besides the usual batched forward (B, N, D), every block runs on *packed* tokens
 cu_seqlens, so images with different token counts share one pass. The caller validates the packed layout once per
 forward (`check_cu_seqlens`); each block then runs the attention op's inner path (`varlen_attention_fwd`: no
 re-validation, no host copy). The packed path's linear layers (and the batched path's with packed=True, which the
-selector passes) run through `packed_linear.linear`: on oneDNN-prepacked weights once `LookWhere.pack_weights` made
-them, with bitwise the same results.
+selector passes under ops="fused") run through `packed_linear.linear`: on weights packed once by
+`LookWhere.pack_weights`, with each branch's layer scale and residual add in its last linear's epilogue.
 """
 from __future__ import annotations
 
@@ -52,19 +52,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D). packed: run the projections through `packed_linear.linear` (the weights'
-        oneDNN packs when `pack_linears` made them; same results)."""
+    def forward(self, x: torch.Tensor, packed: bool = False, residual: torch.Tensor | None = None,
+                layer_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) -> `residual + layer_scale * attn(x)` (B, N, D) (None: skipped). packed: the
+        projections run through `packed_linear.linear` (on the weights' packs when `pack_linears` made them), the
+        residual and layer scale inside the output projection's epilogue."""
         b, n, d = x.shape
         qkv = (linear(self.qkv, x) if packed else self.qkv(x))
         qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         out = out.transpose(1, 2).reshape(b, n, d)
-        return linear(self.proj, out) if packed else self.proj(out)
+        if packed:
+            return linear(self.proj, out, scale=layer_scale, residual=residual)
+        return _residual(self.proj(out), layer_scale, residual)
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                       query_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Packed tokens x (T, D) of B sequences (cu_seqlens (B+1,) int32, already validated) -> (T, D).
+                       query_rows: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                       layer_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed tokens x (T, D) of B sequences (cu_seqlens (B+1,) int32, already validated) -> (T, D), with
+        `residual + layer_scale * ...` in the output projection as in forward.
 
         query_rows: optional (B,) row of the one query kept per sequence (e.g. its CLS token): then the output is
         (B, D) for those rows only, while keys and values still cover every token (a last block feeding only CLS).
@@ -82,7 +88,7 @@ class Attention(nn.Module):
             k, v = linear(self.qkv, x, slice(d, 3 * d)).view(t, 2, h, dh).unbind(1)
             cu_q = torch.arange(b + 1, dtype=torch.int32, device=x.device)
             out, _ = varlen_attention_fwd(q, k, v, cu_q, cu_seqlens, 1, max_seqlen, scale, False)
-        return linear(self.proj, out.reshape(out.shape[0], d))
+        return linear(self.proj, out.reshape(out.shape[0], d), scale=layer_scale, residual=residual)
 
 
 class GeluMlp(nn.Module):
@@ -93,10 +99,12 @@ class GeluMlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packed: bool = False, residual: torch.Tensor | None = None,
+                layer_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`residual + layer_scale * mlp(x)` (None: skipped), fused into fc2 when packed."""
         if packed:
-            return linear(self.fc2, F.gelu(linear(self.fc1, x)))
-        return self.fc2(F.gelu(self.fc1(x)))
+            return linear(self.fc2, F.gelu(linear(self.fc1, x)), scale=layer_scale, residual=residual)
+        return _residual(self.fc2(F.gelu(self.fc1(x))), layer_scale, residual)
 
 
 class SwiGluPackedMlp(nn.Module):
@@ -109,15 +117,29 @@ class SwiGluPackedMlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden // 2, dim)
 
-    def forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packed: bool = False, residual: torch.Tensor | None = None,
+                layer_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`residual + layer_scale * mlp(x)` (None: skipped), fused into fc2 when packed."""
         if packed:
             gate, value = linear(self.fc1, x).chunk(2, dim=-1)
-            return linear(self.fc2, F.silu(gate) * value)
+            return linear(self.fc2, F.silu(gate) * value, scale=layer_scale, residual=residual)
         gate, value = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(F.silu(gate) * value)
+        return _residual(self.fc2(F.silu(gate) * value), layer_scale, residual)
 
 
 MLPS = {"gelu": GeluMlp, "swiglu": SwiGluPackedMlp}
+
+
+def _gamma(layer_scale: nn.Module) -> torch.Tensor | None:
+    """A block's layer-scale vector; None for nn.Identity (no layer scale)."""
+    return layer_scale.gamma if isinstance(layer_scale, LayerScale) else None
+
+
+def _residual(y: torch.Tensor, scale: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    """`residual + y * scale` as the official block computes it (LayerScale's y * gamma, then the add)."""
+    if scale is not None:
+        y = y * scale
+    return y if residual is None else residual + y
 
 
 class Block(nn.Module):
@@ -133,16 +155,22 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
-        """x (B, N, D) -> (B, N, D). packed: linears through `packed_linear.linear` (same results)."""
-        x = x + self.ls1(self.attn(self.norm1(x), packed))
-        return x + self.ls2(self.mlp(self.norm2(x), packed))
+        """x (B, N, D) -> (B, N, D). packed: linears through `packed_linear.linear`, each branch's layer scale and
+        residual add inside its last linear (one rounding on the brgemm packs, see packed_linear)."""
+        if packed:
+            x = self.attn(self.norm1(x), True, residual=x, layer_scale=_gamma(self.ls1))
+            return self.mlp(self.norm2(x), True, residual=x, layer_scale=_gamma(self.ls2))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                        query_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Packed x (T, D) -> (T, D); with query_rows (B,): only those rows' outputs, (B, D)."""
-        attn = self.attn.forward_packed(self.norm1(x), cu_seqlens, max_seqlen, query_rows)
-        x = (x if query_rows is None else x[query_rows]) + self.ls1(attn)
-        return x + self.ls2(self.mlp(self.norm2(x), packed=True))
+        """Packed x (T, D) -> (T, D); with query_rows (B,): only those rows' outputs, (B, D). Layer scales and
+        residual adds run inside the branches' last linears (see forward)."""
+        shortcut = x if query_rows is None else x[query_rows]
+        x = self.attn.forward_packed(self.norm1(x), cu_seqlens, max_seqlen, query_rows, residual=shortcut,
+                                     layer_scale=_gamma(self.ls1))
+        return self.mlp(self.norm2(x), packed=True, residual=x, layer_scale=_gamma(self.ls2))
 
 
 class VisionTransformer(nn.Module):

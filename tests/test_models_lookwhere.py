@@ -139,6 +139,24 @@ def test_franca_type_from_contents(tmp_path, seed):
         assert rel_err(outs["fused"][name], outs["reference"][name]) <= 1e-3
 
 
+# ---------------------------------------------------------------- the selector's downsample (fused, packed)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size_in,size_out", [(1036, 154), (518, 154), (154, 154), (155, 7), (9, 20), (1, 3)])
+def test_downsample_bilinear_matches_interpolate(dtype, size_in, size_out, seed):
+    from lookfast.models.lookwhere.selector import downsample_bilinear
+
+    x = torch.randn(2, 3, size_in, size_in + 5)[..., 5:].to(dtype)  # a strided view, as a crop would give
+    want = F.interpolate(x, size=(size_out, size_out), mode="bilinear", align_corners=False)
+    truth = F.interpolate(x.double(), size=(size_out, size_out), mode="bilinear", align_corners=False)
+    got = downsample_bilinear(x, size_out)
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        assert rel_err(got, want) < 1e-6
+    else:  # a float32 sum rounded once, as torch's: the bf16/fp16 accuracy rule, and next to torch's own output
+        assert rel_err(got, truth) <= 2 * rel_err(want, truth) + 1e-6
+        assert rel_err(got, want) <= 2 * torch.finfo(dtype).eps
+
+
 # ---------------------------------------------------------------- the fill
 @pytest.mark.parametrize("grid,k", [(7, 1), (9, 4), (13, 30), (20, 400)])
 def test_fill_fused_selects_like_the_stable_sort(grid, k, seed):

@@ -54,16 +54,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, packed: bool = False, residual: torch.Tensor | None = None,
                 layer_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D) -> `residual + layer_scale * attn(x)` (B, N, D) (None: skipped). packed: the
+        """x (B, N, D) -> `residual + layer_scale * attn(x)` (B, N, D) (None: skipped). packed (ops="fused"): the
         projections run through `packed_linear.linear` (on the weights' packs when `pack_linears` made them), the
-        residual and layer scale inside the output projection's epilogue."""
+        residual and layer scale inside the output projection's epilogue, and the attention is lookfast's
+        varlen_attention over the B images as packed sequences; else the official modules and SDPA."""
         b, n, d = x.shape
-        qkv = (linear(self.qkv, x) if packed else self.qkv(x))
-        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if packed:  # the images as B packed sequences of n tokens: lookfast's attention (SDPA took ~3x longer here)
+            cu = torch.arange(b + 1, dtype=torch.int32, device=x.device) * n
+            q, k, v = linear(self.qkv, x).view(b * n, 3, self.num_heads, self.head_dim).unbind(1)
+            out, _ = varlen_attention_fwd(q, k, v, cu, cu, n, n, 1.0 / math.sqrt(self.head_dim), False)
+            return linear(self.proj, out.view(b, n, d), scale=layer_scale, residual=residual)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         out = out.transpose(1, 2).reshape(b, n, d)
-        if packed:
-            return linear(self.proj, out, scale=layer_scale, residual=residual)
         return _residual(self.proj(out), layer_scale, residual)
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,

@@ -274,10 +274,9 @@ def test_lookwhere_pack_weights(task, kernel, monkeypatch):
         model.ops = "fused"
         packed = model.forward_with_intermediates(x, task="both")
         for name in ("cls_logits", "seg_logits", "selector_map", "prefix_tokens"):
-            if kernel == "onednn":
-                assert torch.equal(packed[name], plain["fused"][name]), name
-            else:  # another rounding order: close to the unpacked fused outputs (the bf16 rule: test_models_bf16)
-                assert rel_err(packed[name], plain["fused"][name]) < 5e-2, name
+            # The packed fused selector also runs lookfast's attention and downsample (not SDPA, F.interpolate),
+            # and brgemm packs round once: close to the unpacked fused outputs (the bf16 rule: test_models_bf16).
+            assert rel_err(packed[name], plain["fused"][name]) < 5e-2, name
         model.pack_weights(False)
         assert not model.selector.packed_linears and not is_packed(fc1)
 

@@ -63,5 +63,11 @@ TORCH_LIBRARY(lookfast, m) {
   m.def("packed_linear(Tensor x, Tensor packed_weight, int out_features, Tensor? bias, Tensor? scale, "
         "Tensor? residual) -> Tensor");
 
+  // ---------------------------------------------------------------- group_conv3x3 (lookfast/models/dyn_perceiver/layers.py)
+  // act(conv2d(x, weight, bias, stride, padding 1, groups C / 16)): x (B, C, H, W) bf16 (any layout; read
+  // channels-last), weight (C, 16, 3, 3) bf16, bias (C,) fp32, stride 1 or 2, act ReLU when relu. Returns a
+  // channels-last bf16 tensor, fp32 accumulation, rounded once. CPUs with AVX512-BF16 only (refused elsewhere).
+  m.def("group_conv3x3(Tensor x, Tensor weight, Tensor bias, int stride, bool relu) -> Tensor");
+
   // ---------------------------------------------------------------- end of schemas
 }

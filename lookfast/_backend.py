@@ -40,10 +40,12 @@ FAMILIES = {
     "nearest_patch_fill": ("nearest_patch_fill",),
     "layer_norm_rows": ("layer_norm_rows",),
     "packed_linear": ("pack_linear_weight", "packed_linear"),
+    "group_conv3x3": ("group_conv3x3",),
 }
 # Library ops with a CPU kernel only: on a GPU their reference (a few batched torch ops, GPU-friendly) runs, with no
 # warning and no Triton lookup; check_cuda_build does not ask them for a CUDA kernel.
-CPU_ONLY = frozenset({"nearest_patch_fill", "layer_norm_rows", "pack_linear_weight", "packed_linear"})
+CPU_ONLY = frozenset({"nearest_patch_fill", "layer_norm_rows", "pack_linear_weight", "packed_linear",
+                      "group_conv3x3"})
 _FAMILY_OF = {op: family for family, ops in FAMILIES.items() for op in ops}
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

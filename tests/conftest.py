@@ -109,8 +109,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def seed():
-    """A fresh seed per test run (printed on failure through the test id's output), so random cases vary run to run."""
-    value = int.from_bytes(os.urandom(4), "little")
+    """A fresh seed per test run (printed on failure through the test id's output), so random cases vary run to run;
+    LOOKFAST_TEST_SEED=<n> replays a printed one."""
+    value = int(os.environ.get("LOOKFAST_TEST_SEED", 0)) or int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(value)
     print(f"seed={value}")
     return value

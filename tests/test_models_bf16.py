@@ -99,7 +99,19 @@ def test_dyn_perceiver_early_exit_and_calibration_bf16(seed):
     thresholds = torch.where(thresholds.isfinite(), thresholds * (1 - 1e-3), thresholds)
     logits, exit_index = model.forward_early_exit(x, thresholds)
     assert logits.dtype == BF16
-    assert torch.bincount(exit_index, minlength=4).tolist() == [3, 3, 3, 3]
+    # The exits the rule gives, from the full model's logits in float64: at exit e the samples still in whose max
+    # softmax reaches thresholds[e] leave. The 1e-3 margin lets a sample within 0.1% of a quantile leave with it,
+    # so the counts are the calibrated 3 per exit unless such a near-tie was drawn (a fresh seed can draw one).
+    confidence = full.double().softmax(-1).amax(-1)
+    expected, left = torch.full((12,), 3), torch.ones(12, dtype=torch.bool)
+    for e in range(3):
+        leave = left & (confidence[e] >= thresholds[e].double())
+        expected[leave], left = e, left & ~leave
+    assert torch.equal(exit_index, expected)
+    near_ties = int(((confidence[:3] < thresholds[:3, None].double() / (1 - 1e-3))
+                     & (confidence[:3] >= thresholds[:3, None].double())).sum())
+    counts = torch.bincount(exit_index, minlength=4).tolist()
+    assert counts == [3, 3, 3, 3] or near_ties > 0, (counts, near_ties)
     assert model.exit_macs() == small_model(DP, ops="fused", seed=5).exit_macs()  # the MACs probe runs in bf16 too
     picked = full[exit_index, torch.arange(12)]
     assert rel_err(logits, picked.float()) <= 3e-2

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import _backend
 from .derived import derived
 
 
@@ -131,6 +132,61 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, st
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
+# lookfast's bf16 grouped 3x3 convolution (csrc/cpu/group_conv3x3.cpp, AVX512-BF16 CPUs): the stride-2 RegNetY
+# bottleneck convs with 16-channel groups at up to this many channels, where oneDNN ran ~65 GFLOP/s and the kernel
+# 170-230 (one Zen 5 core, B 16: 64 ch 112 -> 56 px 14.6 -> 5.1 ms, 144 ch 56 -> 28 px 7.3 -> 3.1 ms). oneDNN stays
+# faster on the stride-1 ones and on the wider late stages (320 ch at 28 px: 1.6 vs 2.0-2.4 ms), which keep it.
+GROUP_CONV3X3_MAX_CHANNELS = 160
+_group_conv3x3: bool | None = None
+
+
+def _fake_group_conv3x3(x, weight, bias, stride, relu):
+    b, c, h, w = x.shape
+    return x.new_empty((b, c, (h - 1) // stride + 1 if h else 0, (w - 1) // stride + 1 if w else 0)).contiguous(
+        memory_format=torch.channels_last)
+
+
+_backend.register("group_conv3x3", _fake_group_conv3x3)
+
+
+def group_conv3x3_available() -> bool:
+    """Whether lookfast's compiled library is loaded and this CPU runs its bf16 grouped 3x3 kernel (AVX512-BF16)."""
+    global _group_conv3x3
+    if _group_conv3x3 is None:
+        _group_conv3x3 = _backend.loaded and _backend.op_exists("group_conv3x3")
+        if _group_conv3x3:
+            try:
+                x = torch.zeros(1, 16, 1, 1, dtype=torch.bfloat16)
+                torch.ops.lookfast.group_conv3x3(x, torch.zeros(16, 16, 3, 3, dtype=torch.bfloat16),
+                                                 torch.zeros(16), 1, False)
+            except RuntimeError:
+                _group_conv3x3 = False
+    return _group_conv3x3
+
+
+def group_conv3x3_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, act: str) -> torch.Tensor | None:
+    """act(bn(conv(x))) on lookfast's grouped 3x3 kernel (BatchNorm folded, eval mode, channels-last bf16 output)
+    for the convs it is faster on (stride 2, 16-channel groups, at most GROUP_CONV3X3_MAX_CHANNELS channels) where
+    the compute dtype is bf16 and the CPU has AVX512-BF16; None elsewhere, for the caller's other paths."""
+    c = conv.in_channels
+    if (act not in ("relu", "none") or bn.training or conv.kernel_size != (3, 3) or conv.stride != (2, 2)
+            or conv.padding != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
+            or conv.out_channels != c or c > GROUP_CONV3X3_MAX_CHANNELS or conv.groups * 16 != c):
+        return None
+    if onednn_dtype(x) != torch.bfloat16 or not group_conv3x3_available():
+        return None
+
+    def build():  # the fold in float32, the weight rounded once to bf16, the shift kept in float32 (as oneDNN's)
+        weight, shift = folded_conv_bn(conv, bn, torch.float32)
+        return weight.to(torch.bfloat16).contiguous(), shift.contiguous()
+
+    sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if conv.bias is not None:
+        sources.append(conv.bias)
+    weight, shift = derived(conv, f"group_conv3x3_{bn.eps}", sources, torch.bfloat16, build)
+    return torch.ops.lookfast.group_conv3x3(x.to(torch.bfloat16), weight, shift, 2, act == "relu")
+
+
 class ConvBNAct(nn.Sequential):
     """Conv (no bias, 'same' padding) + BatchNorm + optional activation, keyed 0/1/2 like torchvision's
     ConvNormActivation. `fold_bn` (set by the model for ops="fused") folds the BatchNorm into the conv."""
@@ -140,7 +196,9 @@ class ConvBNAct(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fold_bn:
             act = act_name(list(self)[2:])
-            y = None if act is None else onednn_conv_bn(self[0], self[1], x, act)
+            y = None if act is None else group_conv3x3_bn(self[0], self[1], x, act)
+            if y is None and act is not None:
+                y = onednn_conv_bn(self[0], self[1], x, act)
             if y is not None:
                 return y
         x = conv_bn(self[0], self[1], x, self.fold_bn)

@@ -21,6 +21,7 @@ from lookfast.models.dyn_perceiver import derived as derived_mod  # noqa: E402
 from lookfast.models.dyn_perceiver.derived import derived  # noqa: E402
 from lookfast.models.dyn_perceiver.layers import conv_bn_act, onednn_conv_bn, onednn_dtype  # noqa: E402
 from lookfast.models.dyn_perceiver.perceiver import SelfAttentionLayer  # noqa: E402
+from oracles import rel_err  # noqa: E402
 
 BF16 = torch.bfloat16
 ONEDNN_BF16 = onednn_dtype(torch.zeros(1, dtype=BF16)) is not None
@@ -247,6 +248,36 @@ def test_self_attention_layer_fused_matches_layer(seed, dtype):
         again = layer(x)                                          # second call: cached weights
     torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-5)
     assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("brgemm", [False, True])
+def test_self_attention_layer_fused_bf16_rule(seed, brgemm, monkeypatch):
+    """bf16 latents: the fused layer (addmm route, or lookfast's packed_linear where the CPU has the brgemm
+    micro-kernel) within 2x the error of the official layer in bf16, against the float64 layer."""
+    from lookfast.models.dyn_perceiver import fused
+    from lookfast.models.packed_linear import brgemm_available
+
+    if brgemm and not brgemm_available():
+        pytest.skip("no bf16 brgemm micro-kernel on this CPU")
+    if not brgemm:
+        monkeypatch.setattr(fused, "_self_attention_packs", lambda *args: None)
+    calls = []
+    original = fused._self_attention_brgemm
+    monkeypatch.setattr(fused, "_self_attention_brgemm", lambda *a: calls.append(1) or original(*a))
+    layer = SelfAttentionLayer(2, 72, 2).eval()  # 72 channels: not a multiple of 32 (the padded-depth path)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    x = torch.randn(5, 7, 72).to(BF16)
+    exact = copy.deepcopy(layer).double()
+    layer.to(BF16)
+    with torch.no_grad():
+        truth = exact(x.double())
+        official = layer(x)
+        layer.self_attn.attention.fused = True
+        got = layer(x)
+    assert got.dtype == BF16 and len(calls) == int(brgemm)
+    assert rel_err(got, truth) <= 2 * rel_err(official, truth) + 1e-6
 
 
 # ------------------------------------------------------------------------------------------- bf16 exit-1 chunks

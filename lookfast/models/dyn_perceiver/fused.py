@@ -147,10 +147,33 @@ def _self_attention_weights(layer, dt: torch.dtype):
         return (w_qkv, b_qkv, att.o_proj.weight.t().to(dt), att.o_proj.bias.to(dt), w1, b1,
                 mlp.fc2.weight.t().to(dt), mlp.fc2.bias.to(dt))
 
-    sources = [sa.norm.weight, sa.norm.bias, att.q_proj.weight, att.k_proj.weight, att.v_proj.weight,
-               att.o_proj.weight, att.o_proj.bias, mlp.layernorm.weight, mlp.layernorm.bias, mlp.fc1.weight,
-               mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]  # named, not layer.parameters(): that walk costs ~10 us
-    return derived(layer, "self_attention", sources, dt, build)
+    return derived(layer, "self_attention", _self_attention_sources(layer), dt, build)
+
+
+def _self_attention_sources(layer) -> list[torch.Tensor]:
+    sa, mlp = layer.self_attn, layer.mlp
+    att = sa.attention
+    return [sa.norm.weight, sa.norm.bias, att.q_proj.weight, att.k_proj.weight, att.v_proj.weight,
+            att.o_proj.weight, att.o_proj.bias, mlp.layernorm.weight, mlp.layernorm.bias, mlp.fc1.weight,
+            mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]  # named, not layer.parameters(): that walk costs ~10 us
+
+
+def _self_attention_packs(layer, x: torch.Tensor, dt: torch.dtype):
+    """The four matrices of _self_attention_weights packed for lookfast's packed_linear (bf16 on a CPU with the
+    brgemm micro-kernel: lookfast.models.packed_linear), cached; None where that path does not apply (another dtype
+    or device, no micro-kernel, tracing, or autograd recording)."""
+    from ..packed_linear import brgemm_available
+
+    if (dt != torch.bfloat16 or x.dtype != dt or x.device.type != "cpu" or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (x.requires_grad or layer.mlp.fc1.weight.requires_grad))
+            or not brgemm_available(dt)):
+        return None
+    weights = _self_attention_weights(layer, dt)
+
+    def build():
+        return tuple(torch.ops.lookfast.pack_linear_weight(w.t().contiguous()) for w in weights[0::2])
+
+    return derived(layer, "self_attention_brgemm", _self_attention_sources(layer), dt, build)
 
 
 def self_attention_layer_fused(layer, x: torch.Tensor) -> torch.Tensor:
@@ -164,6 +187,9 @@ def self_attention_layer_fused(layer, x: torch.Tensor) -> torch.Tensor:
     dt = _compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         w_qkv, b_qkv, w_o, b_o, w1, b1, w2, b2 = _self_attention_weights(layer, dt)
+        packs = _self_attention_packs(layer, x, dt)
+        if packs is not None:
+            return _self_attention_brgemm(layer, x, packs, (b_qkv, b_o, b1, b2), (w_qkv, w_o, w1, w2))
         # The residual stream keeps x's dtype: under autocast float32 latents stay float32, as the official adds
         # (float32 + autocast output) promote them; the normalised rows go into the GEMMs in `dt`.
         rows = x.reshape(b * l, c)
@@ -184,3 +210,22 @@ def self_attention_layer_fused(layer, x: torch.Tensor) -> torch.Tensor:
         else:
             out = out + torch.addmm(b2, hid, w2)
     return out.view(b, l, c)
+
+
+def _self_attention_brgemm(layer, x, packs, biases, weights) -> torch.Tensor:
+    """self_attention_layer_fused on the brgemm packs (bf16 latents): each linear one lookfast packed_linear call
+    with its bias, and the output projection and fc2 adding the residual in their epilogues (fp32 sums, one
+    rounding where addmm's route rounds the product, then the bias add)."""
+    b, l, c = x.shape
+    att = layer.self_attn.attention
+    linear = torch.ops.lookfast.packed_linear
+    rows = x.reshape(b * l, c)
+    h = F.layer_norm(rows, (c,), None, None, layer.self_attn.norm.eps)
+    qkv = linear(h, packs[0], weights[0].shape[1], biases[0], None, None)
+    d, dv = att.qk_channels, att.v_channels
+    q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
+    a = attention_core(q.reshape(b, l, d), k.reshape(b, l, d), v.reshape(b, l, dv), att.heads, fused=True)
+    out = linear(a.reshape(b * l, dv), packs[1], c, biases[1], None, rows)                # x + o_proj(a)
+    h = F.layer_norm(out, (c,), None, None, layer.mlp.layernorm.eps)
+    hid = F.gelu(linear(h, packs[2], weights[2].shape[1], biases[2], None, None))
+    return linear(hid, packs[3], c, biases[3], None, out).view(b, l, c)                  # + fc2(hid)

@@ -5,9 +5,10 @@ Two kernels, chosen per pack (`kernel=` of `pack_linears`; "auto" takes the firs
 - "brgemm": lookfast's `packed_linear` op (csrc/cpu/packed_linear.cpp): the weight packed into the layout of oneDNN's
   brgemm micro-kernel (torch's `at::native::cpublas::brgemm`: AMX tiles or AVX512-BF16 dot products) and the layer
   run as 64 x 64 micro-kernel calls with fp32 accumulation, the bias and (when the caller passes them) a per-channel
-  scale and a residual added in fp32, each output rounded ONCE to bf16. At ViT-B's ~280-row GEMMs on a Zen 5 core it
-  ran 5-20% faster than oneDNN's matmul on its own packed weight, and the residual step (x + gamma * y: two more
-  rounded passes in the official code) costs nothing extra. Results are not bitwise F.linear's (another summation
+  scale and a residual added in fp32, each output rounded ONCE to bf16. At ViT-B's ~280-row GEMMs on a Zen 5 core,
+  timed alone, its micro-kernel loops ran 5-20% faster than oneDNN's matmul on its own packed weight (a whole ViT-B
+  block: 10.8 against 11.2 ms), and the residual step (x + gamma * y: two more rounded passes in the official code)
+  costs nothing extra. Results are not bitwise F.linear's (another summation
   order, fewer roundings): they are as close to the exact result, or closer (tests/test_packed_linear.py).
   Where: bf16 on a CPU whose micro-kernel torch has (`brgemm_available()`).
 - "onednn": `torch.ops.mkldnn._reorder_linear_weight` blocks the weight once and

@@ -236,6 +236,19 @@ def test_dtype_change_autograd_and_copies_fall_back(kernel):
     assert not is_packed(layer)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_packs_step_aside_when_onednn_is_switched_off(kernel):
+    layer = _layer(8)
+    pack_linears([layer], kernel=kernel)
+    x = torch.randn(7, 72).to(BF16)
+    torch.backends.mkldnn.enabled = False  # (mkldnn.flags() also sets a TF32 flag, which warns on CPU builds)
+    try:
+        with torch.no_grad():
+            assert torch.equal(linear(layer, x), F.linear(x, layer.weight, layer.bias))
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
 def test_float32_layers_are_not_packed():
     layer = nn.Linear(8, 4)
     assert pack_linears([layer, nn.ReLU()]) == 0 and not is_packed(layer)

@@ -26,7 +26,8 @@ Contract:
   bf16 on CPU and (onednn) not an N-D non-contiguous input to a layer with a bias (there F.linear rounds before adding
   the bias; plain F.linear runs), and the weight is still the tensor that was packed: same data pointer and same
   version counter (an in-place edit through the parameter, a `load_state_dict`, an optimizer step or a `.to()`
-  re-packs on the next call). NOT seen: in-place edits through `weight.data` (PyTorch gives `.data` a version counter
+  re-packs on the next call), and oneDNN is not switched off (`torch.backends.mkldnn.enabled`). NOT seen: in-place
+  edits through `weight.data` (PyTorch gives `.data` a version counter
   of its own); after such an edit call `pack_linears` again, as after editing a frozen model. Without a pack the
   steps run as separate torch ops (each rounded), as the official code runs them.
 - The packs live outside the modules (a weak-keyed table), so `state_dict`, `deepcopy` and pickling never see them;
@@ -149,9 +150,11 @@ def linear(module: nn.Linear, x: torch.Tensor, rows: slice | None = None, *, sca
     plain torch ops. scale is (N,) and residual has the output's shape, both in x's dtype."""
     # Traced by torch.compile: plain F.linear (inductor packs weights itself under `freezing`; the table lookup and
     # the version checks are eager-only bookkeeping).
+    # With oneDNN switched off (torch.backends.mkldnn.enabled = False) both kernels step aside, as F.linear's does.
     packs = _PACKS.get(module) if _PACKS and not torch.compiler.is_compiling() else None
     if packs is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not (
-            torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
+            torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)) and \
+            torch._C._get_mkldnn_enabled():
         brgemm = packs["kernel"] == "brgemm"
         # onednn: F.linear folds a contiguous (or <= 2-D) input into one GEMM with the bias in its epilogue, as the
         # packed call does; a non-contiguous N-D input with a bias it runs as matmul, then a separately rounded bias

@@ -241,12 +241,13 @@ def test_packs_step_aside_when_onednn_is_switched_off(kernel):
     layer = _layer(8)
     pack_linears([layer], kernel=kernel)
     x = torch.randn(7, 72).to(BF16)
+    before = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False  # (mkldnn.flags() also sets a TF32 flag, which warns on CPU builds)
     try:
         with torch.no_grad():
             assert torch.equal(linear(layer, x), F.linear(x, layer.weight, layer.bias))
     finally:
-        torch.backends.mkldnn.enabled = True
+        torch.backends.mkldnn.enabled = before
 
 
 def test_float32_layers_are_not_packed():

@@ -27,6 +27,9 @@ def _info() -> int:
             keys = [k for k in ("CPU", "CUDA") if _backend.has_kernel(op, k)]
             print(f"  lookfast::{op}: library {', '.join(keys) or 'missing'}; "
                   f"CPU tensors run {_backend.backend_for(op, torch.device('cpu'))}")
+        if family in _backend.MODEL_INTERNAL:
+            print("  CPU-only, called by the models (docs/ops.md section 6): on GPUs the models run torch's ops")
+            continue
         if all(op in _backend.CPU_ONLY for op in ops):
             print("  CPU-only: GPU tensors run the pure-PyTorch reference")
             continue

@@ -46,6 +46,9 @@ FAMILIES = {
 # warning and no Triton lookup; check_cuda_build does not ask them for a CUDA kernel.
 CPU_ONLY = frozenset({"nearest_patch_fill", "layer_norm_rows", "pack_linear_weight", "packed_linear",
                       "group_conv3x3"})
+# CPU-only families with no public function: the fused models call them on CPUs that have the kernels' matrix
+# features and run torch's own ops elsewhere (docs/ops.md section 6).
+MODEL_INTERNAL = frozenset({"packed_linear", "group_conv3x3"})
 _FAMILY_OF = {op: family for family, ops in FAMILIES.items() for op in ops}
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -129,16 +129,28 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+def _folds_norms(dt: torch.dtype) -> bool:
+    """Whether the self-attention layer folds its LayerNorm affines into the next projections in compute dtype dt:
+    in float32/float64 (free, and exact to rounding); not in 16-bit, where W * gamma rounded to bf16 adds an error of
+    the size of the official LayerNorm output's rounding on top of it (up to ~2.1x the official bf16 layer's error
+    on rare random layers), while applying the affine inside the LayerNorm call costs nothing."""
+    return dt not in (torch.bfloat16, torch.float16)
+
+
 def _self_attention_weights(layer, dt: torch.dtype):
-    """The folded weights of a SelfAttentionLayer in `dt`, cached (derived.py): q/k/v as one (C, 3C) matrix with the
-    LayerNorm affine folded in (+ its bias), the output projection, fc1 with the MLP LayerNorm's affine folded in
-    (+ bias), fc2; matrices transposed for `rows @ W`."""
+    """The weights of a SelfAttentionLayer in `dt`, cached (derived.py): q/k/v as one (C, 3C) matrix (with the
+    LayerNorm affine folded in, + its bias, where _folds_norms(dt); else the plain projections and no bias), the
+    output projection, fc1 (with the MLP LayerNorm's affine folded in likewise) + bias, fc2; matrices transposed for
+    `rows @ W`."""
     sa, mlp = layer.self_attn, layer.mlp
     att = sa.attention
 
     def build():
         f32 = lambda t: t.float() if t.dtype != torch.float64 else t  # noqa: E731  folds in fp32 (fp64 stays)
         w_in = f32(torch.cat((att.q_proj.weight, att.k_proj.weight, att.v_proj.weight)))   # (qk+qk+v, C)
+        if not _folds_norms(dt):
+            return (w_in.t().to(dt), None, att.o_proj.weight.t().to(dt), att.o_proj.bias.to(dt),
+                    mlp.fc1.weight.t().to(dt), mlp.fc1.bias.to(dt), mlp.fc2.weight.t().to(dt), mlp.fc2.bias.to(dt))
         w_qkv = (w_in * f32(sa.norm.weight)).t().to(dt)
         b_qkv = (w_in @ f32(sa.norm.bias)).to(dt)
         ln = mlp.layernorm
@@ -178,8 +190,8 @@ def _self_attention_packs(layer, x: torch.Tensor, dt: torch.dtype):
 
 def self_attention_layer_fused(layer, x: torch.Tensor) -> torch.Tensor:
     """x (B, L, C) latents -> `layer(x)` for a SelfAttentionLayer (x + SA(x), then + MLP), with the same math in
-    fewer, larger ops: each LayerNorm a plain normalisation whose affine is folded into the following projection,
-    q/k/v from one GEMM, the output projection accumulated onto the residual in its GEMM, fc2 accumulated into the
+    fewer, larger ops: each LayerNorm's affine folded into the following projection (float32/float64; in 16-bit the
+    LayerNorm applies it, see _folds_norms), q/k/v from one GEMM, the output projection accumulated onto the residual in its GEMM, fc2 accumulated into the
     residual in place. The latents are few (B x L <= a few thousand rows), so per-op overhead, not arithmetic,
     sets this block's time; this halves the op count. Precision as z2x_fused."""
     b, l, c = x.shape
@@ -193,8 +205,8 @@ def self_attention_layer_fused(layer, x: torch.Tensor) -> torch.Tensor:
         # The residual stream keeps x's dtype: under autocast float32 latents stay float32, as the official adds
         # (float32 + autocast output) promote them; the normalised rows go into the GEMMs in `dt`.
         rows = x.reshape(b * l, c)
-        h = F.layer_norm(rows, (c,), None, None, layer.self_attn.norm.eps).to(dt)
-        qkv = torch.addmm(b_qkv, h, w_qkv)
+        h = _layer_norm(rows, layer.self_attn.norm, _folds_norms(dt)).to(dt)
+        qkv = torch.mm(h, w_qkv) if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)
         d, dv = att.qk_channels, att.v_channels
         q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
         a = attention_core(q.reshape(b, l, d), k.reshape(b, l, d), v.reshape(b, l, dv), att.heads, fused=True)
@@ -203,13 +215,21 @@ def self_attention_layer_fused(layer, x: torch.Tensor) -> torch.Tensor:
             out = torch.addmm(rows, a, w_o).add_(b_o)                                  # x + o_proj(a)
         else:
             out = rows + torch.addmm(b_o, a, w_o)
-        h = F.layer_norm(out, (c,), None, None, layer.mlp.layernorm.eps).to(dt)
+        h = _layer_norm(out, layer.mlp.layernorm, _folds_norms(dt)).to(dt)
         hid = F.gelu(torch.addmm(b1, h, w1))
         if out.dtype == dt:
             out.addmm_(hid, w2).add_(b2)                                               # + fc2(hid), in place
         else:
             out = out + torch.addmm(b2, hid, w2)
     return out.view(b, l, c)
+
+
+def _layer_norm(rows: torch.Tensor, norm: torch.nn.LayerNorm, folded: bool) -> torch.Tensor:
+    """The LayerNorm over rows: the plain normalisation when its affine is folded into the next weights, else the
+    official LayerNorm call (affine included)."""
+    if folded:
+        return F.layer_norm(rows, norm.normalized_shape, None, None, norm.eps)
+    return F.layer_norm(rows, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def _self_attention_brgemm(layer, x, packs, biases, weights) -> torch.Tensor:
@@ -220,12 +240,12 @@ def _self_attention_brgemm(layer, x, packs, biases, weights) -> torch.Tensor:
     att = layer.self_attn.attention
     linear = torch.ops.lookfast.packed_linear
     rows = x.reshape(b * l, c)
-    h = F.layer_norm(rows, (c,), None, None, layer.self_attn.norm.eps)
+    h = _layer_norm(rows, layer.self_attn.norm, False)  # bf16: the affine applied here (_folds_norms)
     qkv = linear(h, packs[0], weights[0].shape[1], biases[0], None, None)
     d, dv = att.qk_channels, att.v_channels
     q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
     a = attention_core(q.reshape(b, l, d), k.reshape(b, l, d), v.reshape(b, l, dv), att.heads, fused=True)
     out = linear(a.reshape(b * l, dv), packs[1], c, biases[1], None, rows)                # x + o_proj(a)
-    h = F.layer_norm(out, (c,), None, None, layer.mlp.layernorm.eps)
+    h = _layer_norm(out, layer.mlp.layernorm, False)
     hid = F.gelu(linear(h, packs[2], weights[2].shape[1], biases[2], None, None))
     return linear(hid, packs[3], c, biases[3], None, out).view(b, l, c)                  # + fc2(hid)

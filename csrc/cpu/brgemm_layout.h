@@ -5,6 +5,7 @@
 // tiles); fp16 on AVX512-FP16 without AMX-FP16 (Sapphire Rapids) takes B row-major, as is, and multiplies with
 // fp32 accumulation. A kernel that packs VNNI-2 without asking gets wrong products there, so every user of the
 // micro-kernel asks this first.
+#include <ATen/Context.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
@@ -58,6 +59,13 @@ BrgemmLayout brgemm_b_layout() {
     return BrgemmLayout::kNone;
   }();
   return layout;
+}
+
+// brgemm_b_layout, or kNone when the user switched oneDNN off (torch.backends.mkldnn.enabled = False): the kernels
+// built on the micro-kernel then take their portable paths, as torch's own oneDNN users do.
+template <typename T>
+BrgemmLayout enabled_brgemm_b_layout() {
+  return at::globalContext().userEnabledMkldnn() ? brgemm_b_layout<T>() : BrgemmLayout::kNone;
 }
 
 }  // namespace lookfast

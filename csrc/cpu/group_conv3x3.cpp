@@ -17,6 +17,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_features.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -39,16 +41,6 @@ constexpr int64_t kGroup = 16;                       // channels per group (inpu
 constexpr int64_t kPairs = kGroup / 2;               // input-channel pairs per tap
 constexpr int64_t kGroupWeights = 9 * kPairs * 32;   // bf16 per packed group: 9 taps x 8 pairs x (16 outputs x 2)
 constexpr int kPixels = 8;                           // output pixels per register block
-
-bool cpu_has_avx512bf16() {
-#if LF_HAVE_GROUP_CONV
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 // weight (C, 16, 3, 3) -> per group, per tap t = 3 kh + kw, per input pair p: 16 outputs x (w[o, 2p], w[o, 2p + 1]),
 // the operand order of vdpbf16ps.

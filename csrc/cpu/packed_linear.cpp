@@ -38,14 +38,9 @@ using at::Tensor;
 using brgemm_pack::kBlockM;
 using brgemm_pack::kBlockN;
 
-template <typename scalar_t>
-BrgemmLayout layout_for() {
-  return at::globalContext().userEnabledMkldnn() ? brgemm_b_layout<scalar_t>() : BrgemmLayout::kNone;
-}
-
 BrgemmLayout layout_for(at::ScalarType dtype) {
-  if (dtype == at::kBFloat16) return layout_for<at::BFloat16>();
-  if (dtype == at::kHalf) return layout_for<at::Half>();
+  if (dtype == at::kBFloat16) return enabled_brgemm_b_layout<at::BFloat16>();
+  if (dtype == at::kHalf) return enabled_brgemm_b_layout<at::Half>();
   return BrgemmLayout::kNone;
 }
 

@@ -319,7 +319,7 @@ LF_DEFINE_EPILOGUE(at::Half)
 // VNNI-2, or row-major for fp16 on AVX512-FP16 without AMX-FP16); kNone without one, or with mkldnn turned off.
 template <typename scalar_t>
 BrgemmLayout embed_layout() {
-  return at::globalContext().userEnabledMkldnn() ? brgemm_b_layout<scalar_t>() : BrgemmLayout::kNone;
+  return enabled_brgemm_b_layout<scalar_t>();
 }
 
 // Row stride (elements) of the gathered patches for the bf16/fp16 embedding: on the matrix engine, K rounded up to

@@ -25,6 +25,8 @@
 // a pair stride: nothing is transposed per tile; dK and dV leave through 16x16 register transposes once per item.
 #include "cpu/varlen_attention_lowp.h"
 
+#include "cpu/cpu_features.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -61,9 +63,7 @@ bool use_dot_kernel(at::ScalarType dtype, int64_t head_dim) {
   const char* isa = std::getenv("LOOKFAST_CPU_ISA");
   if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
 #if LF_HAVE_DOT_KERNEL
-  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
+  return cpu_has_avx512bf16();
 #else
   return false;
 #endif

@@ -31,15 +31,21 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, fold: bool) ->
     return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def _conv_bn_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> list[torch.Tensor]:
+    """The parameters and statistics a conv + BatchNorm fold depends on (derived.py's cache keys)."""
+    sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if conv.bias is not None:
+        sources.append(conv.bias)
+    return sources
+
+
 def folded_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of the conv with the eval-mode BatchNorm folded in, rounded once to `dt` (channels-last
     weight), cached on the conv until one of the parameters or statistics changes (derived.py).
 
     The fold runs in float32 (float64 stays) and is rounded once to `dt`: a bf16 model's folded weights then carry
     one rounding, as its stored ones do (a bf16 fold would round at every step)."""
-    sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    if conv.bias is not None:
-        sources.append(conv.bias)
+    sources = _conv_bn_sources(conv, bn)
 
     def build():
         f32 = (lambda t: t) if conv.weight.dtype == torch.float64 else (lambda t: t.float())
@@ -109,9 +115,7 @@ def onednn_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, act: st
         # the fused residual form takes the bias only in the input dtype: that copy is made here, once
         return torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape)), bias, bias.to(dt)
 
-    sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    if conv.bias is not None:
-        sources.append(conv.bias)
+    sources = _conv_bn_sources(conv, bn)
     weight, bias, bias_dt = derived(conv, f"onednn_{bn.eps}_{x.shape[2]}x{x.shape[3]}", sources, dt, build)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, act, [], "")
@@ -180,9 +184,7 @@ def group_conv3x3_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor, act: 
         weight, shift = folded_conv_bn(conv, bn, torch.float32)
         return weight.to(torch.bfloat16).contiguous(), shift.contiguous()
 
-    sources = [conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    if conv.bias is not None:
-        sources.append(conv.bias)
+    sources = _conv_bn_sources(conv, bn)
     weight, shift = derived(conv, f"group_conv3x3_{bn.eps}", sources, torch.bfloat16, build)
     return torch.ops.lookfast.group_conv3x3(x.to(torch.bfloat16), weight, shift, 2, act == "relu")
 

@@ -2,8 +2,8 @@
 
 The image is resized to `img_size` (154 px: 11x11 patches; bilinear, align_corners=False, no antialias; under
 ops="fused" with packed weights by `downsample_bilinear`, the same resampling computed from only the rows and
-columns it reads), run through 3 ViT blocks and the final norm; an MLP head (D -> 4D, GELU -> m*m) turns each low-res token into an m x m block of
-scores (m = ceil(37 / 11) = 4), laid out in pixel-shuffle order into a 44x44 map, which is resized bilinearly
+columns it reads), run through 3 ViT blocks and the final norm; an MLP head (D -> 4D, GELU -> m*m) turns each
+low-res token into an m x m block of scores (m = ceil(37 / 11) = 4), laid out in pixel-shuffle order into a 44x44 map, which is resized bilinearly
 (align_corners=False) to the high-res patch grid G x G. The final-normed prefix tokens (CLS, registers) are passed
 on to the extractor in place of its own.
 """

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="the short suite (under two minutes on 2 cores)")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--only", nargs="+", metavar="ID", help="run only these case ids (G1, A3, ...) or op names")
-    bench.add_argument("--threads", nargs="+", type=int, help="intra-op thread counts (default: 1; full run: 1 2)")
+    bench.add_argument("--threads", nargs="+", type=int, help="intra-op thread counts, every case at each (default: 1; full run: 1 2, "
+                       "model and serving cases at 1 only)")
     bench.add_argument("--plot", metavar="PNG", help="write a speedup plot (needs matplotlib)")
     bench.add_argument("--dtype", choices=["float32", "bfloat16", "all"], default=None,
                        help="precision of the cases that have variants (ids of low-precision variants end in -bf16); "

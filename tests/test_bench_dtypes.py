@@ -1,5 +1,5 @@
-"""The benchmark suite's precision variants: `dtype_variants` tags and names them, `--dtype` selects among them,
-and cases without variants run under every selection."""
+"""The benchmark suite's precision variants (`dtype_variants` tags and names them, `--dtype` selects among them,
+cases without variants run under every selection) and the thread counts each case runs at."""
 import torch
 
 from lookfast.benchmarks import ceilings
@@ -38,3 +38,17 @@ def test_default_dtype_follows_matrix_features():
     assert set(features) <= {"AMX-BF16", "AMX-FP16", "AVX512-BF16", "AVX512-FP16"}
     expected = torch.bfloat16 if {"AMX-BF16", "AVX512-BF16"} & set(features) else torch.float32
     assert ceilings.default_dtypes() == [expected]
+
+
+def test_thread_counts_asked_for_apply_to_every_case():
+    from lookfast.benchmarks.run import thread_jobs
+
+    one = Case(id="M9", op="m", shape="s", setup=lambda: {}, multi_thread=False)
+    many = Case(id="A9", op="a", shape="s", setup=lambda: {})
+    pairs = lambda jobs: [(c.id, t) for c, t in jobs]  # noqa: E731
+    # default full run: 1 and 2 threads, single-thread-only cases at 1; quick: 1 thread
+    assert pairs(thread_jobs([one, many], None, quick=False)) == [("M9", 1), ("A9", 1), ("A9", 2)]
+    assert pairs(thread_jobs([one, many], None, quick=True)) == [("M9", 1), ("A9", 1)]
+    # `--threads 2` (or any list) runs every case at each count asked for, not zero cases
+    assert pairs(thread_jobs([one, many], [2], quick=False)) == [("M9", 2), ("A9", 2)]
+    assert pairs(thread_jobs([one], [1, 2], quick=True)) == [("M9", 1), ("M9", 2)]

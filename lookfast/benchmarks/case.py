@@ -20,7 +20,8 @@ class Case:
     flops:   floating-point operations of the computation (for GFLOP/s; 0 when not meaningful).
     bars:    {peer name: minimum speedup of lookfast over it} from docs/benchmarks.md, reported as met / not met.
     quick:   part of `--quick`.
-    multi_thread: also measured with 2 intra-op threads in the full run.
+    multi_thread: also measured with 2 intra-op threads in the default full run (an explicit `--threads` list runs
+                  every selected case at each count given).
     summarize: optional callable({impl: seconds}) -> list of note strings (e.g. time ratio vs MACs ratio for M1).
     dtype:   the precision this case measures (torch.float32, torch.bfloat16, ...), or None for a case with no
              precision variants (it runs whatever `--dtype` selects). Declare variants with `dtype_variants`.

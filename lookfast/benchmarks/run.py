@@ -35,6 +35,15 @@ def load_cases(quick: bool, only: list[str] | None, dtypes: list[torch.dtype] | 
     return cases
 
 
+def thread_jobs(cases: list[Case], threads: list[int] | None, quick: bool) -> list[tuple[Case, int]]:
+    """(case, intra-op thread count) pairs to run, in order. Asked-for counts (`--threads`) apply to every case; by
+    default a quick run uses 1 thread and a full run 1 and 2, except that cases with multi_thread=False (the models,
+    serving: minutes per count) run at 1 only."""
+    if threads:
+        return [(c, t) for c in cases for t in threads]
+    return [(c, t) for c in cases for t in ([1] if quick else [1, 2]) if t == 1 or c.multi_thread]
+
+
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -199,10 +208,10 @@ def main(quick: bool, json_path: str | None, only: list[str] | None, threads: li
     min_seconds = 0.2 if quick else 0.5
     dtypes = dtypes or ceilings.default_dtypes()
     cases = load_cases(quick, only, dtypes)
-    threads = threads or ([1] if quick else [1, 2])
+    jobs = thread_jobs(cases, threads, quick)
     torch.set_num_threads(1)
     names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-    _progress(f"lookfast bench: {len(cases)} cases, threads {threads}, dtypes {names}, "
+    _progress(f"lookfast bench: {len(cases)} cases, threads {sorted({t for _, t in jobs})}, dtypes {names}, "
               f"{'quick' if quick else 'full'} run")
     _progress("  measuring machine ceilings ...")
     n_mm = 1024 if quick else 2048
@@ -214,7 +223,6 @@ def main(quick: bool, json_path: str | None, only: list[str] | None, threads: li
         "dtypes": [str(d).replace("torch.", "") for d in dtypes],
     }
     rows: list[dict[str, Any]] = []
-    jobs = [(c, t) for c in cases for t in threads if t == 1 or c.multi_thread]
     for i, (case, t) in enumerate(jobs, 1):
         _progress(f"  [{i}/{len(jobs)}] {case.id} {case.op}: {case.shape} (threads={t})")
         rows += _run_case(case, t, min_seconds, ceil)

@@ -116,6 +116,7 @@ def _case(size: int, batch: int, k: int, task: str, quick: bool, full_vit: bool 
 OURS_BF16 = "lookfast fused (bf16 weights, packed)"
 UNPACKED_BF16 = "lookfast fused (bf16 weights, not packed)"
 EXTRACTOR_BF16 = "lookfast extractor only (bf16, packed)"
+FILL_BF16 = "lookfast segmentation fill only (bf16)"
 
 
 def extractor_macs(k: int, task: str) -> int:
@@ -171,6 +172,12 @@ def _setup_bf16(size: int, k: int, task: str, with_compile: bool):
                 return ext.blocks[-1].forward_packed(x, cu, length, query_rows=cu[:1].long() if task == "cls" else None)
 
         impls[EXTRACTOR_BF16] = extractor
+        if task == "seg":  # the fill alone, on the selector's own top-k (its share of the forward: a note below)
+            from lookfast.models.lookwhere.fill import fill_fused
+
+            keep = scores.float().topk(k, dim=-1).indices
+            values = torch.randn(1, k, 150).to(torch.bfloat16)
+            impls[FILL_BF16] = lambda: fill_fused(keep, values, packed16.grid)
         if with_compile:
             import torch._inductor.config as inductor_config
 
@@ -201,6 +208,10 @@ def _summary_bf16(size: int, k: int, task: str):
             rate = 2 * extractor_macs(k, task) / ext / 1e9
             notes.append(f"extractor: {rate:.1f} GFLOP/s = {100 * rate / ceiling:.0f}% of the bf16 mm ceiling "
                          f"{ceiling:.1f} GFLOP/s (bar: >= 50%, {'met' if rate >= 0.5 * ceiling else 'NOT met'})")
+        if times.get(FILL_BF16) and times.get(OURS_BF16):
+            share = times[FILL_BF16] / times[OURS_BF16]
+            notes.append(f"segmentation fill: {1e3 * times[FILL_BF16]:.2f} ms = {100 * share:.1f}% of the seg forward "
+                         f"(bar: <= 5%, {'met' if share <= 0.05 else 'NOT met'})")
         official = [times[n] for n in ("official bf16 (cast weights)", "official bf16 (autocast)") if n in times]
         if official and times.get(OURS_BF16):
             notes.append(f"lookfast bf16 vs the faster official bf16: {min(official) / times[OURS_BF16]:.2f}x "

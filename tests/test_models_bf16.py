@@ -130,24 +130,27 @@ def lw_models():
     m32 = LookWhere.from_official_state_dict(vector_checkpoint(shape_model), 518, 136, 10, task="cls").eval()
     # "packed": bf16 weights packed for the matrix engine (pack_weights: the brgemm packed_linear where this CPU has
     # the micro-kernel, with layer scale and residual in its epilogue; oneDNN's bitwise packs elsewhere).
-    return {"cast": copy.deepcopy(m32).to(BF16), "autocast": m32, "packed": copy.deepcopy(m32).to(BF16).pack_weights()}
+    # "autocast packed": float32 weights with autocast packs (bf16 copies used only under CPU autocast).
+    return {"cast": copy.deepcopy(m32).to(BF16), "autocast": m32, "packed": copy.deepcopy(m32).to(BF16).pack_weights(),
+            "autocast packed": copy.deepcopy(m32).pack_weights()}
 
 
 def _lw_run(model, x, mode, ops, selection=None):
     """forward_with_intermediates(task="both"); `selection` (scores, prefix) replaces the selector's output."""
     model.ops = ops
     original = model.selector.forward
+    autocast = mode.startswith("autocast")
     if selection is not None:
         scores, prefix = selection
-        model.selector.forward = lambda images, grid, packed=True: (scores, prefix if mode == "autocast" else prefix.to(BF16))
+        model.selector.forward = lambda images, grid, packed=True: (scores, prefix if autocast else prefix.to(BF16))
     try:
-        return run(model, x, "autocast" if mode == "autocast" else "cast",
+        return run(model, x, "autocast" if autocast else "cast",
                    lambda m, xx: m.forward_with_intermediates(xx, task="both"))
     finally:
         model.selector.forward = original
 
 
-@pytest.mark.parametrize("mode", MODES + ("packed",))
+@pytest.mark.parametrize("mode", MODES + ("packed", "autocast packed"))
 def test_lookwhere_bf16_rule_given_the_official_selection(lw_models, lw_vector, mode):
     x = torch.from_numpy(lw_vector["x"])
     selection = (torch.from_numpy(lw_vector["selector_map"]), torch.from_numpy(lw_vector["prefix_tokens"]))
@@ -162,7 +165,7 @@ def test_lookwhere_bf16_rule_given_the_official_selection(lw_models, lw_vector, 
         assert ours <= 2 * official, (mode, name, ours, official)
 
 
-@pytest.mark.parametrize("mode", MODES + ("packed",))
+@pytest.mark.parametrize("mode", MODES + ("packed", "autocast packed"))
 def test_lookwhere_bf16_end_to_end(lw_models, lw_vector, mode):
     """The whole model in bf16 (its own bf16 selection): cls within the rule; seg runs, has the official shape and
     dtype, and agrees with the official bf16 seg wherever both selected the same neighbours (here: the same keep)."""

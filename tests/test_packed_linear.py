@@ -3,7 +3,8 @@
 brgemm (lookfast::packed_linear on this CPU's matrix-engine micro-kernel): against float64 math, at most 2x the error
 of plain PyTorch in bf16 (F.linear, then the official separately rounded `* scale` and `residual +`), on odd sizes
 around the 64 x 64 blocks, K off the 32 multiple, strided and N-D inputs, both thread counts; opcheck; clear errors.
-onednn (oneDNN's own packs): bitwise F.linear's results. Both: re-pack when the weight changes through the parameter,
+onednn (oneDNN's own packs): bitwise F.linear's results; autocast packs (float32 weights, used under bf16 CPU
+autocast): bitwise autocast's F.linear results. All: re-pack when the weight changes through the parameter,
 stay out of state_dict / deepcopy, step aside for autograd, other dtypes and unpacked modules.
 LookWhere.pack_weights: ops="reference" keeps the official outputs bitwise; ops="fused" stays within the bf16 rule
 (tests/test_models_bf16.py checks it against the official vectors)."""
@@ -250,12 +251,72 @@ def test_packs_step_aside_when_onednn_is_switched_off(kernel):
         torch.backends.mkldnn.enabled = before
 
 
-def test_float32_layers_are_not_packed():
+def test_float32_layers_get_autocast_packs_only_when_asked():
     layer = nn.Linear(8, 4)
-    assert pack_linears([layer, nn.ReLU()]) == 0 and not is_packed(layer)
+    assert pack_linears([layer, nn.ReLU()], autocast=False) == 0 and not is_packed(layer)
     x = torch.randn(3, 8)
     with torch.no_grad():
         assert torch.equal(linear(layer, x), F.linear(x, layer.weight, layer.bias))
+    if packing_available():
+        assert pack_linears([layer, nn.ReLU()]) == 1 and _PACKS[layer].get("autocast")
+        with torch.no_grad():  # outside autocast: plain float32
+            got = linear(layer, x)
+            assert got.dtype == torch.float32 and torch.equal(got, F.linear(x, layer.weight, layer.bias))
+
+
+def _autocast_official(layer, x, rows=None, scale=None, residual=None):
+    with torch.autocast("cpu", BF16):
+        return _official(layer, x, rows, scale, residual)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_autocast_packs_equal_autocast_linear_bitwise(bias):
+    """float32 weights packed for CPU autocast: autocast's own F.linear results, bitwise, on every input kind; the
+    layer scale and residual as the official float32 layers apply them (type promotion to float32)."""
+    torch.manual_seed(9)
+    layer = nn.Linear(72, 136, bias=bias)
+    gen = torch.Generator().manual_seed(10)
+    inputs = [torch.randn(*shape, generator=gen) for shape in [(0, 72), (1, 72), (5, 72), (279, 72), (2, 7, 72),
+                                                                 (3, 0, 72)]]
+    inputs += [torch.randn(9, 144, generator=gen)[:, ::2], torch.randn(2, 9, 72, generator=gen)[:, 3:],
+               torch.randn(4, 72, generator=gen).to(BF16)]
+    with torch.no_grad():
+        expected = [_autocast_official(layer, x) for x in inputs]
+        assert pack_linears([layer], batch_hint=64) == 1 and _PACKS[layer].get("autocast")
+        with torch.autocast("cpu", BF16):
+            for x, want in zip(inputs, expected):
+                got = linear(layer, x)
+                assert got.dtype == BF16 and got.shape == want.shape and torch.equal(got, want), tuple(x.shape)
+            x = inputs[3]
+            for rows in (slice(0, 40), slice(40, 136)):
+                assert torch.equal(linear(layer, x, rows), _autocast_official(layer, x, rows))
+            scale, residual = torch.rand(136, generator=gen), torch.randn(279, 136, generator=gen)
+            got = linear(layer, x, scale=scale, residual=residual)
+            want = _autocast_official(layer, x, None, scale, residual)
+            assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+        # edits through the parameter are seen: the weight re-packed, the bias cast per call (outside the autocast
+        # region above: autocast itself caches its weight casts until its outermost region ends)
+        layer.weight.mul_(-0.5)
+        if bias:
+            layer.bias.add_(1.0)
+        with torch.autocast("cpu", BF16):
+            got = linear(layer, x)
+        assert torch.equal(got, _autocast_official(layer, x))
+        # float16 autocast is not what the packs hold: plain (autocast's own) F.linear
+        with torch.autocast("cpu", torch.float16):
+            want = F.linear(x, layer.weight, layer.bias)
+            assert torch.equal(linear(layer, x), want)
+    # autograd recording: the plain path, gradients flow to the float32 weight
+    xg = inputs[3].clone().requires_grad_()
+    with torch.autocast("cpu", BF16):
+        linear(layer, xg).float().sum().backward()
+    assert xg.grad is not None and layer.weight.grad is not None and layer.weight.grad.dtype == torch.float32
+    # a dtype change drops the autocast packs (bf16 weights need a pack_linears call of their own)
+    with torch.no_grad(), torch.autocast("cpu", BF16):
+        layer.to(BF16)
+        x = inputs[3].to(BF16)
+        assert torch.equal(linear(layer, x), F.linear(x, layer.weight, layer.bias)) and not is_packed(layer)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -15,16 +15,23 @@ Two kernels, chosen per pack (`kernel=` of `pack_linears`; "auto" takes the firs
   `torch.ops.mkldnn._linear_pointwise` runs the same kernel F.linear does on it: bitwise F.linear's results, without
   oneDNN's per-call re-blocking of the weight (~10% of a ~280-row bf16 layer). Where: torch with oneDNN bf16
   (`packing_available()`).
+- autocast packs: a float32 weight rounded once to bf16 (as autocast casts it) in oneDNN's blocked layout, used only
+  under `torch.autocast("cpu", torch.bfloat16)`: bitwise autocast's own F.linear results (x and the bias cast to bf16
+  per call, the output bf16; scale and residual then applied as plain torch ops, with torch's type promotion, as the
+  official layers do), without autocast's per-call cast of the weight (86 M float32 parameters read and rounded on
+  every LookWhere forward) and its re-blocking. Costs a bf16 copy of each packed weight (half its float32 bytes).
+  Outside autocast these layers run as plain float32 F.linear.
 
 Contract:
-- `pack_linears(modules, batch_hint, kernel="auto")` packs the weight of every given nn.Linear whose weight is
-  bfloat16 on CPU and returns the number packed (0 where no kernel is available). `unpack_linears(modules)` drops the
-  packs.
+- `pack_linears(modules, batch_hint, kernel="auto", autocast=True)` packs the weight of every given nn.Linear whose
+  weight is bfloat16 on CPU (and, with autocast, float32 on CPU: autocast packs) and returns the number packed (0
+  where no kernel is available). `unpack_linears(modules)` drops the packs.
 - `linear(module, x, rows=None, *, scale=None, residual=None)` is `F.linear(x, module.weight, module.bias)` (with
   `rows=slice`, the linear restricted to those output rows), then `* scale` (a (N,) per-channel scale, e.g. a layer
   scale) and `residual +` when given. It uses the pack only when one exists, no gradient is being recorded, x is
-  bf16 on CPU and (onednn) not an N-D non-contiguous input to a layer with a bias (there F.linear rounds before adding
-  the bias; plain F.linear runs), and the weight is still the tensor that was packed: same data pointer and same
+  bf16 on CPU (autocast packs: float32 or bf16 x under bf16 CPU autocast) and (onednn) not an N-D non-contiguous
+  input to a layer with a bias (there F.linear rounds before adding the bias; plain F.linear runs), and the weight is
+  still the tensor that was packed: same data pointer and same
   version counter (an in-place edit through the parameter, a `load_state_dict`, an optimizer step or a `.to()`
   re-packs on the next call), and oneDNN is not switched off (`torch.backends.mkldnn.enabled`). NOT seen: in-place
   edits through `weight.data` (PyTorch gives `.data` a version counter
@@ -106,29 +113,49 @@ def _pack_entry(module: nn.Linear, rows: slice | None, batch_hint: int, kernel: 
     return packed, b, weight, weight._version
 
 
+def _autocast_entry(module: nn.Linear, rows: slice | None, batch_hint: int):
+    """A float32 weight (rows) rounded once to bf16, as autocast casts it, in oneDNN's blocked layout. The bias is
+    cast per call (see linear)."""
+    weight = module.weight.detach()
+    w = (weight if rows is None else weight[rows]).to(torch.bfloat16)
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_hint), None, weight, weight._version
+
+
+def _autocast_packable(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return (isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == torch.float32
+            and w.device.type == "cpu" and not w.is_inference())
+
+
 def _packable(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
     return (isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16
             and w.device.type == "cpu" and not w.is_inference())
 
 
-def pack_linears(modules: Iterable[nn.Module], batch_hint: int = 256, kernel: str = "auto") -> int:
-    """Pack every bf16 CPU nn.Linear among `modules` (e.g. `model.modules()`); returns how many were packed (0 where
-    the kernel is unavailable). batch_hint: the typical number of rows per call (a layout hint for "onednn"; any row
-    count gives the same results). kernel: "auto" ("brgemm" where `brgemm_available()`, else "onednn"), "brgemm" or
-    "onednn" (see the module docstring); ValueError for another name. Packing again replaces the previous packs."""
+def pack_linears(modules: Iterable[nn.Module], batch_hint: int = 256, kernel: str = "auto",
+                 autocast: bool = True) -> int:
+    """Pack every bf16 CPU nn.Linear among `modules` (e.g. `model.modules()`) and, with `autocast`, every float32 CPU
+    nn.Linear for bf16 CPU autocast (see the module docstring); returns how many were packed (0 where the kernel is
+    unavailable). batch_hint: the typical number of rows per call (a layout hint for "onednn"; any row count gives
+    the same results). kernel (for the bf16 weights): "auto" ("brgemm" where `brgemm_available()`, else "onednn"),
+    "brgemm" or "onednn"; ValueError for another name. Packing again replaces the previous packs."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "auto":
         kernel = "brgemm" if brgemm_available() else "onednn"
     if not (brgemm_available() if kernel == "brgemm" else packing_available()):
-        return 0
+        kernel = None  # no bf16 kernel for this CPU: float32 weights may still get autocast packs (oneDNN)
     count = 0
     with torch.no_grad():
         for module in modules:
-            if _packable(module):
+            if kernel is not None and _packable(module):
                 _PACKS[module] = {None: _pack_entry(module, None, batch_hint, kernel), "hint": batch_hint,
                                   "kernel": kernel}
+                count += 1
+            elif autocast and _autocast_packable(module) and packing_available():
+                _PACKS[module] = {None: _autocast_entry(module, None, batch_hint), "hint": batch_hint,
+                                  "kernel": "onednn", "autocast": True}
                 count += 1
     return count
 
@@ -147,37 +174,67 @@ def linear(module: nn.Linear, x: torch.Tensor, rows: slice | None = None, *, sca
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """`residual + scale * F.linear(x, module.weight[rows], module.bias[rows])` (rows None: the whole layer; scale
     and residual None: skipped), on the packed weight when there is a valid one (see the module docstring), else as
-    plain torch ops. scale is (N,) and residual has the output's shape, both in x's dtype."""
+    plain torch ops. scale is (N,) and residual has the output's shape, both in x's dtype (under CPU autocast with
+    float32 weights: the official layer's dtypes, the linear's output bf16 and scale / residual as they come)."""
     # Traced by torch.compile: plain F.linear (inductor packs weights itself under `freezing`; the table lookup and
     # the version checks are eager-only bookkeeping).
     # With oneDNN switched off (torch.backends.mkldnn.enabled = False) both kernels step aside, as F.linear's does.
     packs = _PACKS.get(module) if _PACKS and not torch.compiler.is_compiling() else None
-    if packs is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not (
-            torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)) and \
-            torch._C._get_mkldnn_enabled():
-        brgemm = packs["kernel"] == "brgemm"
-        # onednn: F.linear folds a contiguous (or <= 2-D) input into one GEMM with the bias in its epilogue, as the
-        # packed call does; a non-contiguous N-D input with a bias it runs as matmul, then a separately rounded bias
-        # add: that case stays on F.linear, to keep every result bitwise F.linear's.
-        if brgemm or x.dim() <= 2 or module.bias is None or x.is_contiguous():
-            weight = module.weight
-            key = _rows_key(rows)
-            entry = packs.get(key)
-            if entry is None or entry[2].data_ptr() != weight.data_ptr() or entry[3] != weight._version:
-                if not _packable(module):  # the weight changed dtype/device since it was packed
-                    _PACKS.pop(module, None)
-                    return _plain(module, x, rows, scale, residual)
-                with torch.no_grad():
-                    entry = packs[key] = _pack_entry(module, rows, packs["hint"], packs["kernel"])
-            if brgemm:
-                n = entry[2].shape[0] if rows is None else len(range(*rows.indices(entry[2].shape[0])))
-                x2 = x.reshape(-1, x.shape[-1])
-                res2 = None if residual is None else residual.reshape(-1, n)
-                out = torch.ops.lookfast.packed_linear(x2, entry[0], n, entry[1], scale, res2)
-                return out.view(*x.shape[:-1], n)
-            out = torch.ops.mkldnn._linear_pointwise(x, entry[0], entry[1], "none", [], "")
-            return _epilogue(out, scale, residual)
-    return _plain(module, x, rows, scale, residual)
+    if packs is None or x.device.type != "cpu" or not torch._C._get_mkldnn_enabled() or (
+            torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
+        return _plain(module, x, rows, scale, residual)
+    if packs.get("autocast"):
+        # float32 weights packed as bf16 for CPU autocast: what autocast's F.linear does (x, weight and bias cast to
+        # bf16, one oneDNN GEMM with the bias in its epilogue), without casting the weight again on every call.
+        if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and x.dtype in (torch.float32, torch.bfloat16)):
+            return _plain(module, x, rows, scale, residual)
+        x = x.to(torch.bfloat16)
+        if x.dim() > 2 and module.bias is not None and not x.is_contiguous():
+            return _plain(module, x, rows, scale, residual)  # F.linear's matmul-then-add route (see below)
+        entry = _current_entry(module, packs, rows)
+        if entry is None:
+            return _plain(module, x, rows, scale, residual)
+        bias = None if module.bias is None else (module.bias if rows is None else module.bias[rows])
+        bias = None if bias is None else bias.to(torch.bfloat16)  # per call: (N,), and an edited bias is seen
+        out = torch.ops.mkldnn._linear_pointwise(x, entry[0], bias, "none", [], "")
+        return _epilogue(out, scale, residual)
+    if x.dtype != torch.bfloat16:
+        return _plain(module, x, rows, scale, residual)
+    brgemm = packs["kernel"] == "brgemm"
+    # onednn: F.linear folds a contiguous (or <= 2-D) input into one GEMM with the bias in its epilogue, as the
+    # packed call does; a non-contiguous N-D input with a bias it runs as matmul, then a separately rounded bias
+    # add: that case stays on F.linear, to keep every result bitwise F.linear's.
+    if not (brgemm or x.dim() <= 2 or module.bias is None or x.is_contiguous()):
+        return _plain(module, x, rows, scale, residual)
+    entry = _current_entry(module, packs, rows)
+    if entry is None:
+        return _plain(module, x, rows, scale, residual)
+    if brgemm:
+        n = entry[2].shape[0] if rows is None else len(range(*rows.indices(entry[2].shape[0])))
+        x2 = x.reshape(-1, x.shape[-1])
+        res2 = None if residual is None else residual.reshape(-1, n)
+        out = torch.ops.lookfast.packed_linear(x2, entry[0], n, entry[1], scale, res2)
+        return out.view(*x.shape[:-1], n)
+    out = torch.ops.mkldnn._linear_pointwise(x, entry[0], entry[1], "none", [], "")
+    return _epilogue(out, scale, residual)
+
+
+def _current_entry(module: nn.Linear, packs: dict, rows: slice | None):
+    """The pack of `rows` of module's weight, re-made when the weight was replaced or edited since it was packed; None
+    (and the module's packs dropped) when the weight no longer fits the pack's kind (its dtype or device changed)."""
+    weight = module.weight
+    key = _rows_key(rows)
+    entry = packs.get(key)
+    if entry is None or entry[2].data_ptr() != weight.data_ptr() or entry[3] != weight._version:
+        autocast = bool(packs.get("autocast"))
+        if not (_autocast_packable(module) if autocast else _packable(module)):
+            _PACKS.pop(module, None)
+            return None
+        with torch.no_grad():
+            entry = packs[key] = (_autocast_entry(module, rows, packs["hint"]) if autocast
+                                  else _pack_entry(module, rows, packs["hint"], packs["kernel"]))
+    return entry
 
 
 def _epilogue(y: torch.Tensor, scale: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:

@@ -137,6 +137,7 @@ def _setup_bf16(size: int, k: int, task: str, with_compile: bool):
         # lookfast's row: its weights packed once for the matrix engine (`pack_weights`, opt-in as freezing is);
         # a copy, so the official rows, which share model16, run the plain official code.
         packed16 = copy.deepcopy(model16).pack_weights()
+        packed32 = copy.deepcopy(model32).pack_weights()  # float32 weights: autocast packs (bf16 copies)
         images = torch.randn(1, 3, size, size)
         images16 = images.to(torch.bfloat16)
 
@@ -153,6 +154,7 @@ def _setup_bf16(size: int, k: int, task: str, with_compile: bool):
             "official bf16 (cast weights)": run(model16, "reference", images16),
             "official bf16 (autocast)": run(model32, "reference", images, autocast=True),
             "lookfast fused (autocast)": run(model32, "fused", images, autocast=True),
+            "lookfast fused (autocast, packed)": run(packed32, "fused", images, autocast=True),
         }
         ext = packed16.extractor
         with torch.inference_mode():

@@ -168,8 +168,11 @@ class LookWhere(nn.Module):
         rounding: outputs close to, not bitwise, the unpacked ones), else oneDNN's own packs (bitwise the unpacked
         results). Used by ops="fused" only (ops="reference" stays the official computation). A weight replaced,
         or edited in place through the parameter (load_state_dict, optimizer step, `.to()`), is re-packed on its
-        next use; an edit through `weight.data` is not seen: call pack_weights() again after one. Does nothing for
-        float32 weights, or where neither kernel is available. enabled=False drops the packs. Returns self."""
+        next use; an edit through `weight.data` is not seen: call pack_weights() again after one. float32 weights
+        get autocast packs instead: bf16 copies in oneDNN's layout, used only under `torch.autocast("cpu",
+        torch.bfloat16)`, where they give autocast's own linear results without re-casting every weight on every
+        forward (memory: a bf16 copy of the linear weights); outside autocast a float32 model runs as unpacked.
+        Does nothing where no kernel is available. enabled=False drops the packs. Returns self."""
         from ..packed_linear import pack_linears, unpack_linears
 
         linears = [m for part in (self.selector, self.extractor) for m in part.modules() if isinstance(m, nn.Linear)]

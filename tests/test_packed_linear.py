@@ -356,6 +356,48 @@ def test_lookwhere_pack_weights(task, kernel, monkeypatch):
         assert not model.selector.packed_linears and not is_packed(fc1)
 
 
+@needs_onednn
+def test_lookwhere_float32_pack_weights_act_only_under_autocast():
+    """A float32 LookWhere with autocast packs: outside autocast every output is bitwise the unpacked model's (the
+    packs and the packed selector path stay out of the way); under bf16 autocast the fused run uses them, close to
+    the unpacked autocast run (the bf16 rule against the official vectors: test_models_bf16, "autocast packed")."""
+    from lookfast.models.lookwhere import LookWhere
+
+    torch.manual_seed(11)
+    model = LookWhere.from_config(high_res_size=98, k=11, num_classes=5, task="cls", dim=64, num_heads=2,
+                                  selector_depth=1, extractor_depth=2).eval()
+    x = torch.randn(2, 3, 98, 98)
+    names = ("cls_logits", "seg_logits", "keep", "selector_map", "prefix_tokens")
+    with torch.inference_mode():
+        plain = {}
+        for ops in ("reference", "fused"):
+            model.ops = ops
+            plain[ops] = model.forward_with_intermediates(x, task="both")
+            with torch.autocast("cpu", BF16):
+                plain[ops, "autocast"] = model.forward_with_intermediates(x, task="both")
+        model.pack_weights()
+        fc1 = model.extractor.blocks[0].mlp.fc1
+        assert model.selector.packed_linears == "autocast" and is_packed(fc1) and _PACKS[fc1].get("autocast")
+        for ops in ("reference", "fused"):
+            model.ops = ops
+            packed = model.forward_with_intermediates(x, task="both")
+            for name in names:
+                assert torch.equal(packed[name], plain[ops][name]), (ops, name)
+        model.ops = "reference"  # the official computation under autocast too, packs or not
+        with torch.autocast("cpu", BF16):
+            packed = model.forward_with_intermediates(x, task="both")
+        for name in names:
+            assert torch.equal(packed[name], plain["reference", "autocast"][name]), name
+        model.ops = "fused"
+        with torch.autocast("cpu", BF16):
+            packed = model.forward_with_intermediates(x, task="both")
+        for name in ("cls_logits", "selector_map", "prefix_tokens"):
+            assert packed[name].dtype == plain["fused", "autocast"][name].dtype
+            assert rel_err(packed[name], plain["fused", "autocast"][name]) < 5e-2, name
+        model.pack_weights(False)
+        assert not model.selector.packed_linears and not is_packed(fc1)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_torch_compile_traces_the_plain_linear(kernel):
     """Under torch.compile (fullgraph) a packed module traces as F.linear: same values, no graph break."""

@@ -177,9 +177,10 @@ def linear(module: nn.Linear, x: torch.Tensor, rows: slice | None = None, *, sca
     plain torch ops. scale is (N,) and residual has the output's shape, both in x's dtype (under CPU autocast with
     float32 weights: the official layer's dtypes, the linear's output bf16 and scale / residual as they come)."""
     # Traced by torch.compile: plain F.linear (inductor packs weights itself under `freezing`; the table lookup and
-    # the version checks are eager-only bookkeeping).
+    # the version checks are eager-only bookkeeping). is_compiling() is asked first: dynamo never reads the weak
+    # table then (a guard on its contents went stale, IndexError, once packed modules were collected).
     # With oneDNN switched off (torch.backends.mkldnn.enabled = False) both kernels step aside, as F.linear's does.
-    packs = _PACKS.get(module) if _PACKS and not torch.compiler.is_compiling() else None
+    packs = None if torch.compiler.is_compiling() or not _PACKS else _PACKS.get(module)
     if packs is None or x.device.type != "cpu" or not torch._C._get_mkldnn_enabled() or (
             torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
         return _plain(module, x, rows, scale, residual)

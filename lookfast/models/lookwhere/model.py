@@ -173,12 +173,14 @@ class LookWhere(nn.Module):
         torch.bfloat16)`, where they give autocast's own linear results without re-casting every weight on every
         forward (memory: a bf16 copy of the linear weights); outside autocast a float32 model runs as unpacked.
         Does nothing where no kernel is available. enabled=False drops the packs. Returns self."""
-        from ..packed_linear import pack_linears, unpack_linears
+        from ..packed_linear import is_packed, pack_linears, unpack_linears
 
         linears = [m for part in (self.selector, self.extractor) for m in part.modules() if isinstance(m, nn.Linear)]
         if enabled:
             rows = self.config.k + self.extractor.num_prefix_tokens  # layout hint: one image's extractor tokens
-            self.selector.packed_linears = pack_linears(linears, batch_hint=rows) > 0
+            packed = pack_linears(linears, batch_hint=rows) > 0
+            autocast_only = packed and all(m.weight.dtype == torch.float32 for m in linears if is_packed(m))
+            self.selector.packed_linears = "autocast" if autocast_only else packed
         else:
             unpack_linears(linears)
             self.selector.packed_linears = False

@@ -46,15 +46,19 @@ class Selector(nn.Module):
                                           patch_size=patch_size, num_reg_tokens=num_reg_tokens, mlp=mlp,
                                           mlp_hidden=mlp_hidden, layer_scale=layer_scale)
         self.head = SelectorHead(dim, self.multiplier * self.multiplier)
-        # Set by LookWhere.pack_weights: the linears run on their packs (see packed_linear) unless forward says not.
-        self.packed_linears = False
+        # Set by LookWhere.pack_weights: the linears run on their packs (see packed_linear) unless forward says not;
+        # "autocast": float32 weights with autocast packs, used only under bf16 CPU autocast.
+        self.packed_linears: bool | str = False
 
     def forward(self, images: torch.Tensor, grid: int, packed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, H, W) -> (scores (B, grid*grid) row-major, prefix tokens (B, P, D) after the final norm).
         packed=False runs the official computation even when `LookWhere.pack_weights` packed the linears (ops
         "reference" asks for it); packed=True uses the packs when there are some."""
         b = images.shape[0]
-        packed = packed and self.packed_linears
+        packed = bool(packed and self.packed_linears)
+        if packed and self.packed_linears == "autocast":  # outside bf16 CPU autocast: the unpacked float32 path
+            packed = images.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
+                torch.get_autocast_dtype("cpu") == torch.bfloat16
         if packed:
             low = downsample_bilinear(images, self.img_size)
         else:

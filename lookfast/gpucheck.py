@@ -19,7 +19,8 @@
      G1, G2  top-k patch gather + embed + positions: lookfast (CUDA C++ = gather + cuBLAS + epilogue, Triton = one
              fused kernel) vs torch.compile(gather + linear).
      E1      exit_compact, n 256, 1000 classes, two states, half the rows exit: lookfast vs torch eager.
-   Prints one table and writes everything as JSON (`--json`, default gpucheck.json).
+   Prints one table and writes everything as JSON (`--json`, default gpucheck.json), saved again after the tests
+   and after every row ("partial": true until the end), so a run cut short keeps what it measured.
 Without a CUDA GPU it prints why and exits with status 2. Budget: under 8 minutes on one GPU (tests ~1-3 min and at
 most 4.5, compiles ~1-2 min, timing ~1 min); rows that would start after 7.5 minutes are listed as not timed.
 """
@@ -455,6 +456,14 @@ def device_report() -> dict:
     return info
 
 
+def _save(report: dict, path: str) -> None:
+    """Write the report as JSON, replacing the file whole each time (a reader never sees a half-written one)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(report, fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lookfast gpucheck", description=__doc__.split("\n")[0])
     parser.add_argument("--json", default="gpucheck.json", metavar="PATH", help="where to write the results")
@@ -488,6 +497,7 @@ def main(argv: Optional[list] = None) -> int:
             print(report["tests"]["output_tail"][-3000:])
             ok &= report["tests"]["status"] == 0
         print(f"tests: {report['tests']['status']}")
+        _save(report, args.json)
     results = []
     if not args.skip_bench:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -499,10 +509,17 @@ def main(argv: Optional[list] = None) -> int:
                     skipped.append(f"{case} {name}")
                     continue
                 print(f"timing {case} {name} ...", flush=True)
-                (row,) = build_rows(dtype, torch.device("cuda"), [case])
-                results.append(run_row(row))
-                del row
+                try:
+                    (row,) = build_rows(dtype, torch.device("cuda"), [case])
+                except Exception as exc:  # noqa: BLE001  (one row that cannot be set up does not stop the others)
+                    results.append({"id": case, "dtype": name, "shape": "", "flops": 0,
+                                    "peers": {"lookfast (row setup)": {"error": f"{type(exc).__name__}: {exc}"[:300]}}})
+                else:
+                    results.append(run_row(row))
+                    del row
                 torch.cuda.empty_cache()
+                # saved after every row: a run cut short (a device lease, a hang) keeps what it measured
+                _save(dict(report, bench=results, partial=True), args.json)
         if skipped:
             report["bench_skipped_for_time"] = skipped
             print(f"not timed (the {BUDGET_S} s budget was spent): {', '.join(skipped)}")
@@ -516,8 +533,7 @@ def main(argv: Optional[list] = None) -> int:
             print("lookfast rows with errors or mismatches: " + "; ".join(bad))
             ok = False
     report["seconds"] = time.perf_counter() - started
-    with open(args.json, "w") as fh:
-        json.dump(report, fh, indent=1, default=str)
+    _save(report, args.json)
     print(f"gpucheck {'passed' if ok else 'FAILED'} in {report['seconds']:.0f} s; results in {args.json}")
     return 0 if ok else 1
 

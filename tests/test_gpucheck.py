@@ -104,6 +104,39 @@ def test_main_loop_on_cpu_rows(tmp_path, monkeypatch, capsys):
     assert "lookfast Triton" in printed and "gpucheck passed" in printed
 
 
+def test_main_loop_survives_a_row_that_cannot_be_set_up_and_saves_each_row(tmp_path, monkeypatch, capsys):
+    # A row whose setup raises (an out-of-memory, a compile failure) is reported and the check goes on; the JSON is
+    # rewritten after every row, so a run cut short (a device lease ending) keeps the rows already measured.
+    import json
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(gpucheck, "device_report", lambda: {"device": "stand-in", "cuda_kernels": {}})
+    build = gpucheck.build_rows
+    out = tmp_path / "report.json"
+    seen = []
+
+    def flaky_build(dtype, device, only=None):
+        if out.exists():  # what the file held when this row started
+            seen.append([(r["id"], r["dtype"]) for r in json.loads(out.read_text())["bench"]])
+        if only == ["A2"]:
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        return build(dtype, torch.device("cpu"), only, compile_peer=False)
+
+    monkeypatch.setattr(gpucheck, "build_rows", flaky_build)
+    run = gpucheck.run_row
+    monkeypatch.setattr(gpucheck, "run_row", lambda row: run(row, timer=_fake_timer))
+    monkeypatch.setattr(gpucheck, "DTYPES", ("bfloat16",))
+    assert gpucheck.main(["--skip-tests", "--only", "A1", "A2", "E1", "--json", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert [(r["id"], r["dtype"]) for r in report["bench"]] == [("A1", "bfloat16"), ("A2", "bfloat16"),
+                                                               ("E1", "bfloat16")]
+    assert "out of memory" in report["bench"][1]["peers"]["lookfast (row setup)"]["error"]
+    assert "partial" not in report and seen == [[("A1", "bfloat16")], [("A1", "bfloat16"), ("A2", "bfloat16")]]
+    printed = capsys.readouterr().out
+    assert "A2 bfloat16 lookfast (row setup)" in printed and "gpucheck FAILED" in printed
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", ["A1", "A2", "A3"])

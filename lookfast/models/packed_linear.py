@@ -18,8 +18,9 @@ Two kernels, chosen per pack (`kernel=` of `pack_linears`; "auto" takes the firs
 - autocast packs: a float32 weight rounded once to bf16 (as autocast casts it) in oneDNN's blocked layout, used only
   under `torch.autocast("cpu", torch.bfloat16)`: bitwise autocast's own F.linear results (x and the bias cast to bf16
   per call, the output bf16; scale and residual then applied as plain torch ops, with torch's type promotion, as the
-  official layers do), without autocast's per-call cast of the weight (86 M float32 parameters read and rounded on
-  every LookWhere forward) and its re-blocking. Costs a bf16 copy of each packed weight (half its float32 bytes).
+  official layers do), without autocast's per-call cast of the weight (LookWhere: ~109 M float32 linear weights
+  read and rounded on every forward) and its re-blocking. Costs a bf16 copy of each packed weight (half its float32
+  bytes).
   Outside autocast these layers run as plain float32 F.linear.
 
 Contract:

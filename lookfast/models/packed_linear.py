@@ -103,10 +103,14 @@ def _rows_key(rows: slice | None):
     return None if rows is None else (rows.start, rows.stop)
 
 
-def _pack_entry(module: nn.Linear, rows: slice | None, batch_hint: int, kernel: str):
+def _pack_entry(module: nn.Linear, rows: slice | None, batch_hint: int, kernel: str, autocast: bool = False):
+    """(packed weight, bias or None, the packed source, its version). autocast: the float32 weight rounded once to
+    bf16, as autocast casts it, and no bias (cast per call, see linear)."""
     weight = module.weight.detach()
-    bias = None if module.bias is None else module.bias.detach()
+    bias = None if module.bias is None or autocast else module.bias.detach()
     w, b = (weight, bias) if rows is None else (weight[rows], None if bias is None else bias[rows])
+    if autocast:
+        w = w.to(torch.bfloat16)
     if kernel == "brgemm":
         packed = torch.ops.lookfast.pack_linear_weight(w)
     else:
@@ -114,24 +118,15 @@ def _pack_entry(module: nn.Linear, rows: slice | None, batch_hint: int, kernel: 
     return packed, b, weight, weight._version
 
 
-def _autocast_entry(module: nn.Linear, rows: slice | None, batch_hint: int):
-    """A float32 weight (rows) rounded once to bf16, as autocast casts it, in oneDNN's blocked layout. The bias is
-    cast per call (see linear)."""
-    weight = module.weight.detach()
-    w = (weight if rows is None else weight[rows]).to(torch.bfloat16)
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_hint), None, weight, weight._version
-
-
-def _autocast_packable(module: nn.Module) -> bool:
+def _packable(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> bool:
     w = getattr(module, "weight", None)
-    return (isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == torch.float32
+    return (isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == dtype
             and w.device.type == "cpu" and not w.is_inference())
 
 
-def _packable(module: nn.Module) -> bool:
-    w = getattr(module, "weight", None)
-    return (isinstance(module, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16
-            and w.device.type == "cpu" and not w.is_inference())
+def cpu_bf16_autocast() -> bool:
+    """Whether `torch.autocast("cpu", torch.bfloat16)` is active: where autocast packs are used."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def pack_linears(modules: Iterable[nn.Module], batch_hint: int = 256, kernel: str = "auto",
@@ -154,9 +149,9 @@ def pack_linears(modules: Iterable[nn.Module], batch_hint: int = 256, kernel: st
                 _PACKS[module] = {None: _pack_entry(module, None, batch_hint, kernel), "hint": batch_hint,
                                   "kernel": kernel}
                 count += 1
-            elif autocast and _autocast_packable(module) and packing_available():
-                _PACKS[module] = {None: _autocast_entry(module, None, batch_hint), "hint": batch_hint,
-                                  "kernel": "onednn", "autocast": True}
+            elif autocast and _packable(module, torch.float32) and packing_available():
+                _PACKS[module] = {None: _pack_entry(module, None, batch_hint, "onednn", autocast=True),
+                                  "hint": batch_hint, "kernel": "onednn", "autocast": True}
                 count += 1
     return count
 
@@ -185,23 +180,14 @@ def linear(module: nn.Linear, x: torch.Tensor, rows: slice | None = None, *, sca
     if packs is None or x.device.type != "cpu" or not torch._C._get_mkldnn_enabled() or (
             torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
         return _plain(module, x, rows, scale, residual)
-    if packs.get("autocast"):
+    autocast = bool(packs.get("autocast"))
+    if autocast:
         # float32 weights packed as bf16 for CPU autocast: what autocast's F.linear does (x, weight and bias cast to
         # bf16, one oneDNN GEMM with the bias in its epilogue), without casting the weight again on every call.
-        if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and x.dtype in (torch.float32, torch.bfloat16)):
+        if not (cpu_bf16_autocast() and x.dtype in (torch.float32, torch.bfloat16)):
             return _plain(module, x, rows, scale, residual)
         x = x.to(torch.bfloat16)
-        if x.dim() > 2 and module.bias is not None and not x.is_contiguous():
-            return _plain(module, x, rows, scale, residual)  # F.linear's matmul-then-add route (see below)
-        entry = _current_entry(module, packs, rows)
-        if entry is None:
-            return _plain(module, x, rows, scale, residual)
-        bias = None if module.bias is None else (module.bias if rows is None else module.bias[rows])
-        bias = None if bias is None else bias.to(torch.bfloat16)  # per call: (N,), and an edited bias is seen
-        out = torch.ops.mkldnn._linear_pointwise(x, entry[0], bias, "none", [], "")
-        return _epilogue(out, scale, residual)
-    if x.dtype != torch.bfloat16:
+    elif x.dtype != torch.bfloat16:
         return _plain(module, x, rows, scale, residual)
     brgemm = packs["kernel"] == "brgemm"
     # onednn: F.linear folds a contiguous (or <= 2-D) input into one GEMM with the bias in its epilogue, as the
@@ -218,7 +204,10 @@ def linear(module: nn.Linear, x: torch.Tensor, rows: slice | None = None, *, sca
         res2 = None if residual is None else residual.reshape(-1, n)
         out = torch.ops.lookfast.packed_linear(x2, entry[0], n, entry[1], scale, res2)
         return out.view(*x.shape[:-1], n)
-    out = torch.ops.mkldnn._linear_pointwise(x, entry[0], entry[1], "none", [], "")
+    bias = entry[1]
+    if autocast and module.bias is not None:  # per call: (N,), and an edited bias is seen
+        bias = (module.bias if rows is None else module.bias[rows]).to(torch.bfloat16)
+    out = torch.ops.mkldnn._linear_pointwise(x, entry[0], bias, "none", [], "")
     return _epilogue(out, scale, residual)
 
 
@@ -230,12 +219,11 @@ def _current_entry(module: nn.Linear, packs: dict, rows: slice | None):
     entry = packs.get(key)
     if entry is None or entry[2].data_ptr() != weight.data_ptr() or entry[3] != weight._version:
         autocast = bool(packs.get("autocast"))
-        if not (_autocast_packable(module) if autocast else _packable(module)):
+        if not _packable(module, torch.float32 if autocast else torch.bfloat16):
             _PACKS.pop(module, None)
             return None
         with torch.no_grad():
-            entry = packs[key] = (_autocast_entry(module, rows, packs["hint"]) if autocast
-                                  else _pack_entry(module, rows, packs["hint"], packs["kernel"]))
+            entry = packs[key] = _pack_entry(module, rows, packs["hint"], packs["kernel"], autocast)
     return entry
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..packed_linear import linear
+from ..packed_linear import cpu_bf16_autocast, linear
 from .vit import VisionTransformer
 
 
@@ -57,8 +57,7 @@ class Selector(nn.Module):
         b = images.shape[0]
         packed = bool(packed and self.packed_linears)
         if packed and self.packed_linears == "autocast":  # outside bf16 CPU autocast: the unpacked float32 path
-            packed = images.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
-                torch.get_autocast_dtype("cpu") == torch.bfloat16
+            packed = images.device.type == "cpu" and cpu_bf16_autocast()
         if packed:
             low = downsample_bilinear(images, self.img_size)
         else:

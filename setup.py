@@ -93,7 +93,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "ninja"],
     extras_require={
-        "triton": ["triton>=3.8"],
+        "triton": ["triton>=3.6"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "httpx"],
         # `python -m lookfast infer` and lookfast.images: image decoding, Parquet output, the progress bar.
         "infer": ["pillow", "pyarrow", "tqdm"],

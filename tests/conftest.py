@@ -84,9 +84,37 @@ def _fix_interpreter_bf16_rounding() -> None:
         setattr(builder_cls, name, lambda self, src, dst_type: self.cast_impl(src, dst_type))
 
 
+def _fix_interpreter_scalar_index() -> None:
+    """Triton's interpreter (3.6) turns a scalar tensor into a Python int (`range(0, n, BLOCK)` over a runtime `n`)
+    with `int(handle.data)`, and its scalars are 1-element arrays, which NumPy 2.4 no longer converts (TypeError:
+    only 0-dimensional arrays can be converted to Python scalars): every kernel with such a loop fails on CPU. Later
+    Triton squeezes the array first; do the same. Applied only where NumPy refuses (a probe) and the interpreter has
+    the hook this patches."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return  # this NumPy still converts 1-element arrays
+    except TypeError:
+        pass
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_bf16_dot()
     _fix_interpreter_bf16_rounding()
+    _fix_interpreter_scalar_index()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lookfast.kernels._launch import launch as _launch
 from lookfast.ops import topk_patch_gather as _family
 
 # Launch configurations (also the ones tests/test_topk_patch_gather.py compiles ahead of time for sm_80 / sm_90).
@@ -185,8 +186,6 @@ def patch_embed_kernel(img_ptr, idx_ptr, cu_ptr, w_ptr, bias_ptr, pos_ptr, out_p
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
-def _launch(kernel):
-    return torch.library.wrap_triton(kernel)
 
 
 def topk_indices(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lookfast.kernels._launch import launch as _launch
 from lookfast.ops import varlen_attention as _family
 
 _LOG2E = 1.4426950408889634
@@ -290,10 +291,6 @@ def _varlen_bwd_dq_kernel(
                     offs_dk, DK, BLOCK_DK)
 
 
-def _launch(kernel):
-    # The ops at the end of this file are opaque custom_ops: torch.compile never traces in here, so wrap_triton just
-    # launches (as in eager). It stays so the launchers also work inside a traced triton_op.
-    return torch.library.wrap_triton(kernel)
 
 
 def _pad_dim(d: int) -> int:

@@ -186,8 +186,6 @@ def patch_embed_kernel(img_ptr, idx_ptr, cu_ptr, w_ptr, bias_ptr, pos_ptr, out_p
 
 
 # ------------------------------------------------------------------------------------------------------ launchers
-
-
 def topk_indices(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, k) int64: the k best indices per row of scores (B, N), best first (ties to the lower index, NaN last).
     `out` (optional, contiguous (B, k) int64) receives the result."""

@@ -291,8 +291,6 @@ def _varlen_bwd_dq_kernel(
                     offs_dk, DK, BLOCK_DK)
 
 
-
-
 def _pad_dim(d: int) -> int:
     # tl.dot needs every dimension >= 16; narrower heads are zero-padded through masked loads
     return max(16, triton.next_power_of_2(d))
@@ -314,22 +312,23 @@ def fwd_config(dk: int, dv: int, dtype: torch.dtype) -> dict:
 def bwd_config(dk: int, dv: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch options of the two backward kernels (dk/dv and dq).
 
-    `num_warps` is the dq kernel's; `dkdv_num_warps`, where present, the dk/dv kernel's (else the same). Chosen from
-    ptxas reports of Triton 3.6 and 3.9 for sm_80 and sm_90 (tests/test_varlen_attention_triton.py, AOT): no spills
-    on either. Triton 3.6 spills 4 bytes in dq at head dim <= 32 in bf16/fp16 with 4 warps (sm_90) and in dk/dv at
-    head dim 64 in fp32 with 4 warps (sm_80), hence 8 and 2 warps there.
+    `num_warps` is the dq kernel's, `dkdv_num_warps` the dk/dv kernel's (a `_config` without it uses num_warps).
+    Chosen from ptxas reports of Triton 3.6 and 3.9 for sm_80 and sm_90 (tests/test_varlen_attention_triton.py, AOT):
+    no spills on either. Triton 3.6 spills 4 bytes in dq at head dim <= 32 in bf16/fp16 with 4 warps (sm_90) and in
+    dk/dv at head dim 64 in fp32 with 4 warps (sm_80), hence 8 and 2 warps there.
     """
     d = max(_pad_dim(dk), _pad_dim(dv))
     wide = dtype == torch.float32
     if d <= 32:
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4 if wide else 8, num_stages=1)
-    if d <= 64:
-        if wide:
-            return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, dkdv_num_warps=2, num_stages=1)
-        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
-    if d <= 128:
-        return dict(BLOCK_M=16, BLOCK_N=16 if wide else 32, num_warps=8 if wide else 4, num_stages=1)
-    return dict(BLOCK_M=16, BLOCK_N=16 if wide else 32, num_warps=8, num_stages=1)
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4 if wide else 8)
+    elif d <= 64:
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, dkdv_num_warps=2) if wide else \
+            dict(BLOCK_M=32, BLOCK_N=64, num_warps=4)
+    elif d <= 128:
+        cfg = dict(BLOCK_M=16, BLOCK_N=16 if wide else 32, num_warps=8 if wide else 4)
+    else:
+        cfg = dict(BLOCK_M=16, BLOCK_N=16 if wide else 32, num_warps=8)
+    return {"dkdv_num_warps": cfg["num_warps"], **cfg, "num_stages": 1}
 
 
 def _check(q, k, v, cu_q, cu_k):
@@ -397,6 +396,7 @@ def varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlen
         # keys of samples with no query get zero gradients; so do all of them when there is no query at all
         return dq, dk.zero_(), dv.zero_()
     cfg = dict(_config or bwd_config(dk_dim, dv_dim, q.dtype))
+    cfg.setdefault("dkdv_num_warps", cfg["num_warps"])
     group = heads // kv_heads
     bdk, bdv = _pad_dim(dk_dim), _pad_dim(dv_dim)
     ieee = q.dtype == torch.float32
@@ -414,7 +414,7 @@ def varlen_attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlen
             total_q, group, float(softmax_scale), dk_dim, dv_dim,
             CAUSAL=bool(causal), IEEE=ieee,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_DK=bdk, BLOCK_DV=bdv,
-            num_warps=cfg.get("dkdv_num_warps", cfg["num_warps"]), num_stages=cfg["num_stages"],
+            num_warps=cfg["dkdv_num_warps"], num_stages=cfg["num_stages"],
         )
     _launch(_varlen_bwd_dq_kernel)[(_grid_rows(max_seqlen_q, cfg["BLOCK_M"]), batch, heads)](
         q, k, v, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,

@@ -299,7 +299,7 @@ def _aot_cases():
                                                                          "group")},
                           sm_scale="fp32")
             bconst = dict(common, BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"])
-            dkdv_launch = dict(bw, num_warps=bw.get("dkdv_num_warps", bw["num_warps"]))
+            dkdv_launch = dict(bw, num_warps=bw["dkdv_num_warps"])
             cases.append(("_varlen_bwd_dkdv_kernel", dkdv_sig, bconst, dkdv_launch, f"dkdv-{tname}-d{d}"))
             cases.append(("_varlen_bwd_dq_kernel", dq_sig, bconst, bw, f"dq-{tname}-d{d}"))
             delta_sig = dict(Out=ptr, dOut=ptr, Delta="*fp32",

@@ -117,6 +117,41 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_scalar_index()
 
 
+# ------------------------------------------------------------------------------ CUDA kernels on the CPU emulator
+_EMULATOR_ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
+_emulator_setting: str | None = None
+
+
+def pytest_configure(config):
+    """LOOKFAST_TEST_CUDA_EMULATOR=<sm>[,<order>] (sm 90, 80 or 75; order forward, reverse or shuffled): for this
+    whole run, lookfast's library ops that have CUDA kernels run those kernels (with their host code) on CPU tensors,
+    in the CUDA emulator of tests/cuda_emulator, in place of the C++ CPU kernels; every op test of the `library`
+    backend then tests the CUDA kernels. .ci/run does it for the op test files."""
+    global _emulator_setting
+    spec = os.environ.get("LOOKFAST_TEST_CUDA_EMULATOR", "")
+    if not spec:
+        return
+    sm, _, order = spec.partition(",")
+    order = order or "forward"
+    if sm not in ("90", "80", "75") or order not in _EMULATOR_ORDERS:
+        raise pytest.UsageError(f"LOOKFAST_TEST_CUDA_EMULATOR={spec!r}: want <90|80|75>[,forward|reverse|shuffled]")
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emulator"))
+    import build
+
+    build.load(override=True)
+    torch.ops.lookfast_cuda_emu_control.configure(int(sm), _EMULATOR_ORDERS[order], 0)
+    _emulator_setting = f"sm_{sm}, threads in {order} order"
+
+
+def pytest_report_header(config):
+    if _emulator_setting is not None:
+        return (f"lookfast: the library ops with CUDA kernels run them in the CPU emulator ({_emulator_setting}), "
+                "in place of the C++ CPU kernels")
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     # runs of the `backend` fixture on CUDA tensors need a GPU like the marked tests: mark them, so that `-m gpu`
     # (python -m lookfast gpucheck) selects them too

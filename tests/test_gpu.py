@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lookfast
 from lookfast import _backend
+from cuda_cases import ATTN, gather_linear, patch_problem, within_rule
 from oracles import varlen_attention as reference
 from test_varlen_attention_triton import make_case, reference_lowp
 from varlen_inputs import check_outputs_fully_written
@@ -37,30 +37,6 @@ def cuda_kernels_expected(backend, dtype, dk, dv):
     if (major, minor) in ((8, 0), (9, 0)) or max(dk, dv) <= 64:
         return {"mma"}
     return {"mma", "simt"}  # wide heads on GPUs with less shared memory (sm_86/89): a one-time warning says which
-
-
-def within_rule(got, torch_same_dtype, truth, factor, what):
-    truth = truth.double().cpu()
-    err = (got.double().cpu() - truth).abs().max().item()
-    base = (torch_same_dtype.double().cpu() - truth).abs().max().item()
-    slack = ((truth + 0.3 - 0.3).to(got.dtype).double() - truth).abs().max().item()
-    assert err <= factor * base + slack, f"{what}: error {err:.3e} > {factor} x torch's {base:.3e} (+{slack:.1e})"
-
-
-# (lens_q, lens_k, heads, kv_heads, dk, dv, causal): ragged with 0 and 1, GQA (4 query heads on 2 and on 1 kv heads),
-# Lq > Lk and Lq < Lk; width 8 is the Dyn-Perceiver z->x path; the tensor cores pad max(dk, dv) to DP = 16 (8),
-# 32, 64 (40 / 24) or 128 (72 / 40, 98, 128); multi-tile samples (> 64 queries and keys) in every kernel, causal and not
-ATTN = [
-    ([5, 0, 1, 300, 129, 700], [170, 3, 0, 300, 64, 64], 4, 2, 64, 64, False),
-    ([5, 0, 1, 300, 129, 700], [170, 3, 0, 300, 64, 64], 4, 2, 64, 64, True),
-    ([1, 3136, 17], [64, 64, 0], 2, 1, 8, 8, False),
-    ([40, 3, 97], [12, 130, 97], 3, 3, 98, 98, True),
-    ([128] * 4, [49] * 4, 1, 1, 32, 32, False),
-    ([0, 1, 200, 65, 7], [4, 1, 130, 200, 0], 4, 1, 128, 128, True),
-    ([0, 1, 200, 65, 7], [4, 1, 130, 200, 0], 4, 1, 128, 128, False),
-    ([3, 150, 1, 64], [0, 150, 77, 64], 2, 2, 40, 72, True),
-    ([3, 150, 1, 64], [0, 150, 77, 64], 2, 2, 40, 24, False),
-]
 
 
 @pytest.mark.parametrize("backend", ["cuda", "cuda-simt", "triton"])
@@ -109,21 +85,11 @@ def test_varlen_attention_cuda_writes_every_element(dk, dv, dtype, mma, monkeypa
     check_outputs_fully_written([3, 0, 1, 130, 70], [5, 2, 0, 1, 140], 4, 2, dk, dv, dtype, device="cuda")
 
 
-def _patch_problem(dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    b, c, p, gh, gw, d = 3, 3, 14, 9, 13, 96
-    images = torch.randn(b, c, gh * p, gw * p, generator=g)
-    weight = torch.randn(d, c, p, p, generator=g) / (c * p)
-    bias, pos = torch.randn(d, generator=g), torch.randn(gh * gw, d, generator=g)
-    scores = torch.randn(b, gh * gw, generator=g)
-    return [t.to(dtype) for t in (images, weight, bias, pos)] + [scores], p
-
-
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", LOW, ids=IDS)
 def test_topk_patch_gather(dtype, backend, seed, monkeypatch):
     monkeypatch.setenv("LOOKFAST_GPU_BACKEND", backend)
-    (images, weight, bias, pos, scores), p = _patch_problem(dtype, seed)
+    (images, weight, bias, pos, scores), p = patch_problem(dtype, seed)
     k = 37
     leaves = [t.cuda().requires_grad_() for t in (images, weight, bias, pos)]
     _backend.last_backend.clear()
@@ -134,16 +100,11 @@ def test_topk_patch_gather(dtype, backend, seed, monkeypatch):
     grad = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     got_grads = torch.autograd.grad(tokens, leaves, grad.cuda())
 
-    def plain(imgs, w, bb, pe):  # gather + linear + positions, every op in the leaves' dtype
-        b, c, h, wd = imgs.shape
-        patches = imgs.unfold(2, p, p).unfold(3, p, p)[torch.arange(b)[:, None], :, idx // (wd // p), idx % (wd // p)]
-        return F.linear(patches.reshape(b, k, -1), w.reshape(w.shape[0], -1), bb) + pe[idx]
-
     t64 = [t.double().requires_grad_() for t in (images, weight, bias, pos)]
-    truth = plain(*t64)
+    truth = gather_linear(*t64, idx, p)
     truth_grads = torch.autograd.grad(truth, t64, grad.double())
     tl_ = [t.clone().requires_grad_() for t in (images, weight, bias, pos)]
-    same = plain(*tl_)
+    same = gather_linear(*tl_, idx, p)
     same_grads = torch.autograd.grad(same, tl_, grad)
     assert tokens.dtype == dtype
     within_rule(tokens, same, truth, 2, "tokens")

@@ -19,19 +19,21 @@ def make_varlen(lens_q, lens_k, heads, kv_heads, dh, dv, dtype=torch.float32, st
     return q, k, v, cu_q, cu_k, max(lens_q, default=0), max(lens_k, default=0)
 
 
-def check_outputs_fully_written(lens_q, lens_k, heads, kv_heads, dh, dv, dtype, device="cpu"):
-    """Forward and backward of the library op (scale 0.3, causal and not) over NaN-filled free memory of `device`:
+def check_outputs_fully_written(lens_q, lens_k, heads, kv_heads, dh, dv, dtype, device="cpu", ops=None):
+    """Forward and backward of the library op (`ops`: torch.ops.lookfast unless given; scale 0.3, causal and not) over
+    NaN-filled free memory of `device`:
     no NaN in out/lse/dq/dk/dv, so no element went unwritten; a sample with no keys gives zeros and -inf lse and zero
     dq (of the last call, causal), and the keys of a sample with no queries get zero gradients."""
     for n in (1 << 16, 1 << 18, 1 << 20):  # the allocator's free blocks (CPU, or the CUDA caching allocator), NaN first
         junk = [torch.full((n,), float("nan"), device=device) for _ in range(3)]
         del junk
+    ops = torch.ops.lookfast if ops is None else ops
     q, k, v, cu_q, cu_k, mq, mk = make_varlen(lens_q, lens_k, heads, kv_heads, dh, dv, dtype)
     q, k, v, cu_q, cu_k = (t.to(device) for t in (q, k, v, cu_q, cu_k))
     for causal in (False, True):
-        out, lse = torch.ops.lookfast.varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, 0.3, causal)
+        out, lse = ops.varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, 0.3, causal)
         assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-        grads = torch.ops.lookfast.varlen_attention_bwd(out.clone(), q, k, v, out, lse, cu_q, cu_k, mq, mk, 0.3, causal)
+        grads = ops.varlen_attention_bwd(out.clone(), q, k, v, out, lse, cu_q, cu_k, mq, mk, 0.3, causal)
         for g in grads:
             assert not torch.isnan(g).any()
     cq, ck = cu_q.tolist(), cu_k.tolist()

@@ -8,10 +8,14 @@
 // Softmax is online (running max and sum in registers, cuda/online_softmax.cuh; the masking rule and conventions are
 // shared with the CPU kernel through common/varlen_attention.h).
 //
-// Backward (race-free, deterministic, no atomics): (1) the dq kernel, per query, also computes
-// delta = rowsum(dout * out) and stores it in an fp32/fp64 scratch (H, total_q); (2) the dk/dv kernel, per key,
-// loops over the H/Hk query heads that share its kv head and over the query tiles that can see it. Every output
-// element has exactly one writer. Probabilities are recomputed from the saved log-sum-exp.
+// Backward (race-free, deterministic, no atomics): (1) the dq kernel, per query, recomputes the softmax statistics
+// (row max m and sum l, in the accumulation type) in a first pass over the keys, then accumulates dq with
+// p = exp(s - m) / l, and stores m, 1/l and delta = rowsum(dout * out) in an fp32/fp64 scratch (3, H, total_q);
+// (2) the dk/dv kernel, per key, loops over the H/Hk query heads that share its kv head and over the query tiles that
+// can see it, with the same p. Every output element has exactly one writer. The forward's float32 lse is not used:
+// exp(s - lse) inherits lse's float32 rounding (~ulp(|lse|) relative error in every p), which capped float64
+// gradients at ~1e-7 and made float32 dk/dv up to ~3.5x less accurate than torch's own float32 attention (found by
+// the CPU emulator of tests/cuda_emulator); the CPU kernel normalises the same way.
 //
 // bf16/fp16 forwards and backwards with head dims <= 128 on sm_80+ run on the tensor cores instead
 // (varlen_attention_mma.cu and varlen_attention_mma_bwd.cu: wmma fragments, fp32 accumulation and softmax statistics,
@@ -58,6 +62,7 @@ std::atomic<const char*> g_last_kernel[2] = {"", ""};
 
 constexpr int kThreads = 128;
 constexpr int kChunk = 8;                    // keys scored before one online-softmax rescale
+constexpr int kSumChunk = 32;                // backward sums in two levels: chunks of 32 terms, then the chunks
 constexpr int kSmemBudget = 48 * 1024;       // static limit, no opt-in needed on any arch
 
 template <int TPQ, typename T>
@@ -219,12 +224,14 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_fwd_kernel(
 }
 
 // ------------------------------------------------------------------------------------------------------ backward
-// dq (and delta) per query: dq = scale * sum_j p_ij (dp_ij - delta_i) k_j, p_ij = exp(scale q_i.k_j - lse_i)
+// dq (and the row statistics) per query: dq = scale * sum_j p_ij (dp_ij - delta_i) k_j, p_ij = exp(s_ij - m_i) / l_i
+// with s_ij = scale q_i.k_j, m_i its max over the visible keys and l_i = sum_j exp(s_ij - m_i). `stats` (3, H,
+// total_q): m, 1 / l and delta per query, for the dk/dv kernel.
 template <typename scalar_t, typename acc_t, int DPT, int TPQ>
 __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
     const scalar_t* __restrict__ dout, const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-    const scalar_t* __restrict__ v, const scalar_t* __restrict__ out, const float* __restrict__ lse,
-    scalar_t* __restrict__ dq, acc_t* __restrict__ delta_out, const int* __restrict__ cu_q,
+    const scalar_t* __restrict__ v, const scalar_t* __restrict__ out, scalar_t* __restrict__ dq,
+    acc_t* __restrict__ stats, const int* __restrict__ cu_q,
     const int* __restrict__ cu_k, int64_t sq_t, int64_t sq_h, int64_t sk_t, int64_t sk_h, int64_t sv_t, int64_t sv_h,
     int64_t so_t, int64_t so_h, int64_t total_q, int group, int dk, int dv, acc_t scale, bool causal, int tile_n) {
   constexpr int DP = DPT * TPQ;
@@ -255,26 +262,55 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
 #pragma unroll
       for (int e = 0; e < DPT; ++e) part += orow[e] * dor[e];
       const acc_t delta = group_sum<TPQ>(part);
-      if (valid && lane == 0) delta_out[h * total_q + s.q0 + i] = delta;
 #pragma unroll
       for (int e = 0; e < DPT; ++e) gq[e] = 0;
-      const acc_t row_lse = valid ? static_cast<acc_t>(lse[h * total_q + s.q0 + i]) : acc_t(0);
       const int64_t n_vis = valid ? varlen::causal_key_end(i, s.lq, s.lk, causal) : 0;
       const int64_t last_q = (m0 + QPB < s.lq ? m0 + QPB : s.lq) - 1;
       const int64_t n_end = varlen::causal_key_end(last_q, s.lq, s.lk, causal);
+      // pass 1: the row's max and sum (online), in acc_t
+      acc_t m = osm::neg_inf<acc_t>(), l = 0;
       for (int64_t n0 = 0; n0 < n_end; n0 += tile_n) {
         const int cnt = static_cast<int>(n_end - n0 < tile_n ? n_end - n0 : tile_n);
         stage_kv_tile<DP>(ks, vs, k, v, s, n0, cnt, resident, staged, sk_t, kvh * sk_h, sv_t, kvh * sv_h, dk,
                           dv);
         for (int j = 0; j < cnt; ++j) {
           const acc_t sc = dot_smem<DPT, TPQ>(qr, ks + j * DP, lane) * scale;
-          const acc_t dp = dot_smem<DPT, TPQ>(dor, vs + j * DP, lane);
-          // visible keys have a finite lse; others weigh 0 (no exp of +inf is ever taken)
-          const acc_t p = n0 + j < n_vis ? osm::exp_(sc - row_lse) : acc_t(0);
-          const acc_t ds = p * (dp - delta);
-          const acc_t* krow = ks + j * DP;
+          if (n0 + j < n_vis) {
+            const acc_t m_new = m > sc ? m : sc;
+            l = l * osm::rescale(m, m_new) + osm::weight(sc, m_new);
+            m = m_new;
+          }
+        }
+      }
+      const acc_t inv_l = osm::inv_sum(l);
+      if (valid && lane == 0) {
+        const int64_t at = h * total_q + s.q0 + i, plane = int64_t(gridDim.z) * total_q;  // grid z: the H heads
+        stats[at] = m;
+        stats[plane + at] = inv_l;
+        stats[2 * plane + at] = delta;
+      }
+      // pass 2: dq
+      for (int64_t n0 = 0; n0 < n_end; n0 += tile_n) {
+        const int cnt = static_cast<int>(n_end - n0 < tile_n ? n_end - n0 : tile_n);
+        stage_kv_tile<DP>(ks, vs, k, v, s, n0, cnt, resident, staged, sk_t, kvh * sk_h, sv_t, kvh * sv_h, dk,
+                          dv);
+        for (int j0 = 0; j0 < cnt; j0 += kSumChunk) {
+          acc_t part_q[DPT];
 #pragma unroll
-          for (int e = 0; e < DPT; ++e) gq[e] += ds * krow[e * TPQ + lane];
+          for (int e = 0; e < DPT; ++e) part_q[e] = 0;
+          const int j1 = j0 + kSumChunk < cnt ? j0 + kSumChunk : cnt;
+          for (int j = j0; j < j1; ++j) {
+            const acc_t sc = dot_smem<DPT, TPQ>(qr, ks + j * DP, lane) * scale;
+            const acc_t dp = dot_smem<DPT, TPQ>(dor, vs + j * DP, lane);
+            // visible keys have a finite max; others weigh 0 (no exp of +inf is ever taken)
+            const acc_t p = n0 + j < n_vis ? osm::exp_(sc - m) * inv_l : acc_t(0);
+            const acc_t ds = p * (dp - delta);
+            const acc_t* krow = ks + j * DP;
+#pragma unroll
+            for (int e = 0; e < DPT; ++e) part_q[e] += ds * krow[e * TPQ + lane];
+          }
+#pragma unroll
+          for (int e = 0; e < DPT; ++e) gq[e] += part_q[e];
         }
       }
     }
@@ -288,8 +324,8 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
 template <typename scalar_t, typename acc_t, int DPT, int TPQ>
 __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dkdv_kernel(
     const scalar_t* __restrict__ dout, const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-    const scalar_t* __restrict__ v, const float* __restrict__ lse, const acc_t* __restrict__ delta,
-    scalar_t* __restrict__ dk_out, scalar_t* __restrict__ dv_out, const int* __restrict__ cu_q,
+    const scalar_t* __restrict__ v, const acc_t* __restrict__ stats, scalar_t* __restrict__ dk_out,
+    scalar_t* __restrict__ dv_out, const int* __restrict__ cu_q,
     const int* __restrict__ cu_k, int64_t sq_t, int64_t sq_h, int64_t sk_t, int64_t sk_h, int64_t sv_t, int64_t sv_h,
     int64_t so_t, int64_t so_h, int64_t total_q, int group, int dk, int dv, acc_t scale, bool causal, int tile_m) {
   constexpr int DP = DPT * TPQ;
@@ -297,8 +333,9 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dkdv_kernel(
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* qs = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* dos = qs + tile_m * DP;
-  acc_t* lses = dos + tile_m * DP;
-  acc_t* deltas = lses + tile_m;
+  acc_t* maxes = dos + tile_m * DP;  // the query tile's m, 1 / l and delta (from the dq kernel)
+  acc_t* inv_sums = maxes + tile_m;
+  acc_t* deltas = inv_sums + tile_m;
 
   const int kvh = blockIdx.z;
   const Bounds s = sample_bounds(cu_q, cu_k, blockIdx.y);
@@ -323,22 +360,36 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dkdv_kernel(
         stage_rows<DP>(qs, q, s.q0 + m0, cnt, sq_t, h * sq_h, dk);
         stage_rows<DP>(dos, dout, s.q0 + m0, cnt, so_t, h * so_h, dv);
         for (int r = threadIdx.x; r < cnt; r += blockDim.x) {
-          lses[r] = static_cast<acc_t>(lse[h * total_q + s.q0 + m0 + r]);
-          deltas[r] = delta[h * total_q + s.q0 + m0 + r];
+          const int64_t at = h * total_q + s.q0 + m0 + r, plane = int64_t(group) * gridDim.z * total_q;  // H * total_q
+          maxes[r] = stats[at];
+          inv_sums[r] = stats[plane + at];
+          deltas[r] = stats[2 * plane + at];
         }
         __syncthreads();
-        for (int r = 0; r < cnt; ++r) {
-          const acc_t* qrow = qs + r * DP;
-          const acc_t* dorow = dos + r * DP;
-          const acc_t sc = dot_smem<DPT, TPQ>(kr, qrow, lane) * scale;
-          const acc_t dp = dot_smem<DPT, TPQ>(vr, dorow, lane);
-          const bool seen = valid && (!causal || m0 + r >= j - shift);
-          const acc_t p = seen ? osm::exp_(sc - lses[r]) : acc_t(0);
-          const acc_t ds = p * (dp - deltas[r]);
+        // two-level sums (chunks of kSumChunk queries): thousands of (query, head) terms per key are no one chain
+        for (int r0 = 0; r0 < cnt; r0 += kSumChunk) {
+          acc_t part_k[DPT], part_v[DPT];
+#pragma unroll
+          for (int e = 0; e < DPT; ++e) part_k[e] = part_v[e] = 0;
+          const int r1 = r0 + kSumChunk < cnt ? r0 + kSumChunk : cnt;
+          for (int r = r0; r < r1; ++r) {
+            const acc_t* qrow = qs + r * DP;
+            const acc_t* dorow = dos + r * DP;
+            const acc_t sc = dot_smem<DPT, TPQ>(kr, qrow, lane) * scale;
+            const acc_t dp = dot_smem<DPT, TPQ>(vr, dorow, lane);
+            const bool seen = valid && (!causal || m0 + r >= j - shift);
+            const acc_t p = seen ? osm::exp_(sc - maxes[r]) * inv_sums[r] : acc_t(0);
+            const acc_t ds = p * (dp - deltas[r]);
+#pragma unroll
+            for (int e = 0; e < DPT; ++e) {
+              part_v[e] += p * dorow[e * TPQ + lane];
+              part_k[e] += ds * qrow[e * TPQ + lane];
+            }
+          }
 #pragma unroll
           for (int e = 0; e < DPT; ++e) {
-            gv[e] += p * dorow[e * TPQ + lane];
-            gk[e] += ds * qrow[e * TPQ + lane];
+            gv[e] += part_v[e];
+            gk[e] += part_k[e];
           }
         }
       }
@@ -496,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor delta = at::empty({heads, total_q}, q.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    at::Tensor stats = at::empty({3, heads, total_q}, q.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     dispatch_width<true>(dk > dv ? dk : dv, [&](auto dpt, auto tpq) {
       constexpr int DPT = decltype(dpt)::value, TPQ = decltype(tpq)::value;
       constexpr int DP = DPT * TPQ;
@@ -509,21 +560,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
         const dim3 grid(gx, batch, heads);
         varlen_bwd_dq_kernel<scalar_t, acc_t, DPT, TPQ><<<grid, kThreads, smem, stream>>>(
             dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-            v.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(),
-            dq.mutable_data_ptr<scalar_t>(), delta.mutable_data_ptr<acc_t>(), cu_q.const_data_ptr<int>(),
+            v.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), dq.mutable_data_ptr<scalar_t>(),
+            stats.mutable_data_ptr<acc_t>(), cu_q.const_data_ptr<int>(),
             cu_k.const_data_ptr<int>(), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), out.stride(0), out.stride(1), total_q, group, static_cast<int>(dk), static_cast<int>(dv),
             scale, causal, tile_n);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (k.size(0) > 0) {
-        const int tile_m = tile_rows(max_seqlen_q, (2 * DP + 2) * sizeof(acc_t));
-        const size_t smem = size_t(tile_m) * (2 * DP + 2) * sizeof(acc_t);
+        const int tile_m = tile_rows(max_seqlen_q, (2 * DP + 3) * sizeof(acc_t));
+        const size_t smem = size_t(tile_m) * (2 * DP + 3) * sizeof(acc_t);
         const dim3 grid(grid_x(max_seqlen_k, kThreads / TPQ), batch, k.size(1));
         varlen_bwd_dkdv_kernel<scalar_t, acc_t, DPT, TPQ><<<grid, kThreads, smem, stream>>>(
             dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-            v.const_data_ptr<scalar_t>(), lse.const_data_ptr<float>(), delta.const_data_ptr<acc_t>(),
-            dk_t.mutable_data_ptr<scalar_t>(), dv_t.mutable_data_ptr<scalar_t>(), cu_q.const_data_ptr<int>(),
+            v.const_data_ptr<scalar_t>(), stats.const_data_ptr<acc_t>(), dk_t.mutable_data_ptr<scalar_t>(), dv_t.mutable_data_ptr<scalar_t>(), cu_q.const_data_ptr<int>(),
             cu_k.const_data_ptr<int>(), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), out.stride(0), out.stride(1), total_q, group, static_cast<int>(dk), static_cast<int>(dv),
             scale, causal, tile_m);

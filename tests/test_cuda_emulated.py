@@ -1,0 +1,136 @@
+"""lookfast's CUDA kernels (csrc/cuda) with their host code, run on the CPU by the CUDA emulator of
+tests/cuda_emulator (every CUDA thread a coroutine; barriers, shuffles, wmma tensor-core fragments and launch limits
+emulated and checked), held to what the GPU tests (test_gpu.py) hold them to: float64 math, FlashAttention's rule for
+bf16/fp16 and fp32 (forward error at most 2x, gradients 3x those of plain PyTorch in the same dtype), every output
+element written. The emulated GPU is an sm_90 (H100/H200: 227 KB of shared memory per block) or an sm_80 (A100: 163
+KB), or an sm_75 (no bf16 tensor cores: the SIMT kernels). Threads run forward, in reverse or shuffled between
+barriers, and every order must give bitwise the same results (a result that depends on it reads another thread's
+shared-memory writes without a barrier: a race on a GPU).
+
+What this cannot check: speed, nvcc's code generation (test_check_cuda_build.py, where nvcc exists), the tensor
+cores' own summation order (the emulator sums each 16x16x16 product in order, in fp32), and races that no thread
+order exposes. The same kernels also run every op test of the suite when LOOKFAST_TEST_CUDA_EMULATOR is set
+(tests/conftest.py; .ci/run does it)."""
+import math
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+import lookfast  # noqa: F401  (loads the CPU library: the oracles' comparisons use it)
+from cuda_cases import ATTN, within_rule
+from oracles import rel_err, varlen_attention as reference
+from test_varlen_attention_triton import make_case, reference_lowp
+from varlen_inputs import check_outputs_fully_written
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emulator"))
+import build as emulator_build  # noqa: E402
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """torch.ops.lookfast_cuda_emu: lookfast's op schemas with the emulated CUDA kernels (built once, ~1 minute)."""
+    ops = emulator_build.load()
+    yield ops
+    configure()
+
+
+def configure(sm=90, order=0, seed=0):
+    torch.ops.lookfast_cuda_emu_control.configure(sm, order, seed)
+
+
+def last_kernel(backward):
+    return torch.ops.lookfast_cuda_emu_diag.varlen_attention_last_kernel(backward)
+
+
+def attention_both_ways(emu, case, dtype, seed):
+    """Forward and backward of ATTN[case] on the emulated kernels: (out, lse, (dq, dk, dv)), with the inputs."""
+    lens_q, lens_k, heads, kv_heads, dk, dv, causal = ATTN[case]
+    q, k, v, cu_q, cu_k = make_case(lens_q, lens_k, heads, kv_heads, dk, dv, dtype, seed)
+    scale = 1.0 / math.sqrt(dk)
+    out, lse = emu.varlen_attention_fwd(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), scale, causal)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    grads = emu.varlen_attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max(lens_q), max(lens_k), scale, causal)
+    return (q, k, v, cu_q, cu_k, scale, causal, dout), (out, lse, grads)
+
+
+# the kernel family each setting must run: tensor cores for bf16/fp16 with head dims <= 128 on sm_80+ (the tiles fit
+# in both GPUs' shared memory), the SIMT kernels otherwise
+PATHS = {"sm90": (90, "1"), "sm80": (80, "1"), "sm75": (75, "1"), "simt": (90, "0")}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", range(len(ATTN)))
+def test_varlen_attention(emu, case, dtype, path, seed, monkeypatch):
+    sm, mma = PATHS[path]
+    if dtype == torch.float32 and path != "sm90":
+        pytest.skip("float32 runs the SIMT kernels whatever the GPU: covered by the sm90 case")
+    configure(sm)
+    monkeypatch.setenv("LOOKFAST_CUDA_MMA", mma)
+    (q, k, v, cu_q, cu_k, scale, causal, dout), (out, lse, grads) = attention_both_ways(emu, case, dtype, seed)
+    dk, dv = ATTN[case][4:6]
+    want = "mma" if dtype != torch.float32 and mma == "1" and sm >= 80 and max(dk, dv) <= 128 else "simt"
+    assert (last_kernel(False), last_kernel(True)) == (want, want)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    truth, truth_lse = reference(q64, k64, v64, cu_q, cu_k, scale, causal)
+    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), dout.double())
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    same = reference_lowp(ql, kl, vl, cu_q, cu_k, scale, causal)  # plain torch in `dtype`
+    same_grads = torch.autograd.grad(same, (ql, kl, vl), dout)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    within_rule(out, same, truth, 2, "out")
+    assert rel_err(lse, truth_lse) < 1e-5  # lse from the rounded inputs, fp32 statistics
+    for name, g, s, t in zip("qkv", grads, same_grads, truth_grads):
+        assert g.dtype == dtype
+        within_rule(g, s, t, 3, f"d{name}")
+
+
+@pytest.mark.parametrize("case", [0, 3, 5])
+def test_varlen_attention_float64_is_float64_throughout(emu, case, seed):
+    configure(90)
+    (q, k, v, cu_q, cu_k, scale, causal, dout), (out, lse, grads) = attention_both_ways(emu, case, torch.float64, seed)
+    assert last_kernel(False) == last_kernel(True) == "simt"
+    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
+    truth, _ = reference(q64, k64, v64, cu_q, cu_k, scale, causal)
+    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), dout)
+    assert rel_err(out, truth) < 1e-12
+    for name, g, t in zip("qkv", grads, truth_grads):
+        assert rel_err(g, t) < 1e-11, name
+
+
+# every family of kernel: tensor cores (bf16, head dims padded to 128 and to 64 with dk != dv), SIMT in fp32 and in
+# bf16, each forward and backward, causal multi-tile samples
+ORDER_CASES = [(5, torch.bfloat16, "1"), (7, torch.float16, "1"), (5, torch.float32, "1"), (3, torch.bfloat16, "0")]
+
+
+@pytest.mark.parametrize("case, dtype, mma", ORDER_CASES)
+def test_thread_order_does_not_change_results(emu, case, dtype, mma, seed, monkeypatch):
+    monkeypatch.setenv("LOOKFAST_CUDA_MMA", mma)
+    results = []
+    for order in (0, 1, 2):
+        configure(90, order, seed)
+        _, (out, lse, grads) = attention_both_ways(emu, case, dtype, seed)
+        results.append([out, lse, *grads])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert same_bits(a, b)
+
+
+def same_bits(a, b):
+    """Bitwise equality (NaN, -inf and signed zeros included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8),
+                                                                     b.contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("mma", ["1", "0"], ids=["tensor-cores", "simt"])
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dk, dv", [(8, 8), (40, 72), (64, 64), (128, 128)])
+def test_varlen_attention_writes_every_element(emu, dk, dv, dtype, mma, monkeypatch):
+    configure(90)
+    monkeypatch.setenv("LOOKFAST_CUDA_MMA", mma)
+    check_outputs_fully_written([3, 0, 1, 130, 70], [5, 2, 0, 1, 140], 4, 2, dk, dv, dtype, ops=emu)

@@ -2,7 +2,8 @@
 
 Layout: q (total_q, H, Dh), k (total_k, Hk, Dh), v (total_k, Hk, Dv), cu_seqlens_q/k (B+1,) int32; query head h reads
 kv head h // (H // Hk). Causal masking is bottom-right aligned: query i of a sample with Lq queries and Lk keys sees
-keys j <= i + (Lk - Lq). A query that sees no key gets out = 0 and lse = -inf.
+keys j <= i + (Lk - Lq). A query that sees no key gets out = 0 and lse = -inf; one whose visible scores are all
+-inf gets out = NaN (softmax's 0 / 0) and lse = -inf.
 
 Roofline (per sample and head, Lq queries, Lk keys; fwd FLOPs 2*Lq*Lk*(Dh+Dv), bwd about 2.5x that):
   bytes fwd = (Lq*Dh + Lq*Dv) * e + ceil(Lq/BLOCK_M) * Lk*(Dh+Dv) * e + 4*Lq   (e = element size; K/V re-read per
@@ -156,10 +157,17 @@ def _varlen_fwd_kernel(
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
         has_keys = l_i > 0.0
-        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        # a query that sees no key outputs 0; one whose visible scores are all -inf (sum 0 too) NaN, softmax's 0 / 0
+        if CAUSAL:
+            sees = (offs_m + (lk - lq) >= 0) & (lk > 0)
+        else:
+            sees = (offs_m >= 0) & (lk > 0)
+        out = acc / tl.where(has_keys, l_i, tl.where(sees, float("nan"), 1.0))[:, None]
         _store_rows(Out + h.to(tl.int64) * stride_oh, row0, stride_ot, offs_m0, out.to(Out.dtype.element_ty), m_valid,
                     offs_dv, DV, BLOCK_DV)
-        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        # -inf when the sum is 0 (no key, or only -inf scores); NaN when a NaN or +inf score made it NaN
+        no_sum = l_i == 0.0
+        lse = tl.where(no_sum, float("-inf"), (m_i + tl.log2(tl.where(no_sum, 1.0, l_i))) * 0.6931471805599453)
         tl.store(Lse + h.to(tl.int64) * total_q + q_start + offs_m, lse, mask=m_valid)
 
 

@@ -160,6 +160,11 @@ def pytest_collection_modifyitems(config, items):
         param = callspec.params.get("backend") if callspec is not None else None
         if isinstance(param, tuple) and len(param) == 2 and param[1] == "cuda":
             item.add_marker(pytest.mark.gpu)
+    if _emulator_setting is not None:
+        skip_cpu_kernel = pytest.mark.skip(reason="checks the C++ CPU kernel itself, which the CUDA emulator replaces")
+        for item in items:
+            if item.get_closest_marker("cpu_kernel") is not None:
+                item.add_marker(skip_cpu_kernel)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")

@@ -4,15 +4,6 @@ import torch
 import torch.nn.functional as F
 
 
-def within_rule(got, torch_same_dtype, truth, factor, what):
-    """FlashAttention's rule: `got`'s max error against the float64 `truth` is at most `factor` x the error of plain
-    torch in got's dtype (`torch_same_dtype`), plus one rounding of the truth to that dtype."""
-    truth = truth.double().cpu()
-    err = (got.double().cpu() - truth).abs().max().item()
-    base = (torch_same_dtype.double().cpu() - truth).abs().max().item()
-    slack = ((truth + 0.3 - 0.3).to(got.dtype).double() - truth).abs().max().item()
-    assert err <= factor * base + slack, f"{what}: error {err:.3e} > {factor} x torch's {base:.3e} (+{slack:.1e})"
-
 
 # (lens_q, lens_k, heads, kv_heads, dk, dv, causal): ragged with 0 and 1, GQA (4 query heads on 2 and on 1 kv heads),
 # Lq > Lk and Lq < Lk; width 8 is the Dyn-Perceiver z->x path; the tensor cores pad max(dk, dv) to DP = 16 (8),

@@ -349,6 +349,7 @@ def test_torch_compile_fullgraph():
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.cpu_kernel
 @needs_cpp
 def test_bad_inputs_name_the_argument():
     x, s = torch.randn(5, 4), torch.randn(5, 2)

@@ -319,7 +319,12 @@ EXIT_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("case", EXIT_ERRORS, ids=[c[0] for c in EXIT_ERRORS])
+# checked on the host by the C++ CPU kernel (a GPU's kernel skips such rows and the wrapper asserts asynchronously)
+CPU_KERNEL_CHECKED = {"scatter index out of range", "scatter index negative"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=[pytest.mark.cpu_kernel] if c[0] in
+                                               CPU_KERNEL_CHECKED else []) for c in EXIT_ERRORS])
 def test_exit_family_malformed(case):
     _, fn, exc, name = case
     _check_error(fn, exc, name)

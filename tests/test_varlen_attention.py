@@ -68,6 +68,32 @@ def test_public_api_on_every_backend(backend, seed):
     assert rel_err(out.cpu(), ref.reshape(3, 6, 2, 8)) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_softmax_special_values_on_every_backend(backend, dtype):
+    """Softmax's semantics on every backend: a query whose visible scores are all -inf (q holds -inf where every key
+    of its sample is positive) outputs NaN with lse -inf; a query with a NaN score outputs NaN with lse NaN (as
+    torch.logsumexp); a query that sees no key (causal, Lq > Lk) outputs zeros with lse -inf; every other query is
+    finite. (Until 4 Dec the CUDA and Triton kernels output zeros for the first and lse -inf for the second: found by
+    running the CPU test suite on the CUDA emulator.)"""
+    q, k, v, cu_q, cu_k, mq, mk = _make([5, 6], [7, 4], 2, 1, 32, 32, dtype)
+    k[:7, 0, 4] = k[:7, 0, 4].abs() + 1  # sample 0's keys all positive in dim 4
+    q[2, 1, 4] = float("-inf")  # query 2 of sample 0, head 1: every score -inf
+    q[4, 0, 7] = float("nan")  # query 4 of sample 0, head 0: every score NaN
+    for causal in (False, True):
+        out, lse = lookfast.varlen_attention(*(t.to(backend.device) for t in (q, k, v, cu_q, cu_k)), mq, mk,
+                                             causal=causal, return_lse=True)
+        assert backend.ran("varlen_attention_fwd")
+        out, lse = out.cpu().float(), lse.cpu()
+        assert torch.isnan(out[2, 1]).all() and lse[1, 2].item() == -math.inf
+        assert torch.isnan(out[4, 0]).all() and math.isnan(lse[0, 4].item())
+        blind = [5, 6] if causal else []  # sample 1 (6 queries, 4 keys): its first two queries see no key
+        assert (out[blind] == 0).all() and torch.isneginf(lse[:, blind]).all()
+        finite = torch.ones(out.shape[:2], dtype=torch.bool)
+        finite[2, 1] = finite[4, 0] = False
+        finite[blind] = False
+        assert torch.isfinite(out[finite]).all() and torch.isfinite(lse.T[finite]).all()
+
+
 def test_reference_matches_float64_math(seed):
     for lens_q, lens_k, h, hk, dh, dv in RAGGED[:3]:
         for causal in (False, True):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import lookfast
 from lookfast import _backend
 
+from oracles import flash_atol
 from varlen_inputs import cu_seqlens as _cu
 from varlen_inputs import check_outputs_fully_written
 from varlen_inputs import make_varlen as _make
@@ -122,10 +123,10 @@ def _check_rule(case, causal, dtype, scale=None, std=1.0):
     truth = _grads(lambda a, b, c: _torch_math(a, b, c, cu_q, cu_k, scale, causal, torch.float64), q, k, v, dout)
     for i, (name, factor) in enumerate((("out", 2.0), ("dq", 3.0), ("dk", 3.0), ("dv", 3.0))):
         assert ours[i].dtype == dtype and ours[i].shape == truth[i].shape
-        mag = truth[i].abs().max().item() if truth[i].numel() else 0.0
         e_ours, e_peer = _err(ours[i], truth[i]), _err(peer[i], truth[i])
-        # The floor (a quarter ulp of the largest value) only matters where torch's own result happens to be exact.
-        floor = 0.25 * mag * torch.finfo(dtype).eps
+        # FlashAttention's slack (one to two ulps at the values' scale) only matters where torch's own result happens
+        # to be exact (rows with one or two keys: a quarter ulp failed 1 seed in 15 there, on every kernel)
+        floor = flash_atol(truth[i], dtype)
         assert e_ours <= factor * e_peer + floor, f"{name}: lookfast {e_ours:.3g} vs torch {dtype} {e_peer:.3g}"
 
 
@@ -174,6 +175,7 @@ def test_dot_kernel_edges_meet_flash_rule(seed, isa, causal, case):
     _check_rule(DOT_CASES[case], causal, torch.bfloat16)
 
 
+@pytest.mark.cpu_kernel
 @needs_cpp
 def test_matrix_kernels_run_where_the_cpu_has_them(seed, monkeypatch):
     # bf16 with head dim >= 32 must take a matrix-engine kernel where the CPU has one (the automatic choice and each

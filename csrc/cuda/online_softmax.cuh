@@ -5,7 +5,8 @@
 //
 // A query keeps a running maximum m and a running sum l of exp(s - m) over the keys seen so far. When a new block of
 // scores raises the maximum to m_new, the old sum and the output accumulator are multiplied by rescale(m, m_new).
-// A query that has seen no key keeps m = -inf and l = 0: its output is 0 and its log-sum-exp -inf, never NaN.
+// A query that has seen no key keeps m = -inf and l = 0: its output is 0 and its log-sum-exp -inf, never NaN; one whose
+// visible scores are all -inf ends the same way but outputs NaN (softmax's 0 / 0), with log-sum-exp -inf.
 #include <cmath>
 #include <limits>
 
@@ -36,16 +37,18 @@ LOOKFAST_HOST_DEVICE T weight(T s, T m) {
   return s == neg_inf<T>() ? T(0) : exp_(s - m);
 }
 
-// Final normalisation: multiply the accumulator by this (0 for a query that saw no key, so its output is 0).
+// Final normalisation: multiply the accumulator by this. A query that sees no key gets 0 (its output is 0); one that
+// sees keys whose scores are all -inf gets NaN, as softmax's 0 / 0 (its sum is 0 too).
 template <typename T>
-LOOKFAST_HOST_DEVICE T inv_sum(T l) {
-  return l > T(0) ? T(1) / l : T(0);
+LOOKFAST_HOST_DEVICE T inv_sum(T l, bool sees_keys) {
+  return l > T(0) ? T(1) / l : (sees_keys ? std::numeric_limits<T>::quiet_NaN() : T(0));
 }
 
-// Natural log-sum-exp of the scores from the running max and sum; -inf for a query that saw no key.
+// Natural log-sum-exp of the scores from the running max and sum; -inf for a query that saw no key (or only -inf
+// scores), NaN when a NaN or +inf score made the sum NaN (as torch.logsumexp).
 template <typename T>
 LOOKFAST_HOST_DEVICE T log_sum_exp(T m, T l) {
-  return l > T(0) ? m + log_(l) : neg_inf<T>();
+  return l == T(0) ? neg_inf<T>() : m + log_(l);
 }
 
 }  // namespace online_softmax

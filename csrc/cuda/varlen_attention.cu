@@ -10,7 +10,8 @@
 //
 // Backward (race-free, deterministic, no atomics): (1) the dq kernel, per query, recomputes the softmax statistics
 // (row max m and sum l, in the accumulation type) in a first pass over the keys, then accumulates dq with
-// p = exp(s - m) / l, and stores m, 1/l and delta = rowsum(dout * out) in an fp32/fp64 scratch (3, H, total_q);
+// p = exp(s - m) / l, and stores m, 1/l and delta = rowsum(P * dP) (= rowsum(dout * out) without out's rounding) in an
+// fp32/fp64 scratch (3, H, total_q);
 // (2) the dk/dv kernel, per key, loops over the H/Hk query heads that share its kv head and over the query tiles that
 // can see it, with the same p. Every output element has exactly one writer. The forward's float32 lse is not used:
 // exp(s - lse) inherits lse's float32 rounding (~ulp(|lse|) relative error in every p), which capped float64
@@ -216,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_fwd_kernel(
       }
     }
     if (valid) {
-      const acc_t inv = osm::inv_sum(l);
+      const acc_t inv = osm::inv_sum(l, n_vis > 0);
       store_row<DPT, TPQ>(out + (s.q0 + i) * so_t + h * so_h, acc, inv, dv, lane);
       if (lane == 0) lse[h * total_q + s.q0 + i] = static_cast<float>(osm::log_sum_exp(m, l));
     }
@@ -261,28 +262,34 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
       acc_t part = 0;
 #pragma unroll
       for (int e = 0; e < DPT; ++e) part += orow[e] * dor[e];
-      const acc_t delta = group_sum<TPQ>(part);
+      const acc_t delta_from_out = group_sum<TPQ>(part);
 #pragma unroll
       for (int e = 0; e < DPT; ++e) gq[e] = 0;
       const int64_t n_vis = valid ? varlen::causal_key_end(i, s.lq, s.lk, causal) : 0;
       const int64_t last_q = (m0 + QPB < s.lq ? m0 + QPB : s.lq) - 1;
       const int64_t n_end = varlen::causal_key_end(last_q, s.lq, s.lk, causal);
-      // pass 1: the row's max and sum (online), in acc_t
-      acc_t m = osm::neg_inf<acc_t>(), l = 0;
+      // pass 1 (online, in acc_t): the row's max m and sum l, and t = sum_j exp(s_j - m) dp_j, so that
+      // delta = t / l = rowsum(P * dP): equal to rowsum(dO * O) in exact arithmetic but free of O's rounding to the
+      // stored dtype, which dS = P (dP - delta), a small difference for rows with few keys, would amplify
+      acc_t m = osm::neg_inf<acc_t>(), l = 0, t = 0;
       for (int64_t n0 = 0; n0 < n_end; n0 += tile_n) {
         const int cnt = static_cast<int>(n_end - n0 < tile_n ? n_end - n0 : tile_n);
         stage_kv_tile<DP>(ks, vs, k, v, s, n0, cnt, resident, staged, sk_t, kvh * sk_h, sv_t, kvh * sv_h, dk,
                           dv);
         for (int j = 0; j < cnt; ++j) {
           const acc_t sc = dot_smem<DPT, TPQ>(qr, ks + j * DP, lane) * scale;
+          const acc_t dp = dot_smem<DPT, TPQ>(dor, vs + j * DP, lane);
           if (n0 + j < n_vis) {
             const acc_t m_new = m > sc ? m : sc;
-            l = l * osm::rescale(m, m_new) + osm::weight(sc, m_new);
+            const acc_t alpha = osm::rescale(m, m_new), w = osm::weight(sc, m_new);
+            l = l * alpha + w;
+            t = t * alpha + w * dp;
             m = m_new;
           }
         }
       }
-      const acc_t inv_l = osm::inv_sum(l);
+      const acc_t inv_l = osm::inv_sum(l, n_vis > 0);
+      const acc_t delta = l > acc_t(0) ? t * inv_l : delta_from_out;  // (no key, or NaN: the plain rowsum)
       if (valid && lane == 0) {
         const int64_t at = h * total_q + s.q0 + i, plane = int64_t(gridDim.z) * total_q;  // grid z: the H heads
         stats[at] = m;
@@ -366,11 +373,17 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dkdv_kernel(
           deltas[r] = stats[2 * plane + at];
         }
         __syncthreads();
-        // two-level sums (chunks of kSumChunk queries): thousands of (query, head) terms per key are no one chain
+        // two-level sums (chunks of kSumChunk queries): thousands of (query, head) terms per key are no one chain.
+        // float64 sums in one level (its rounding is far below the rule's; the extra registers spilled at DPT 16).
+        constexpr bool kTwoLevel = !std::is_same<acc_t, double>::value;
         for (int r0 = 0; r0 < cnt; r0 += kSumChunk) {
-          acc_t part_k[DPT], part_v[DPT];
+          acc_t chunk_k[kTwoLevel ? DPT : 1], chunk_v[kTwoLevel ? DPT : 1];
+          acc_t* part_k = kTwoLevel ? chunk_k : gk;
+          acc_t* part_v = kTwoLevel ? chunk_v : gv;
+          if constexpr (kTwoLevel) {
 #pragma unroll
-          for (int e = 0; e < DPT; ++e) part_k[e] = part_v[e] = 0;
+            for (int e = 0; e < DPT; ++e) part_k[e] = part_v[e] = 0;
+          }
           const int r1 = r0 + kSumChunk < cnt ? r0 + kSumChunk : cnt;
           for (int r = r0; r < r1; ++r) {
             const acc_t* qrow = qs + r * DP;
@@ -386,10 +399,12 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dkdv_kernel(
               part_k[e] += ds * qrow[e * TPQ + lane];
             }
           }
+          if constexpr (kTwoLevel) {
 #pragma unroll
-          for (int e = 0; e < DPT; ++e) {
-            gv[e] += part_v[e];
-            gk[e] += part_k[e];
+            for (int e = 0; e < DPT; ++e) {
+              gv[e] += part_v[e];
+              gk[e] += part_k[e];
+            }
           }
         }
       }

@@ -210,11 +210,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) varlen_fwd_mma_kernel(
     __syncwarp();
     if (i < lq) {
       const float l = l_s[row];
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      // no key: 0; keys whose scores are all -inf: NaN (softmax's 0 / 0), lse -inf in both
+      const float inv = l > 0.f ? 1.f / l : (n_vis > 0 ? __int_as_float(0x7fc00000) : 0.f);
       const float* orow = o_s + row * LDO;
       WT* dst = out + (q0 + i) * so_t + h * so_h;
       for (int d = half; d < dv; d += 2) dst[d] = to_low(orow[d] * inv, static_cast<WT*>(nullptr));
-      if (half == 0) lse[h * total_q + q0 + i] = l > 0.f ? (m_s[row] + log2f(l)) * kLn2 : neg_inf;
+      // (a NaN sum, from a NaN or +inf score, gives a NaN lse, as torch.logsumexp)
+      if (half == 0) lse[h * total_q + q0 + i] = l == 0.f ? neg_inf : (m_s[row] + log2f(l)) * kLn2;
     }
   }
 #endif

@@ -53,6 +53,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "common/varlen_attention.h"
@@ -128,22 +129,58 @@ __device__ __forceinline__ void store_rows(WT* __restrict__ dst, int64_t stride,
 }
 
 // ------------------------------------------------------------------------------------------------ 1. delta
-// delta[h, t] = sum_d dout[t, h, d] * out[t, h, d] in fp32, one warp per (token, head) row (lanes over d: coalesced)
+constexpr int kFewKeys = 64;  // rows that see at most this many keys take delta = rowsum(P * dP)
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// delta[h, t] in fp32, one warp per (token, head) row (lanes over d: coalesced). Rows that see at most kFewKeys keys:
+// rowsum(P * dP) = sum_j p_j (dout . v_j), with p_j = exp(scale q.k_j - lse), which equals rowsum(dout * out) in
+// exact arithmetic but is free of out's rounding to the stored dtype: with few keys dS = P (dP - delta) is a small
+// difference that the rounded out made up to ~10x torch's own error (bf16, 2 keys; found on the CPU emulator of
+// tests/cuda_emulator, as on the CPU kernel before). Other rows: sum_d dout[t, h, d] * out[t, h, d] (FlashAttention's).
 template <typename WT>
-__global__ void __launch_bounds__(kThreads) varlen_bwd_delta_kernel(const WT* __restrict__ dout,
-                                                                    const WT* __restrict__ out,
-                                                                    float* __restrict__ delta, int64_t total_q,
-                                                                    int heads, int dv) {
+__global__ void __launch_bounds__(kThreads) varlen_bwd_delta_kernel(
+    const WT* __restrict__ dout, const WT* __restrict__ out, const WT* __restrict__ q, const WT* __restrict__ k,
+    const WT* __restrict__ v, const float* __restrict__ lse, const int* __restrict__ cu_q,
+    const int* __restrict__ cu_k, float* __restrict__ delta, int64_t total_q, int batch, int heads, int kv_heads,
+    int dk, int dv, float scale, bool causal) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rows = total_q * heads;
+  const int group = heads / kv_heads;
   for (int64_t row = int64_t(blockIdx.x) * kWarps + warp; row < rows; row += int64_t(gridDim.x) * kWarps) {
+    const int64_t token = row / heads;
+    const int h = static_cast<int>(row % heads);
+    // the token's sample: the last b with cu_q[b] <= token (warp-uniform)
+    int lo = 0, hi = batch;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      (cu_q[mid] <= token ? lo : hi) = mid;
+    }
+    const int64_t q0 = cu_q[lo], lq = cu_q[lo + 1] - q0, k0 = cu_k[lo], lk = cu_k[lo + 1] - k0;
+    const int64_t n_vis = varlen::causal_key_end(token - q0, lq, lk, causal);
+    const float row_lse = lse[h * total_q + token];
     const WT* a = dout + row * dv;
-    const WT* b = out + row * dv;
     float sum = 0.f;
-    for (int d = lane; d < dv; d += 32) sum += to_f32(a[d]) * to_f32(b[d]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (lane == 0) delta[(row % heads) * total_q + row / heads] = sum;
+    if (n_vis > 0 && n_vis <= kFewKeys && row_lse > -INFINITY && row_lse < INFINITY) {
+      const WT* qr = q + row * dk;
+      for (int64_t j = 0; j < n_vis; ++j) {
+        const WT* kr = k + ((k0 + j) * kv_heads + h / group) * dk;
+        const WT* vr = v + ((k0 + j) * kv_heads + h / group) * dv;
+        float s = 0.f, dp = 0.f;
+        for (int d = lane; d < dk; d += 32) s += to_f32(qr[d]) * to_f32(kr[d]);
+        for (int d = lane; d < dv; d += 32) dp += to_f32(a[d]) * to_f32(vr[d]);
+        sum += expf(warp_sum(s) * scale - row_lse) * warp_sum(dp);
+      }
+    } else {
+      const WT* b = out + row * dv;
+      for (int d = lane; d < dv; d += 32) sum += to_f32(a[d]) * to_f32(b[d]);
+      sum = warp_sum(sum);
+    }
+    if (lane == 0) delta[h * total_q + token] = sum;
   }
 }
 
@@ -447,7 +484,10 @@ bool launch(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, co
     const int64_t blocks = (total_q * heads + kWarps - 1) / kWarps;
     varlen_bwd_delta_kernel<WT><<<static_cast<unsigned>(clamp_grid(blocks)), kThreads, 0, stream>>>(
         static_cast<const WT*>(dout.const_data_ptr()), static_cast<const WT*>(out.const_data_ptr()),
-        delta.mutable_data_ptr<float>(), total_q, static_cast<int>(heads), dv_dim);
+        static_cast<const WT*>(q.const_data_ptr()), static_cast<const WT*>(k.const_data_ptr()),
+        static_cast<const WT*>(v.const_data_ptr()), lse.const_data_ptr<float>(), cu_q_p, cu_k_p,
+        delta.mutable_data_ptr<float>(), total_q, static_cast<int>(batch), static_cast<int>(heads),
+        static_cast<int>(kv_heads), dk_dim, dv_dim, fscale, causal);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (k.size(0) > 0) {

@@ -4,7 +4,8 @@ and their host code registered for CPU tensors. Used by tests/test_cuda_emulated
 
 The rewrite from CUDA to C++ is textual and small: kernel<<<grid, block, smem, stream>>>(args) becomes
 lookfast_emu::launch(kernel, grid, block, smem, stream, args); `extern __shared__ ... name[];` becomes a pointer to the
-block's dynamic shared memory; the CUDA headers become cuda_emulator.h; `.is_cuda()` checks accept CPU tensors (the
+block's dynamic shared memory; at::mm(a, b, out_dtype) (CUDA-only in ATen) becomes the same product on the CPU; the
+CUDA headers become cuda_emulator.h; `.is_cuda()` checks accept CPU tensors (the
 emulated device's memory is the host's); the library namespaces are renamed so the real and the emulated kernels can
 live in one process."""
 from __future__ import annotations
@@ -57,23 +58,57 @@ def rewrite_launches(text: str) -> str:
     return "".join(out)
 
 
+def _split_args(text: str, open_paren: int) -> tuple[list[str], int]:
+    """The top-level comma-separated arguments of the call whose '(' is at open_paren, and the index of its ')'."""
+    depth, start, args = 0, open_paren + 1, []
+    for i in range(open_paren, len(text)):
+        ch = text[i]
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth == 0:
+                args.append(text[start:i])
+                return args, i
+        elif ch == "," and depth == 1:
+            args.append(text[start:i])
+            start = i + 1
+    raise ValueError("unbalanced call")
+
+
+def rewrite_mm_out_dtype(text: str) -> str:
+    """at::mm(a, b, dtype) (aten::mm.dtype, CUDA-only: cuBLAS's 16-bit GEMM into an fp32 result) ->
+    lookfast_emu::mm_out_dtype(a, b, dtype), the same math on the CPU."""
+    out, pos = [], 0
+    while (at := text.find("at::mm(", pos)) >= 0:
+        args, close = _split_args(text, at + len("at::mm"))
+        out.append(text[pos:at])
+        name = "::lookfast_emu::mm_out_dtype" if len(args) == 3 else "at::mm"
+        out.append(f"{name}({','.join(args)})")
+        pos = close + 1
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def translate(text: str, override: bool = False) -> str:
     """One source file of csrc/cuda (or csrc/lookfast.cpp) as C++ for the emulator; `override` registers the kernels
     as lookfast's CPU kernels (replacing the C++ CPU ones in this process) instead of in lookfast_cuda_emu."""
     text = _CUDA_HEADERS.sub('#include "cuda_emulator.h"', text)
     text = _EXTERN_SMEM.sub(r"unsigned char* const \1 = ::lookfast_emu::dynamic_smem();", text)
     text = rewrite_launches(text)
+    text = rewrite_mm_out_dtype(text)
     text = text.replace(".is_cuda()", ".is_cpu()")
     target = "lookfast" if override else "lookfast_cuda_emu"
     text = text.replace("TORCH_LIBRARY_IMPL(lookfast, CUDA, m)", f"TORCH_LIBRARY_IMPL({target}, CPU, m)")
     text = text.replace("TORCH_LIBRARY(lookfast_cuda, m)", "TORCH_LIBRARY(lookfast_cuda_emu_diag, m)")
     text = text.replace("TORCH_LIBRARY(lookfast, m)", "TORCH_LIBRARY(lookfast_cuda_emu, m)")
-    return '#include "cuda_emulator.h"\n' + text if "cuda_emulator.h" not in text else text
+    return '#include "cuda_emulator.h"\n#line 1\n' + text if "cuda_emulator.h" not in text else text
 
 
 def _sources(override: bool) -> list[Path]:
-    schemas = [] if override else [CSRC / "lookfast.cpp"]  # overriding: the schemas are lookfast._C's
-    return sorted((CSRC / "cuda").iterdir()) + schemas + [HERE / "cuda_emulator.h", HERE / "control.cpp"]
+    # overriding: the schemas are lookfast._C's; the self-test kernels live in the namespaced build only
+    extra = [] if override else [CSRC / "lookfast.cpp", HERE / "selftest.cu"]
+    return sorted((CSRC / "cuda").iterdir()) + extra + [HERE / "cuda_emulator.h", HERE / "control.cpp"]
 
 
 def build_dir(override: bool = False) -> Path:
@@ -107,9 +142,10 @@ def load(override: bool = False, verbose: bool = False):
         if path.suffix in (".cu", ".cuh", ".h") and path.parent.name == "cuda":
             dest = src / "cuda" / (path.stem + ".cpp" if path.suffix == ".cu" else path.name)
         else:
-            dest = src / path.name
+            dest = src / (path.stem + ".cpp" if path.suffix == ".cu" else path.name)
         text = path.read_text()
-        dest.write_text(translate(text, override) if path.parent.name == "cuda" or path.name == "lookfast.cpp" else text)
+        cuda_source = path.parent.name == "cuda" or path.suffix == ".cu" or path.name == "lookfast.cpp"
+        dest.write_text(translate(text, override) if cuda_source else text)
         if dest.suffix == ".cpp":
             sources.append(str(dest))
     cpp_extension.load(

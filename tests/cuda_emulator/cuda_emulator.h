@@ -24,7 +24,9 @@
 #include <ucontext.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/mm.h>
 #include <c10/core/Device.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -286,7 +288,7 @@ inline void run_block(unsigned nthreads) {
       Thread& t = r.threads[i];
       if (t.state != State::kRunnable) continue;
       resume(t);
-      if (!r.error.empty()) fail(r.error + " (" + describe(t) + ")");
+      if (!r.error.empty()) throw std::runtime_error(r.error + " (" + describe(t) + ")");
     }
     // nobody can run: open the barriers that are full
     bool opened = false;
@@ -303,9 +305,11 @@ inline void run_block(unsigned nthreads) {
         const Thread* at = nullptr;
         for (unsigned i = lo; i < hi; ++i)
           if (r.threads[i].state == State::kWarpBarrier) at = &r.threads[i];
+        const unsigned elsewhere = hi - lo - waiting - done;
         fail("warp " + std::to_string(w) + ": " + std::to_string(waiting) + " lanes wait at the warp barrier of line " +
-             std::to_string(at->site) + ", " + std::to_string(done) + " have returned and the rest wait at a " +
-             "__syncthreads (" + describe(*at) + ")");
+             std::to_string(at->site) + (done ? ", " + std::to_string(done) + " have returned" : std::string()) +
+             (elsewhere ? ", " + std::to_string(elsewhere) + " wait at a __syncthreads" : std::string()) + " (" +
+             describe(*at) + ")");
       }
       for (unsigned i = lo; i < hi; ++i) {
         const Thread& t = r.threads[i];
@@ -391,6 +395,14 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, cons
 }
 
 [[noreturn]] inline void trap() { fail("__trap() in a kernel"); }
+
+// at::mm(a, b, out_dtype) on a GPU: cuBLAS's 16-bit GEMM with fp32 accumulation into an `out_dtype` result. ATen has
+// it for CUDA only; the same math here: 16-bit products are exact in fp32, so upcast, multiply in fp32, round once.
+// (Under CPU autocast an fp32 at::mm would run in bf16, which the GPU's mm.dtype never does: autocast is held off.)
+inline at::Tensor mm_out_dtype(const at::Tensor& a, const at::Tensor& b, at::ScalarType out_dtype) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet(c10::DispatchKey::AutocastCPU));
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(out_dtype);
+}
 
 }  // namespace lookfast_emu
 

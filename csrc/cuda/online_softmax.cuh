@@ -25,6 +25,13 @@ LOOKFAST_HOST_DEVICE double exp_(double x) { return ::exp(x); }
 LOOKFAST_HOST_DEVICE float log_(float x) { return ::logf(x); }
 LOOKFAST_HOST_DEVICE double log_(double x) { return ::log(x); }
 
+// max(a, b) that keeps a NaN from either side (a NaN score must make the row's max, sum and lse NaN; a plain
+// comparison drops it as soon as a masked -inf or a finite score follows).
+template <typename T>
+LOOKFAST_HOST_DEVICE T nan_max(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
 // Factor that moves a sum taken relative to m_old onto m_new >= m_old; 0 when nothing was accumulated yet.
 template <typename T>
 LOOKFAST_HOST_DEVICE T rescale(T m_old, T m_new) {

@@ -194,9 +194,9 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_fwd_kernel(
             const acc_t dot = dot_smem<DPT, TPQ>(qr, ks + j * DP, lane);
             if (n0 + j < n_vis) sc[c] = dot;
           }
-          cmax = cmax > sc[c] ? cmax : sc[c];
+          cmax = osm::nan_max(cmax, sc[c]);
         }
-        const acc_t m_new = m > cmax ? m : cmax;
+        const acc_t m_new = osm::nan_max(m, cmax);
         if (m_new != osm::neg_inf<acc_t>()) {  // else nothing is visible yet to this query
           const acc_t alpha = osm::rescale(m, m_new);
           l *= alpha;
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_bwd_dq_kernel(
           const acc_t sc = dot_smem<DPT, TPQ>(qr, ks + j * DP, lane) * scale;
           const acc_t dp = dot_smem<DPT, TPQ>(dor, vs + j * DP, lane);
           if (n0 + j < n_vis) {
-            const acc_t m_new = m > sc ? m : sc;
+            const acc_t m_new = osm::nan_max(m, sc);
             const acc_t alpha = osm::rescale(m, m_new), w = osm::weight(sc, m_new);
             l = l * alpha + w;
             t = t * alpha + w * dp;

@@ -428,7 +428,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "varlen_attention (CUDA): H must be a multiple of Hk");
   TORCH_CHECK(q.size(2) == k.size(2) && k.size(0) == v.size(0) && k.size(1) == v.size(1),
               "varlen_attention (CUDA): mismatched q/k/v shapes");
-  TORCH_CHECK(q.size(2) <= 256 && v.size(2) <= 256, "varlen_attention (CUDA): head dims up to 256 are supported");
+  TORCH_CHECK(q.size(2) <= 512 && v.size(2) <= 512, "varlen_attention (CUDA): head dims up to 512 are supported, got Dh=",
+              q.size(2), ", Dv=", v.size(2));
   TORCH_CHECK(cu_q.numel() - 1 <= 65535 && q.size(1) <= 65535,
               "varlen_attention (CUDA): at most 65535 samples and heads");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
@@ -445,21 +446,25 @@ void dispatch_width(int64_t width, Fn&& fn) {
     if (width <= 32) return fn(std::integral_constant<int, 32>{}, std::integral_constant<int, 1>{});
     if (width <= 64) return fn(std::integral_constant<int, 32>{}, std::integral_constant<int, 2>{});
     if (width <= 128) return fn(std::integral_constant<int, 32>{}, std::integral_constant<int, 4>{});
-    return fn(std::integral_constant<int, 32>{}, std::integral_constant<int, 8>{});
+    if (width <= 256) return fn(std::integral_constant<int, 32>{}, std::integral_constant<int, 8>{});
+    return fn(std::integral_constant<int, 32>{}, std::integral_constant<int, 16>{});  // Dyn-Perceiver x->z: 320, 384
   } else {
     if (width <= 32) return fn(std::integral_constant<int, 16>{}, std::integral_constant<int, 2>{});
     if (width <= 64) return fn(std::integral_constant<int, 16>{}, std::integral_constant<int, 4>{});
     if (width <= 128) return fn(std::integral_constant<int, 16>{}, std::integral_constant<int, 8>{});
-    return fn(std::integral_constant<int, 16>{}, std::integral_constant<int, 16>{});
+    if (width <= 256) return fn(std::integral_constant<int, 16>{}, std::integral_constant<int, 16>{});
+    return fn(std::integral_constant<int, 16>{}, std::integral_constant<int, 32>{});
   }
 }
 
+// Rows of a shared-memory tile: a multiple of kChunk within the 48 KB budget, or, for rows so wide that kChunk of them
+// do not fit (float64 heads over 256: 8 KB a row), as many as fit (the loops guard every row against the tile's count).
 int tile_rows(int64_t max_rows, int64_t bytes_per_row) {
   int64_t cap = kSmemBudget / bytes_per_row;
-  cap = cap / kChunk * kChunk;
+  if (cap >= kChunk) cap = cap / kChunk * kChunk;
   const int64_t want = (max_rows + kChunk - 1) / kChunk * kChunk;
-  int64_t rows = want < cap ? want : cap;
-  return static_cast<int>(rows < kChunk ? kChunk : rows);
+  const int64_t rows = want < cap ? want : cap;
+  return static_cast<int>(rows < 1 ? 1 : rows);
 }
 
 int64_t grid_x(int64_t max_rows, int rows_per_block) {

@@ -58,36 +58,50 @@ def attention_both_ways(emu, case, dtype, seed):
     return (q, k, v, cu_q, cu_k, scale, causal, dout), (out, lse, grads)
 
 
+def assert_attention_rule(inputs, results, dtype):
+    """out, lse and gradients against float64 math: FlashAttention's rule (2x / 3x plain torch in `dtype`) for fp32
+    and 16-bit inputs, 1e-12 / 1e-11 relative for float64."""
+    (q, k, v, cu_q, cu_k, scale, causal, dout), (out, lse, grads) = inputs, results
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    truth, truth_lse = reference(q64, k64, v64, cu_q, cu_k, scale, causal)
+    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), dout.double())
+    assert out.dtype == dtype and lse.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+    if dtype == torch.float64:
+        assert rel_err(out, truth) < 1e-12
+        for name, g, t in zip("qkv", grads, truth_grads):
+            assert rel_err(g, t) < 1e-11, name
+        return
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    same = reference_lowp(ql, kl, vl, cu_q, cu_k, scale, causal)  # plain torch in `dtype`
+    same_grads = torch.autograd.grad(same, (ql, kl, vl), dout)
+    within_flash_rule(out, same, truth, 2, "out")
+    assert rel_err(lse, truth_lse) < 1e-5  # lse from the rounded inputs, fp32 statistics
+    for name, g, t_same, t in zip("qkv", grads, same_grads, truth_grads):
+        within_flash_rule(g, t_same, t, 3, f"d{name}")
+
+
 # the kernel family each setting must run: tensor cores for bf16/fp16 with head dims <= 128 on sm_80+ (the tiles fit
 # in both GPUs' shared memory), the SIMT kernels otherwise
 PATHS = {"sm90": (90, "1"), "sm80": (80, "1"), "sm75": (75, "1"), "simt": (90, "0")}
 
 
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("dtype", [torch.float32] + LOW, ids=["fp32", "bf16", "fp16"])
+# float32 runs the SIMT kernels whatever the GPU: one path for it; bf16/fp16 on every path
+PATH_DTYPES = [pytest.param(p, d, id=f"{i}-{p}") for p in PATHS
+               for d, i in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16"))
+               if d != torch.float32 or p == "sm90"]
+
+
+@pytest.mark.parametrize("path, dtype", PATH_DTYPES)
 @pytest.mark.parametrize("case", range(len(ATTN)))
 def test_varlen_attention(emu, case, dtype, path, seed, monkeypatch):
     sm, mma = PATHS[path]
-    if dtype == torch.float32 and path != "sm90":
-        pytest.skip("float32 runs the SIMT kernels whatever the GPU: covered by the sm90 case")
     configure(sm)
     monkeypatch.setenv("LOOKFAST_CUDA_MMA", mma)
-    (q, k, v, cu_q, cu_k, scale, causal, dout), (out, lse, grads) = attention_both_ways(emu, case, dtype, seed)
+    inputs, results = attention_both_ways(emu, case, dtype, seed)
     dk, dv = ATTN[case][4:6]
     want = "mma" if dtype != torch.float32 and mma == "1" and sm >= 80 and max(dk, dv) <= 128 else "simt"
     assert (last_kernel(False), last_kernel(True)) == (want, want)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    truth, truth_lse = reference(q64, k64, v64, cu_q, cu_k, scale, causal)
-    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), dout.double())
-    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
-    same = reference_lowp(ql, kl, vl, cu_q, cu_k, scale, causal)  # plain torch in `dtype`
-    same_grads = torch.autograd.grad(same, (ql, kl, vl), dout)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    within_flash_rule(out, same, truth, 2, "out")
-    assert rel_err(lse, truth_lse) < 1e-5  # lse from the rounded inputs, fp32 statistics
-    for name, g, s, t in zip("qkv", grads, same_grads, truth_grads):
-        assert g.dtype == dtype
-        within_flash_rule(g, s, t, 3, f"d{name}")
+    assert_attention_rule(inputs, results, dtype)
 
 
 # Heads wider than 256 (the SIMT kernels, up to 512): Dyn-Perceiver's x->z cross-attention is one head of 320
@@ -108,34 +122,15 @@ def test_varlen_attention_wide_heads(emu, case, dtype, seed):
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     grads = emu.varlen_attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max(lens_q), max(lens_k), scale, causal)
     assert last_kernel(False) == last_kernel(True) == "simt"
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    truth, truth_lse = reference(q64, k64, v64, cu_q, cu_k, scale, causal)
-    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), dout.double())
-    if dtype == torch.float64:
-        assert rel_err(out, truth) < 1e-12
-        for g, t in zip(grads, truth_grads):
-            assert rel_err(g, t) < 1e-11
-        return
-    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
-    same = reference_lowp(ql, kl, vl, cu_q, cu_k, scale, causal)
-    same_grads = torch.autograd.grad(same, (ql, kl, vl), dout)
-    within_flash_rule(out, same, truth, 2, "out")
-    assert rel_err(lse, truth_lse) < 1e-5
-    for name, g, s, t in zip("qkv", grads, same_grads, truth_grads):
-        within_flash_rule(g, s, t, 3, f"d{name}")
+    assert_attention_rule((q, k, v, cu_q, cu_k, scale, causal, dout), (out, lse, grads), dtype)
 
 
 @pytest.mark.parametrize("case", [0, 3, 5])
 def test_varlen_attention_float64_is_float64_throughout(emu, case, seed):
     configure(90)
-    (q, k, v, cu_q, cu_k, scale, causal, dout), (out, lse, grads) = attention_both_ways(emu, case, torch.float64, seed)
+    inputs, results = attention_both_ways(emu, case, torch.float64, seed)
     assert last_kernel(False) == last_kernel(True) == "simt"
-    q64, k64, v64 = (t.clone().requires_grad_() for t in (q, k, v))
-    truth, _ = reference(q64, k64, v64, cu_q, cu_k, scale, causal)
-    truth_grads = torch.autograd.grad(truth, (q64, k64, v64), dout)
-    assert rel_err(out, truth) < 1e-12
-    for name, g, t in zip("qkv", grads, truth_grads):
-        assert rel_err(g, t) < 1e-11, name
+    assert_attention_rule(inputs, results, torch.float64)
 
 
 # every family of kernel: tensor cores (bf16, head dims padded to 128 and to 64 with dk != dv), SIMT in fp32 and in

@@ -91,10 +91,6 @@ def reference_lowp(q, k, v, cu_q, cu_k, scale, causal):
     return torch.cat(outs, 0)
 
 
-def assert_within_rule(got, torch_lowp, truth, factor):
-    within_flash_rule(got, torch_lowp, truth, factor)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_low_precision_within_flash_rule(case, dtype, seed):
@@ -108,7 +104,7 @@ def test_low_precision_within_flash_rule(case, dtype, seed):
     ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
     low_out = reference_lowp(ql, kl, vl, cu_q, cu_k, scale, causal)
     assert out.dtype == dtype and not out.isnan().any()
-    assert_within_rule(out, low_out, ref_out, 2)
+    within_flash_rule(out, low_out, ref_out, 2)
     assert rel_err(lse, ref_lse) <= 1e-3  # fp32 statistics of low-precision scores
 
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
@@ -118,7 +114,7 @@ def test_low_precision_within_flash_rule(case, dtype, seed):
     low = torch.autograd.grad(low_out, (ql, kl, vl), dout)
     for g, lo, t in zip(got, low, truth):
         assert g.dtype == dtype and not g.isnan().any()
-        assert_within_rule(g, lo, t, 3)
+        within_flash_rule(g, lo, t, 3)
 
 
 def test_interpreter_runs_bf16_dots_exactly_and_rounds_to_nearest():
